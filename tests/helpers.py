@@ -1,0 +1,32 @@
+"""Helpers shared by tests (not fixtures)."""
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from tide_sglang.capture import CaptureBatch
+
+
+def make_batch(n: int = 8, hidden: int = 16, k: int = 3, requests: int = 2, seed: int = 0,
+               dtype: torch.dtype = torch.bfloat16, version: int = 0) -> CaptureBatch:
+    g = torch.Generator().manual_seed(seed)
+    req = torch.arange(n) * requests // max(n, 1)
+    return CaptureBatch(
+        rids=[f"req-{seed}-{i}" for i in range(requests)],
+        req_index=req,
+        positions=torch.arange(n) + 10,
+        token_ids=torch.randint(0, 49152, (n,), generator=g),
+        hidden=torch.randn(n, k * hidden, generator=g).to(dtype),
+        aux_layers=k,
+        draft_version=version,
+    )
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    """Poll for an outcome instead of sleeping a fixed time."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)

@@ -1,0 +1,140 @@
+"""Stream entry codec: a small versioned header plus raw tensor bytes, guarded by one checksum.
+
+An entry is three Redis stream fields, so the large tensor goes to the socket without being copied:
+  h: b"TIDE" | u16 format version | u64 xxh3 checksum | u32 meta length | meta JSON
+  i: int32 req_index[n] | int32 positions[n] | int32 token_ids[n]
+  x: hidden[n, K*H] raw little-endian bytes (bf16 / fp16 / fp32)
+The checksum covers meta, i and x, so any flipped bit in an entry is caught before a trainer uses it.
+"""
+
+import struct
+import warnings
+
+import numpy as np
+import torch
+import xxhash
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tide_sglang.capture import CaptureBatch
+
+MAGIC = b"TIDE"
+FORMAT_VERSION = 1
+_PREFIX = struct.Struct("<4sHQI")  # magic, version, checksum, meta length
+_INDEX_DTYPE = np.dtype("<i4")
+
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+Fields = dict[bytes, bytes | memoryview]
+
+
+class CodecError(ValueError):
+    """An entry that is not a valid TIDE capture record; the message says what is wrong."""
+
+
+class EntryMeta(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n: int = Field(ge=0)
+    aux_layers: int = Field(ge=1, le=16)
+    width: int = Field(ge=1, description="K*H")
+    dtype: str
+    rids: list[str]
+    draft_version: int = Field(ge=0)
+    domain: str | None = None
+    acceptance: list[float] | None = None
+
+
+def _checksum(meta: bytes, index: bytes | memoryview, hidden: bytes | memoryview) -> int:
+    h = xxhash.xxh3_64(meta)
+    h.update(index)
+    h.update(hidden)
+    return h.intdigest()
+
+
+def encode(batch: CaptureBatch) -> Fields:
+    """Encode a batch into stream fields; the hidden tensor's memory is passed through, not copied."""
+    hidden = batch.hidden
+    if hidden.device.type != "cpu":
+        raise CodecError(f"hidden states must be on the CPU to be streamed, got {hidden.device}")
+    meta = EntryMeta(
+        n=batch.num_tokens,
+        aux_layers=batch.aux_layers,
+        width=hidden.shape[1],
+        dtype=_DTYPE_NAMES[hidden.dtype],
+        rids=batch.rids,
+        draft_version=batch.draft_version,
+        domain=batch.domain,
+        acceptance=batch.acceptance,
+    ).model_dump_json(exclude_none=True).encode()
+    index = np.stack(
+        [t.numpy().astype(_INDEX_DTYPE, copy=False) for t in (batch.req_index, batch.positions, batch.token_ids)]
+    ).tobytes()
+    raw = memoryview(hidden.contiguous().reshape(-1).view(torch.uint8).numpy())
+    prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, _checksum(meta, index, raw), len(meta))
+    return {b"h": prefix + meta, b"i": index, b"x": raw}
+
+
+def encoded_size(fields: Fields) -> int:
+    return sum(len(v) for v in fields.values())
+
+
+def decode(fields: dict[bytes, bytes]) -> CaptureBatch:
+    """Decode stream fields; raise `CodecError` naming the problem for anything malformed."""
+    if set(fields) != {b"h", b"i", b"x"}:
+        raise CodecError(f"entry fields {sorted(fields)} are not the TIDE fields [b'h', b'i', b'x']")
+    head, index, raw = fields[b"h"], fields[b"i"], fields[b"x"]
+    if len(head) < _PREFIX.size:
+        raise CodecError(f"header is truncated: {len(head)} bytes, needs at least {_PREFIX.size}")
+    magic, version, checksum, meta_len = _PREFIX.unpack_from(head)
+    if magic != MAGIC:
+        raise CodecError(f"bad magic {magic!r}: not a TIDE capture entry")
+    if version != FORMAT_VERSION:
+        raise CodecError(f"entry format version {version} is not supported (this reader knows {FORMAT_VERSION})")
+    meta_bytes = head[_PREFIX.size :]
+    if len(meta_bytes) != meta_len:
+        raise CodecError(f"header meta is {len(meta_bytes)} bytes, the prefix says {meta_len}")
+    if _checksum(meta_bytes, index, raw) != checksum:
+        raise CodecError("checksum mismatch: the entry was corrupted or truncated")
+    try:
+        meta = EntryMeta.model_validate_json(meta_bytes)
+    except ValidationError as e:
+        raise CodecError(f"header meta is invalid: {e}") from None
+    return _batch(meta, index, raw)
+
+
+def _batch(meta: EntryMeta, index: bytes, raw: bytes) -> CaptureBatch:
+    dtype = DTYPES.get(meta.dtype)
+    if dtype is None:
+        raise CodecError(f"dtype {meta.dtype!r} is not one of {sorted(DTYPES)}")
+    if len(index) != 3 * 4 * meta.n:
+        raise CodecError(f"index section is {len(index)} bytes, expected {12 * meta.n} for n={meta.n}")
+    expected = meta.n * meta.width * dtype.itemsize
+    if len(raw) != expected:
+        raise CodecError(f"hidden section is {len(raw)} bytes, expected {expected} for [{meta.n}, {meta.width}]")
+    ints = torch.from_numpy(np.frombuffer(index, dtype=_INDEX_DTYPE).reshape(3, meta.n).astype(np.int64))
+    if meta.n and (int(ints[0].min()) < 0 or int(ints[0].max()) >= len(meta.rids)):
+        raise CodecError(f"req_index out of range for {len(meta.rids)} request ids")
+    try:
+        return CaptureBatch(
+            rids=meta.rids,
+            req_index=ints[0],
+            positions=ints[1],
+            token_ids=ints[2],
+            hidden=_frombuffer(raw, dtype).view(meta.n, meta.width),
+            aux_layers=meta.aux_layers,
+            draft_version=meta.draft_version,
+            domain=meta.domain,
+            acceptance=meta.acceptance,
+        )
+    except ValidationError as e:
+        raise CodecError(f"entry does not form a valid capture batch: {e}") from None
+
+
+def _frombuffer(raw: bytes, dtype: torch.dtype) -> torch.Tensor:
+    if not raw:
+        return torch.empty(0, dtype=dtype)
+    # Redis hands back immutable bytes; the tensor is read-only in practice (the trainer copies it to its device).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(raw, dtype=dtype)
