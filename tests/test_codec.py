@@ -47,7 +47,7 @@ def test_any_flipped_byte_is_caught(section):
     data = bytearray(fields[section])
     data[len(data) - 1] ^= 0x40
     fields[section] = bytes(data)
-    with pytest.raises(CodecError, match="checksum|meta"):
+    with pytest.raises(CodecError, match=r"checksum|meta"):
         decode(fields)
 
 

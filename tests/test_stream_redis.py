@@ -161,7 +161,7 @@ def test_dead_consumers_pending_entries_are_claimed_and_acked_once(redis_server,
 def test_entries_decode_with_the_codec(redis_server, settings):
     with _writer(settings) as w:
         w.submit(make_batch(seed=3))
-    (entry_id, fields), = redis.Redis.from_url(redis_server.url).xrange(STREAM)
+    (_id, fields), = redis.Redis.from_url(redis_server.url).xrange(STREAM)
     assert decode(fields).rids == make_batch(seed=3).rids
 
 
@@ -175,7 +175,7 @@ def test_password_settings_and_wrong_password(password, tmp_path):
         connect(TideSettings(redis_url=url, redis_password=password)).ping()
         from tide_sglang.stream import RedisUnavailable
 
-        with pytest.raises(RedisUnavailable, match="rejected the credentials.*TIDE_REDIS_PASSWORD"):
+        with pytest.raises(RedisUnavailable, match=r"rejected the credentials.*TIDE_REDIS_PASSWORD"):
             connect(TideSettings(redis_url=url, redis_password="wrong"))
         with pytest.raises(RedisUnavailable, match="requires a password"):
             connect(TideSettings(redis_url=url))
@@ -188,5 +188,5 @@ def test_unreachable_redis_is_a_clear_error():
     from tide_sglang.stream import RedisUnavailable
     from tide_sglang.stream.server import free_port
 
-    with pytest.raises(RedisUnavailable, match="cannot reach Redis at redis://127.0.0.1"):
+    with pytest.raises(RedisUnavailable, match=r"cannot reach Redis at redis://127\.0\.0\.1"):
         connect(TideSettings(redis_url=f"redis://127.0.0.1:{free_port()}/0", redis_timeout_s=0.5))

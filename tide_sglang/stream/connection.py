@@ -41,6 +41,8 @@ def client_kwargs(settings: TideSettings) -> dict[str, object]:
     kwargs: dict[str, object] = {
         "socket_timeout": settings.redis_timeout_s,
         "socket_connect_timeout": settings.redis_timeout_s,
+        # Entries are ~1 MiB: the default 64 KiB read chunks halve a trainer's read throughput.
+        "socket_read_size": 1 << 20,
     }
     password = _password(settings)
     if password is not None:

@@ -5,6 +5,7 @@ encodes, pipelines `XADD`s with an approximate `MAXLEN` derived from a byte budg
 drops and counts, then reconnects with exponential backoff. Decoding must never wait for the stream.
 """
 
+import contextlib
 import logging
 import queue
 import threading
@@ -171,8 +172,6 @@ class StreamWriter:
         self._stats.connected = False
         self._stats.redis_errors += 1
         if self._client is not None:
-            try:
+            with contextlib.suppress(*_REDIS_ERRORS):
                 self._client.close()
-            except _REDIS_ERRORS:
-                pass
         self._client = None
