@@ -52,7 +52,7 @@ class TransportResult(BaseModel):
     tokens_s: float
     enqueue_p50_us: float
     enqueue_p99_us: float
-    dropped: int
+    lost: int  # dropped by the writer or trimmed before the consumer read it
     redis_peak_mib: float | None = None
 
 
@@ -208,14 +208,14 @@ def _run_files(shape: str, hidden: int, seconds: float, consumer: Consumer) -> T
     return _result("torch.save-files", shape, delivery, start, samples, i - delivery.entries, None)
 
 
-def _result(transport: str, shape: str, d: Delivery, start: float, samples: list[int], dropped: int,
+def _result(transport: str, shape: str, d: Delivery, start: float, samples: list[int], lost: int,
             peak: float | None) -> TransportResult:
     seconds = d.finished_at - start
     p50, p99 = _percentiles(samples)
     return TransportResult(
         transport=transport, shape=shape, entry_mib=d.bytes / max(d.entries, 1) / MIB, seconds=seconds,
         mib_s=d.bytes / MIB / seconds, tokens_s=d.tokens / seconds, enqueue_p50_us=p50, enqueue_p99_us=p99,
-        dropped=dropped, redis_peak_mib=peak,
+        lost=lost, redis_peak_mib=peak,
     )
 
 
@@ -227,12 +227,12 @@ def _table(results: list[TransportResult]) -> Table:
     for r in results:
         peak = f"{r.redis_peak_mib:.0f}" if r.redis_peak_mib is not None else "-"
         table.add_row(r.shape, r.transport, f"{r.entry_mib:.2f}", f"{r.mib_s:.0f}", f"{r.tokens_s:,.0f}",
-                      f"{r.enqueue_p50_us:.1f}", f"{r.enqueue_p99_us:.1f}", str(r.dropped), peak)
+                      f"{r.enqueue_p50_us:.1f}", f"{r.enqueue_p99_us:.1f}", str(r.lost), peak)
     return table
 
 
 def run(quick: bool, console: Console) -> BenchReport:
-    seconds = 1.5 if quick else 6.0
+    seconds = 1.0 if quick else 6.0
     consumer = Consumer()
     results: list[TransportResult] = []
     try:
@@ -248,18 +248,23 @@ def run(quick: bool, console: Console) -> BenchReport:
     by = {(r.shape, r.transport): r for r in results}
     llama, llama_files = by[("llama-3.1-8b", "redis-stream")], by[("llama-3.1-8b", "torch.save-files")]
     ratios = {s: by[(s, "redis-stream")].mib_s / by[(s, "torch.save-files")].mib_s for s in SHAPES}
-    console.print("Redis stream / torch.save files (MiB/s): "
+    blocking = {s: by[(s, "torch.save-files")].enqueue_p99_us / by[(s, "redis-stream")].enqueue_p99_us
+                for s in SHAPES}
+    console.print("Redis stream / torch.save files, end-to-end MiB/s: "
                   + ", ".join(f"{s} {r:.2f}x" for s, r in ratios.items()))
+    console.print("caller-side p99, torch.save files / Redis stream: "
+                  + ", ".join(f"{s} {r:.0f}x" for s, r in blocking.items()))
     worst_p99 = max(r.enqueue_p99_us for r in results if r.transport == "redis-stream")
     return BenchReport(
         name="stream",
         quick=quick,
         figures={"seconds_per_run": seconds, "tokens_per_entry": TOKENS_PER_ENTRY,
-                 "results": [r.model_dump() for r in results], "ratio_stream_over_files": ratios},
+                 "results": [r.model_dump() for r in results], "ratio_stream_over_files": ratios,
+                 "caller_p99_ratio_files_over_stream": blocking},
         goals=[
             goal("enqueue_p99_us", worst_p99, "us", "<", 50),
             goal("llama8b_sustained_mib_s", llama.mib_s, "MiB/s", ">=", 400),
-            goal("llama8b_dropped", llama.dropped, "entries", "<=", 0),
+            goal("llama8b_lost", llama.lost, "entries", "<=", 0),
             goal("llama8b_ratio_vs_files", llama.mib_s / llama_files.mib_s, "x", ">", 1),
         ],
     )

@@ -4,11 +4,15 @@ import ssl
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+from redis._parsers.encoders import Encoder
 from redis.cluster import RedisCluster
+from redis.connection import PythonRespSerializer
 
 from tide_sglang.settings import TideSettings
 
 Client = redis.Redis | RedisCluster
+
+_PACKER = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)  # stateless: shared by connections
 
 
 class RedisUnavailable(RuntimeError):
@@ -43,6 +47,9 @@ def client_kwargs(settings: TideSettings) -> dict[str, object]:
         "socket_connect_timeout": settings.redis_timeout_s,
         # Entries are ~1 MiB: the default 64 KiB read chunks halve a trainer's read throughput.
         "socket_read_size": 1 << 20,
+        # hiredis' packer copies every argument into one buffer (~1.3 GB/s); redis-py's own packer hands large
+        # values (our memoryview of the hidden states) to sendall untouched: 2-3x the XADD throughput.
+        "command_packer": _PACKER,
     }
     password = _password(settings)
     if password is not None:

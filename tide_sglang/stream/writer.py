@@ -65,7 +65,8 @@ class StreamWriter:
         self._max_pipeline = max_pipeline
         self._backoff = backoff_s
         self._queue: queue.Queue[CaptureBatch] = queue.Queue(maxsize=queue_entries)
-        self._stats = WriterStats()
+        self._stats = WriterStats()  # updated by the sender thread only
+        self._submitted = self._dropped_full = 0  # the caller's counters: plain ints keep submit() cheap
         self._entry_bytes = 0.0  # EWMA of encoded entry size, for MAXLEN
         self._client: Client | None = None
         self._stop = threading.Event()
@@ -76,17 +77,17 @@ class StreamWriter:
 
     def submit(self, batch: CaptureBatch) -> bool:
         """Queue a batch for the stream; False (and counted) when the queue is full. Never blocks or raises."""
-        self._stats.submitted += 1
+        self._submitted += 1
         try:
             self._queue.put_nowait(batch)
             return True
         except queue.Full:
-            self._stats.dropped_queue_full += 1
+            self._dropped_full += 1
             return False
 
     @property
     def stats(self) -> WriterStats:
-        return self._stats.model_copy()
+        return self._stats.model_copy(update={"submitted": self._submitted, "dropped_queue_full": self._dropped_full})
 
     @property
     def backlog(self) -> int:
