@@ -1,0 +1,29 @@
+"""Draft: the EAGLE-3 draft model in SGLang's checkpoint format, its vocabulary, and the versioned registry."""
+
+from tide_sglang.draft.config import DraftConfig
+from tide_sglang.draft.model import DraftCache, DraftOutput, Eagle3Draft, init_from_target
+from tide_sglang.draft.registry import (
+    DraftMetrics,
+    DraftRegistry,
+    DraftVerificationError,
+    Manifest,
+    VerifiedDraft,
+    VocabMismatch,
+)
+from tide_sglang.draft.vocab import DraftVocab, select_vocab
+
+__all__ = [
+    "DraftCache",
+    "DraftConfig",
+    "DraftMetrics",
+    "DraftOutput",
+    "DraftRegistry",
+    "DraftVerificationError",
+    "DraftVocab",
+    "Eagle3Draft",
+    "Manifest",
+    "VerifiedDraft",
+    "VocabMismatch",
+    "init_from_target",
+    "select_vocab",
+]
