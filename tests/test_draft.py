@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tide_sglang.draft import DraftConfig, DraftVocab, Eagle3Draft, init_from_target, select_vocab
+from tide_sglang.draft import DraftConfig, DraftVocab, Eagle3Draft, init_draft, select_vocab
 from tide_sglang.draft.model import checkpoint_dtype, checkpoint_shapes
-from tide_sglang.draft.target import Target, aux_hidden_states, default_aux_layer_ids, load_target
+from tide_sglang.draft.target import Target, aux_hidden_states, default_aux_layer_ids, load_heads, load_target
 
 TINY = DraftConfig(hidden_size=32, target_hidden_size=32, intermediate_size=64, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=8, vocab_size=100, draft_vocab_size=40, aux_layer_ids=[0, 1, 2],
@@ -109,7 +109,9 @@ def test_smollm2_target_aux_states_and_draft_init(smollm2: Target) -> None:
 
     vocab = select_vocab(torch.bincount(ids.flatten(), minlength=49152).float(), 512)
     config = DraftConfig.from_target(smollm2.model.config, 512, smollm2.aux_layer_ids)
-    draft = init_from_target(smollm2.model, config, vocab)
+    heads = load_heads()  # read from the cached checkpoint, without the target model
+    assert torch.equal(heads.embed, smollm2.model.get_input_embeddings().weight)
+    draft = init_draft(config, vocab, heads.embed, heads.lm_head, heads.norm)
     assert config.rope_theta == 100000.0 and config.head_dim == 64
     assert torch.equal(draft.lm_head.weight, smollm2.model.lm_head.weight[vocab.token_ids])
     assert torch.equal(draft.embed_tokens.weight, smollm2.model.get_input_embeddings().weight)

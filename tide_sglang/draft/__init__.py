@@ -1,7 +1,7 @@
 """Draft: the EAGLE-3 draft model in SGLang's checkpoint format, its vocabulary, and the versioned registry."""
 
 from tide_sglang.draft.config import DraftConfig
-from tide_sglang.draft.model import DraftCache, DraftOutput, Eagle3Draft, init_from_target
+from tide_sglang.draft.model import DraftCache, DraftOutput, Eagle3Draft, init_draft
 from tide_sglang.draft.registry import (
     DraftMetrics,
     DraftRegistry,
@@ -24,6 +24,6 @@ __all__ = [
     "Manifest",
     "VerifiedDraft",
     "VocabMismatch",
-    "init_from_target",
+    "init_draft",
     "select_vocab",
 ]

@@ -259,13 +259,15 @@ class Eagle3Draft(nn.Module):
         return draft
 
 
-def init_from_target(target_model: nn.Module, config: DraftConfig, vocab: DraftVocab) -> Eagle3Draft:
-    """A fresh draft whose embedding, lm_head rows and final norm come from the target (a HF causal LM)."""
+def init_draft(config: DraftConfig, vocab: DraftVocab, embed: torch.Tensor, lm_head: torch.Tensor,
+               norm: torch.Tensor) -> Eagle3Draft:
+    """A fresh draft that starts from its target: embedding [V, H] (frozen), lm_head [V, H] rows of the draft
+    vocabulary, and the final norm [H] those rows were trained behind. The rest is randomly initialised."""
     draft = Eagle3Draft(config, vocab)
     with torch.no_grad():
-        draft.embed_tokens.weight.copy_(target_model.get_input_embeddings().weight)
-        draft.lm_head.weight.copy_(target_model.get_output_embeddings().weight[vocab.token_ids])
-        draft.norm.weight.copy_(target_model.model.norm.weight)
+        draft.embed_tokens.weight.copy_(embed)
+        draft.lm_head.weight.copy_(lm_head[vocab.token_ids])
+        draft.norm.weight.copy_(norm)
     return draft
 
 

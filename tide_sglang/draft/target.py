@@ -11,14 +11,23 @@ layer i is `hidden_states[i]` of `output_hidden_states=True`.
 """
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from pydantic import BaseModel, ConfigDict, InstanceOf
+from safetensors import safe_open
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 log = logging.getLogger("tide.draft.target")
 
@@ -116,3 +125,50 @@ def aux_hidden_states(target: Target, input_ids: torch.Tensor) -> tuple[torch.Te
     """One full forward of `input_ids` [B, T]: returns (aux [B, T, K*H], logits [B, T, V])."""
     out = target.model(input_ids=input_ids, output_hidden_states=True, use_cache=False)
     return aux_from_hidden_states(out.hidden_states, target.aux_layer_ids), out.logits
+
+
+class TargetHeads(BaseModel):
+    """What a draft needs from its target: the token embedding, lm_head and final norm, and the config.
+
+    Read straight from the checkpoint's safetensors, so a trainer never loads (or needs memory for) the target.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True, extra="forbid")
+
+    config: InstanceOf[PretrainedConfig]  # isinstance only: transformers 5 configs are dataclasses
+    embed: torch.Tensor  # [V, H]
+    lm_head: torch.Tensor  # [V, H] (the embedding itself when the target ties them)
+    norm: torch.Tensor  # [H]
+
+
+def _tensor_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file, for single-file and sharded (index.json) checkpoints."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return {name: path / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+    single = path / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"{path} has no model.safetensors(.index.json): only safetensors checkpoints load")
+    with safe_open(str(single), framework="pt") as f:
+        return dict.fromkeys(f.keys(), single)
+
+
+def load_heads(name_or_path: str = DEFAULT_TARGET) -> TargetHeads:
+    """Embedding, lm_head and final norm of a Llama-style target (fp32, CPU)."""
+    path = resolve(name_or_path)
+    config = AutoConfig.from_pretrained(path)
+    files = _tensor_files(path)
+
+    def read(name: str) -> torch.Tensor:
+        with safe_open(str(files[name]), framework="pt") as f:
+            return f.get_tensor(name).float()
+
+    embed = read("model.embed_tokens.weight")
+    lm_head = embed if config.tie_word_embeddings or "lm_head.weight" not in files else read("lm_head.weight")
+    return TargetHeads(config=config, embed=embed, lm_head=lm_head, norm=read("model.norm.weight"))
+
+
+def heads_of(model: PreTrainedModel) -> TargetHeads:
+    """The heads of an already loaded target (shares its tensors)."""
+    return TargetHeads(config=model.config, embed=model.get_input_embeddings().weight.detach(),
+                       lm_head=model.get_output_embeddings().weight.detach(), norm=model.model.norm.weight.detach())
