@@ -1,0 +1,162 @@
+"""Training trigger (TIDE Algorithm 1) and the CUSUM change-point detector."""
+
+import math
+import random
+
+import numpy as np
+import pytest
+
+from tide_sglang.control import (
+    DropDetector,
+    Ewma,
+    TrainingTrigger,
+    TriggerState,
+    average_run_length,
+    cusum_threshold,
+)
+from tide_sglang.settings import TideSettings
+
+W, A, IDLE = TriggerState.WARMUP, TriggerState.ACTIVE, TriggerState.IDLE
+
+
+def trigger(n_threshold: int = 2) -> TrainingTrigger:
+    return TrainingTrigger(short_alpha=0.5, long_alpha=0.05, epsilon=0.02, n_init=3, n_threshold=n_threshold)
+
+
+# (name, windows of acceptance, state after each window, reason at the end)
+TABLE = [
+    ("warmup collects first", [0.7, 0.7], [W, W], "warmup"),
+    ("then adapts to the traffic", [0.7] * 3, [W, W, A], "initial adaptation"),
+    ("flat acceptance: training stops", [0.7] * 5, [W, W, A, A, IDLE], "plateau"),
+    ("improving: keeps training", [0.5, 0.5, 0.5, 0.6, 0.7, 0.8, 0.9], [W, W, A, A, A, A, A], "initial adaptation"),
+    ("drop while idle: retrains after n_threshold windows", [0.7] * 5 + [0.5, 0.5],
+     [W, W, A, A, IDLE, IDLE, A], "drift"),
+    ("one bad window is not drift", [0.7] * 5 + [0.6, 0.7, 0.7, 0.7], [W, W, A, A] + [IDLE] * 5, "plateau"),
+    ("rise while idle: nothing to fix", [0.7] * 5 + [0.9] * 4, [W, W, A, A] + [IDLE] * 5, "plateau"),
+]
+
+
+@pytest.mark.parametrize(("windows", "states", "reason"), [row[1:] for row in TABLE], ids=[r[0] for r in TABLE])
+def test_trigger_table(windows, states, reason):
+    t = trigger(n_threshold=2)
+    assert [t.update(a) for a in windows] == states
+    assert t.reason == reason
+    assert t.train == (states[-1] is A) and t.collect == (states[-1] is not IDLE)
+
+
+def test_slow_drift_needs_consecutive_windows():
+    t = trigger(n_threshold=3)
+    for a in [0.7] * 6:
+        t.update(a)
+    assert t.state is IDLE
+    # alternate a drop and a recovery: the gap does not stay below -epsilon for 3 windows in a row
+    assert all(t.update(a) is IDLE for a in [0.6, 0.7, 0.7, 0.7] * 3)
+
+
+def test_force_starts_training_in_any_state():
+    for prefix in ([0.7], [0.7] * 3, [0.7] * 5):
+        t = trigger()
+        for a in prefix:
+            t.update(a)
+        t.force()
+        assert t.state is A and t.reason == "changepoint" and t.train and t.collect
+
+
+def test_trigger_from_settings():
+    t = TrainingTrigger.from_settings(TideSettings(trigger_n_init=7, trigger_epsilon=0.05))
+    assert t.n_init == 7 and t.epsilon == 0.05 and t.state is W
+
+
+def test_ewma_weighting_and_forgetting():
+    e = Ewma(alpha=0.5)
+    assert e.value is None and e.update(1.0) == 1.0  # first sample taken as is
+    assert e.update(0.0) == pytest.approx(1 / 3)  # mass 0.25 of 1.0 against 0.5 of 0.0
+    # one update of weight 2 decays the past like two updates of weight 1
+    a, b = Ewma(0.1, 0.5, mass=1.0), Ewma(0.1, 0.5, mass=1.0)
+    a.update(1.0, weight=2)
+    b.update(1.0)
+    b.update(1.0)
+    assert a.value == pytest.approx(b.value, rel=0.01)
+    # elapsed time without samples lets a new sample outweigh stale history
+    c = Ewma(0.01, 0.2, mass=1.0)
+    c.elapse(1000)
+    assert c.update(0.9, weight=10) > 0.8
+
+
+def test_threshold_meets_the_average_run_length():
+    for k in (0.25, 0.5, 1.0, 4.0):
+        for rate in (1e-2, 1e-4, 1e-6):
+            h = cusum_threshold(k, rate)
+            assert average_run_length(k, h) >= 1 / rate * 0.999
+            if h > 1e-6:  # h = 0 already suffices for a large k and a loose rate
+                assert average_run_length(k, h * 0.99) < 1 / rate
+    assert math.isinf(average_run_length(50, 100))
+
+
+def _stationary_then_drop(seed: int, before: int, drop: float, sigma: float = 0.03):
+    rng = random.Random(seed)
+    return [0.7 + rng.gauss(0, sigma) for _ in range(before)], lambda: 0.7 - drop + rng.gauss(0, sigma)
+
+
+@pytest.mark.parametrize("drop", [0.1, 0.15, 0.3])
+def test_detector_fires_within_a_bounded_delay_after_a_step_down(drop):
+    s = TideSettings()  # min drop 0.1, false-alarm rate 1e-4 per window, warm-up 50 windows
+    bound = {0.1: 12, 0.15: 5, 0.3: 2}[drop]
+    for seed in range(20):
+        d = DropDetector(s.changepoint_min_drop, s.changepoint_false_alarm_rate, s.changepoint_warmup)
+        before, after = _stationary_then_drop(seed, 150, drop)
+        assert not any(d.update(x) for x in before), seed
+        delay = next(i for i in range(1, 200) if d.update(after()))
+        assert delay <= bound, (seed, delay)
+
+
+def _alarm_rate(windows: np.ndarray, rate: float, warmup: int = 50) -> float:
+    """False alarms per monitored window over independent runs (rows), each starting from a fresh detector:
+    a long single run would judge one baseline estimate only, while the rate averages over all of them."""
+    alarms = monitored = 0
+    for run in windows:
+        d = DropDetector(min_drop=0.1, false_alarm_rate=rate, warmup=warmup)
+        for x in run.tolist():
+            monitored += d.ready  # windows spent learning a baseline cannot alarm
+            d.update(x)
+        alarms += d.alarms
+    return alarms / monitored
+
+
+@pytest.mark.parametrize("sigma", [0.02, 0.05])
+def test_detector_false_alarm_rate_on_a_gaussian_stationary_signal(sigma):
+    rate = 1e-3
+    windows = 0.7 + np.random.default_rng(1).normal(0, sigma, size=(150, 1000))
+    assert _alarm_rate(windows, rate) <= rate
+
+
+def _simulated_windows(a: float, g: int, runs: int, length: int, steps: int, seed: int) -> np.ndarray:
+    """Window acceptance as the controller forms it: `steps` request verifies at g draft steps, each accepting
+    min(Geometric(1 - a) - 1, g) tokens, turned into a by the moment equation (numpy bisection)."""
+    rng = np.random.default_rng(seed)
+    accepted = np.minimum(rng.geometric(1 - a, size=(runs * length, steps)) - 1, g).sum(axis=1) / steps
+    lo, hi = np.zeros(len(accepted)), np.ones(len(accepted))
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        low = sum(mid**i for i in range(1, g + 1)) < accepted
+        lo, hi = np.where(low, mid, lo), np.where(low, hi, mid)
+    return ((lo + hi) / 2).reshape(runs, length)
+
+
+@pytest.mark.parametrize("a", [0.6, 0.9])
+def test_detector_false_alarm_rate_on_simulated_acceptance(a):
+    windows = _simulated_windows(a, g=3, runs=100, length=600, steps=128, seed=7)
+    assert abs(windows.mean() - a) < 0.01  # the moment estimate is unbiased enough to be the baseline
+    assert _alarm_rate(windows, rate=1e-2) <= 1e-2
+
+
+def test_detector_alarm_resets_to_the_new_level():
+    d = DropDetector(min_drop=0.1, false_alarm_rate=1e-4, warmup=20)
+    rng = np.random.default_rng(3)
+    for x in 0.8 + rng.normal(0, 0.02, 100):
+        d.update(float(x))
+    assert d.baseline == pytest.approx(0.8, abs=0.01)
+    assert any(d.update(float(x)) for x in 0.5 + rng.normal(0, 0.02, 10))
+    assert not d.ready and d.alarms == 1
+    assert not any(d.update(float(x)) for x in 0.5 + rng.normal(0, 0.02, 300))
+    assert d.baseline == pytest.approx(0.5, abs=0.01)
