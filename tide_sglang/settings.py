@@ -1,6 +1,8 @@
 """The one settings object: every `TIDE_*` environment variable is read here."""
 
+import socket
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,6 +27,31 @@ class TideSettings(BaseSettings):
     # Hidden-state stream.
     stream_budget_mib: int = Field(1024, gt=0, description="Redis memory the stream may hold (MAXLEN ~)")
     stream_queue_entries: int = Field(64, gt=0, description="writer queue; a full queue drops, never blocks")
+
+    # Draft registry and online trainer (tide_sglang/draft, tide_sglang/trainer, docs/trainer.md).
+    registry_dir: Path | None = Field(None, description="draft registry directory (a PVC in production)")
+    registry_keep_last: int = Field(10, ge=1, description="versions gc() keeps besides the stable/canary ones")
+    target: str = Field("smollm2-135m", description="target checkpoint dir: embedding, lm_head, norm for the draft")
+    train_checkpoint_dir: Path | None = Field(None, description="trainer state, to resume after a restart")
+    train_checkpoint_interval_s: float = Field(60.0, gt=0, description="entries are acked at each checkpoint")
+    train_consumer: str = Field(default_factory=socket.gethostname, description="name in consumer group trainers")
+    train_device: str = Field("auto", description="auto (cuda when present), cpu, cuda or cuda:N")
+    train_gate: Literal["always", "trigger"] = Field(
+        "always", description="trigger: train only while the ctl hash field `train` is not 0")
+    train_ttt_steps: int = Field(5, ge=1, le=16, description="training-time-test depth = draft steps evaluated")
+    train_chunk_len: int = Field(64, ge=4, description="rows per training sequence")
+    train_batch_chunks: int = Field(16, ge=1, description="sequences per optimizer step")
+    train_lr: float = Field(1e-4, gt=0, description="AdamW learning rate")
+    train_weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    train_draft_vocab_size: int = Field(32000, ge=16, description="new lineages only: lm_head rows")
+    train_vocab_warmup_rows: int = Field(20000, ge=1, description="rows counted before choosing the vocabulary")
+    train_recent_chunks: int = Field(512, ge=1, description="per domain: window of the newest sequences")
+    train_reservoir_chunks: int = Field(2048, ge=0, description="per domain: reservoir sample of older ones")
+    train_heldout_fraction: float = Field(0.05, gt=0, lt=1, description="share of requests held out")
+    train_heldout_chunks: int = Field(256, ge=1, description="newest held-out sequences kept for evaluation")
+    train_eval_interval_steps: int = Field(200, ge=1, description="optimizer steps between publish decisions")
+    train_publish_margin: float = Field(0.05, ge=0, description="acceptance length gain over deployed to publish")
+    train_min_heldout_rows: int = Field(256, ge=1, description="fewer held-out rows: no publish decision")
 
     # Speculation controller (tide_sglang/control, docs/controller.md).
     control_max_steps: int = Field(5, ge=1, le=16, description="k: the policy picks draft steps in 0..k")

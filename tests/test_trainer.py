@@ -1,0 +1,153 @@
+"""Trainer parts without Redis: sequence stitching, replay buffer, loss, acceptance counting, gate, checkpoint."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.test_draft import tiny_draft
+from tide_sglang.capture import CaptureBatch
+from tide_sglang.trainer import (
+    Acceptance,
+    Chunk,
+    ReplayBuffer,
+    SequenceAssembler,
+    acceptance,
+    collate,
+    publish_decision,
+    ttt_loss,
+)
+from tide_sglang.trainer import state as ckpt
+
+
+def step_batch(rows: dict[str, list[int]], width: int = 6, domain: str | None = None) -> CaptureBatch:
+    """One verify step: request rid -> positions of its accepted rows (token = 1000 + position, hidden = position)."""
+    rids = list(rows)
+    req = torch.cat([torch.full((len(p),), i) for i, p in enumerate(rows.values())])
+    pos = torch.cat([torch.tensor(p) for p in rows.values()])
+    return CaptureBatch(rids=rids, req_index=req, positions=pos, token_ids=pos + 1000,
+                        hidden=pos[:, None].float().expand(-1, width).contiguous(), aux_layers=3, domain=domain)
+
+
+def test_assembler_stitches_requests_across_entries_and_cuts_chunks() -> None:
+    asm = SequenceAssembler(chunk_len=4)
+    assert asm.add(step_batch({"a": [0, 1, 2], "b": [7]})) == []
+    done = asm.add(step_batch({"b": [8, 9], "a": [3, 4, 5, 6, 7, 8]}))
+    assert [c.positions.tolist() for c in done] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert done[0].rid == "a" and done[0].tokens.tolist() == [1000, 1001, 1002, 1003]
+    assert done[0].hidden[:, 0].tolist() == [0, 1, 2, 3]
+    # a gap in b's positions closes its sequence; on flush, b's lone row after the gap is too short to keep
+    assert [c.positions.tolist() for c in asm.add(step_batch({"b": [12], "a": [9]}))] == [[7, 8, 9]]
+    assert [c.positions.tolist() for c in asm.flush()] == [[8, 9]] and asm.open_rows == 0
+
+
+def test_assembler_closes_least_recent_requests_beyond_max_open() -> None:
+    asm = SequenceAssembler(chunk_len=8, max_open=2)
+    asm.add(step_batch({"a": [0, 1]}))
+    asm.add(step_batch({"b": [0, 1]}))
+    done = asm.add(step_batch({"c": [0, 1]}))
+    assert [c.rid for c in done] == ["a"]
+
+
+def _chunk(i: int, domain: str) -> Chunk:
+    return Chunk(hidden=torch.zeros(2, 6), tokens=torch.tensor([i, i]), positions=torch.arange(2), domain=domain)
+
+
+def test_replay_keeps_recent_window_and_a_reservoir_and_samples_domains_evenly() -> None:
+    buf = ReplayBuffer(recent=4, reservoir=8, seed=1)
+    for i in range(200):
+        buf.add(_chunk(i, "code"))
+    for i in range(4):
+        buf.add(_chunk(1000 + i, "french"))
+    code = buf.domains["code"]
+    assert [int(c.tokens[0]) for c in code.recent] == [196, 197, 198, 199]
+    assert len(code.reservoir) == 8 and code.seen_old == 196
+    old = [int(c.tokens[0]) for c in code.reservoir]
+    assert min(old) < 100, "the reservoir keeps a sample of all older traffic, not just the latest"
+    picks = [c.domain for c in buf.sample(400)]
+    assert 150 < picks.count("french") < 250, "a rare domain is sampled as often as a frequent one"
+
+
+@pytest.mark.parametrize(("cand", "base", "rows", "publish", "why"), [
+    (1.30, 1.20, 500, True, "gain +0.100"),
+    (1.22, 1.20, 500, False, "below margin"),
+    (1.10, 1.20, 500, False, "below margin"),
+    (2.00, 1.00, 10, False, "too small"),
+])
+def test_publish_gate(cand: float, base: float, rows: int, publish: bool, why: str) -> None:
+    d = publish_decision(Acceptance(accept_length=cand, rows=rows, step_rate=[]),
+                         Acceptance(accept_length=base, rows=rows, step_rate=[]), margin=0.05, min_rows=100)
+    assert d.publish is publish and why in d.reason
+
+
+def test_gate_refuses_different_held_out_rows() -> None:
+    a, b = (Acceptance(accept_length=x, rows=r, step_rate=[]) for x, r in ((3.0, 500), (1.0, 400)))
+    assert not publish_decision(a, b, 0.0, 1).publish
+
+
+def test_acceptance_counts_the_chain_like_the_engine() -> None:
+    """Compare against drafting with the KV cache row by row and checking tokens one at a time."""
+    draft = tiny_draft(3)
+    g = torch.Generator().manual_seed(0)
+    tokens = draft.vocab.token_ids[torch.randint(0, 40, (9,), generator=g)]
+    chunk = Chunk(hidden=torch.randn(9, 96, generator=g), tokens=tokens, positions=torch.arange(9))
+    steps = 2
+    # make the chain succeed sometimes: set the truth to the draft's own first proposal at some rows
+    with torch.no_grad():
+        first = draft.to_target_ids(draft.unroll(chunk.hidden[None], tokens[None], chunk.positions[None], 1)[0].argmax(-1))
+    tokens[1::2] = first[0, :-1:2]
+    got = acceptance(draft, [chunk], steps)
+    accepted = []
+    with torch.no_grad():
+        for t in range(9 - steps):
+            cache = draft.new_cache(1, 32)
+            out = draft.step(chunk.hidden[None, : t + 1], tokens[None, : t + 1], torch.arange(t + 1)[None], cache)
+            n, hidden = 0, out.hidden[:, -1:]
+            for j in range(steps):
+                proposed = int(draft.to_target_ids(out.logits[0, -1].argmax()))
+                if proposed != int(tokens[t + j + 1]):
+                    break
+                n += 1
+                out = draft.step(hidden, torch.tensor([[proposed]]), torch.tensor([[t + j + 1]]), cache)
+                hidden = out.hidden
+            accepted.append(n)
+    assert got.rows == 9 - steps
+    assert got.accept_length == pytest.approx(1 + sum(accepted) / len(accepted))
+    assert sum(accepted) > 0
+
+
+def test_ttt_loss_trains_a_tiny_draft_to_higher_acceptance() -> None:
+    torch.manual_seed(0)
+    draft = tiny_draft(4)
+    # a deterministic toy language: state i is followed by state perm[i]; row t emits the token of state t+1
+    table = draft.vocab.token_ids[torch.randperm(40)[:8]]
+    states, perm = torch.randn(8, 96), torch.randperm(8)
+    chunks = []
+    for start in range(12):
+        idx = [start % 8]
+        for _ in range(16):
+            idx.append(int(perm[idx[-1]]))
+        seq = torch.tensor(idx)
+        chunks.append(Chunk(hidden=states[seq[:-1]], tokens=table[seq[1:]], positions=torch.arange(16)))
+    before = acceptance(draft, chunks, 3).accept_length
+    opt = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(60):
+        loss, report = ttt_loss(draft, collate(chunks[:8]), steps=3)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert report.step_accuracy[0] > 0.5
+    assert acceptance(draft, chunks, 3).accept_length > before + 0.3
+
+
+def test_checkpoint_chunks_round_trip(tmp_path: Path) -> None:
+    stored = [("recent", _chunk(1, "a")), ("heldout", _chunk(2, "b"))]
+    metas, tensors = ckpt.pack_chunks(stored)
+    state = ckpt.TrainerState(config=tiny_draft().config, vocab_sha256="x", chunks=metas, steps=7)
+    ckpt.save(tmp_path, state, tensors)
+    ckpt.save(tmp_path, state.model_copy(update={"steps": 8}), tensors)
+    assert len(list(tmp_path.iterdir())) == 1, "older checkpoints are removed once a newer one is complete"
+    loaded, raw = ckpt.load_latest(tmp_path)
+    back = ckpt.unpack_chunks(loaded.chunks, raw)
+    assert loaded.steps == 8 and [(s, c.domain, c.tokens.tolist()) for s, c in back] == [
+        ("recent", "a", [1, 1]), ("heldout", "b", [2, 2])]

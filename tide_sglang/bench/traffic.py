@@ -1,0 +1,100 @@
+"""Captured traffic without SGLang: greedy generations of a real target, cut into verify-step `CaptureBatch`es.
+
+For trainer tests and `tide bench train`. Row p of a sequence is what a TIDE capture hook records: the target's
+aux hidden state at position p and the token it emitted after it (x_{p+1}). Requests are interleaved the way a
+batched engine emits them: one entry per verify step, holding `rows_per_step` accepted rows of each request.
+"""
+
+import hashlib
+import itertools
+import json
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tide_sglang.capture import CaptureBatch
+from tide_sglang.draft.target import MODEL_CACHE, Target, aux_hidden_states
+
+TOPICS = ["the ocean", "a small robot", "bread baking", "the moon", "a lost key", "winter in a city", "bees",
+          "a chess game", "trains", "a lighthouse", "volcanoes", "an old library", "rain", "coffee", "a violin",
+          "mountains", "a garden", "the desert", "a clock", "friendship"]
+TEMPLATES = ["Write a short story about {}.", "Explain {} to a child.", "List three facts about {}.",
+             "Write a poem about {}."]
+
+
+def prompts(n: int, offset: int = 0) -> list[str]:
+    pairs = itertools.islice(itertools.cycle(itertools.product(TEMPLATES, TOPICS)), offset, offset + n)
+    return [t.format(topic) for t, topic in pairs]
+
+
+@torch.no_grad()
+def generate(target: Target, texts: list[str], max_new: int, batch: int = 16) -> list[torch.Tensor]:
+    """Greedy chat completions; returns each full sequence (prompt + generated, no padding) as [L] int64."""
+    tok = target.tokenizer
+    tok.padding_side = "left"
+    out: list[torch.Tensor] = []
+    for i in range(0, len(texts), batch):
+        chats = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+                 for t in texts[i : i + batch]]
+        enc = tok(chats, return_tensors="pt", padding=True)
+        gen = target.model.generate(**enc, max_new_tokens=max_new, do_sample=False,
+                                    pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        for row, mask in zip(gen, enc.attention_mask, strict=True):
+            seq = row[int((mask == 0).sum()) :]  # drop left padding
+            out.append(seq[seq != tok.pad_token_id] if tok.pad_token_id is not None else seq)
+    return out
+
+
+def cached_generate(target: Target, texts: list[str], max_new: int) -> list[torch.Tensor]:
+    """`generate`, memoised on disk (greedy decoding is deterministic): CPU generation is the slow part of a run."""
+    key = hashlib.sha256(json.dumps([target.name, texts, max_new]).encode()).hexdigest()[:16]
+    path = MODEL_CACHE.parent / "traffic" / f"{key}.safetensors"
+    if path.is_file():
+        stored = load_file(str(path))
+        return [stored[f"seq{i}"] for i in range(len(stored))]
+    sequences = generate(target, texts, max_new)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({f"seq{i}": s.contiguous() for i, s in enumerate(sequences)}, str(tmp))
+    tmp.rename(path)
+    return sequences
+
+
+@torch.no_grad()
+def batched_aux(target: Target, sequences: list[torch.Tensor], batch: int = 16) -> list[torch.Tensor]:
+    """Aux hidden states [L, K*H] of each sequence, from right-padded batched forwards (causal: padding at the
+    end changes nothing before it)."""
+    out = []
+    for i in range(0, len(sequences), batch):
+        group = sequences[i : i + batch]
+        ids = torch.nn.utils.rnn.pad_sequence(group, batch_first=True)  # [B, Lmax]
+        aux, _ = aux_hidden_states(target, ids)  # [B, Lmax, K*H]
+        out += [a[: s.numel()] for a, s in zip(aux, group, strict=True)]
+    return out
+
+
+def capture(target: Target, sequences: list[torch.Tensor], rids: list[str], *, rows_per_step: int = 4,
+            domain: str | None = None, dtype: torch.dtype = torch.bfloat16) -> list[CaptureBatch]:
+    """One full target forward per sequence, then its rows cut into verify steps, interleaved across requests."""
+    aux = batched_aux(target, sequences)
+    per_request = []
+    for a, seq in zip(aux, sequences, strict=True):
+        n = seq.numel() - 1  # the last token has no successor yet
+        per_request.append((a[:n].to(dtype), seq[1:], torch.arange(n)))
+    step_rows = [_steps(tokens.numel(), rows_per_step) for _, tokens, _ in per_request]
+    batches = []
+    for step in range(max(len(s) for s in step_rows)):
+        live = [k for k in range(len(sequences)) if step < len(step_rows[k])]
+        parts = [tuple(t[step_rows[k][step]] for t in per_request[k]) for k in live]
+        batches.append(CaptureBatch(
+            rids=[rids[k] for k in live],
+            req_index=torch.cat([torch.full((p[1].numel(),), i) for i, p in enumerate(parts)]),
+            positions=torch.cat([p[2] for p in parts]), token_ids=torch.cat([p[1] for p in parts]),
+            hidden=torch.cat([p[0] for p in parts]), aux_layers=len(target.aux_layer_ids), domain=domain))
+    return batches
+
+
+def _steps(rows: int, rows_per_step: int) -> list[slice]:
+    """A first large step (like a prefill), then decode steps of `rows_per_step` accepted rows."""
+    first = max(1, rows // 2)
+    return [slice(0, first)] + [slice(s, s + rows_per_step) for s in range(first, rows, rows_per_step)]

@@ -1,0 +1,23 @@
+"""Trainer: the online EAGLE-3 trainer service (`tide train`) over the hidden-state stream."""
+
+from tide_sglang.trainer.gate import GateDecision, publish_decision
+from tide_sglang.trainer.objective import Acceptance, LossReport, acceptance, ttt_loss
+from tide_sglang.trainer.replay import Chunk, ReplayBuffer, SequenceAssembler, TrainBatch, collate
+from tide_sglang.trainer.service import DraftTrainer, EvalReport, TrainerError
+
+__all__ = [
+    "Acceptance",
+    "Chunk",
+    "DraftTrainer",
+    "EvalReport",
+    "GateDecision",
+    "LossReport",
+    "ReplayBuffer",
+    "SequenceAssembler",
+    "TrainBatch",
+    "TrainerError",
+    "acceptance",
+    "collate",
+    "publish_decision",
+    "ttt_loss",
+]

@@ -1,0 +1,88 @@
+"""`tide train`: the online trainer service."""
+
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+from pydantic import ValidationError
+
+from tide_sglang import keys
+from tide_sglang.settings import TideSettings
+
+log = logging.getLogger("tide.trainer")
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"tide train: error: {message}", err=True)
+    sys.exit(2)
+
+
+def _settings(overrides: dict[str, Any]) -> TideSettings:
+    try:
+        return TideSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as e:
+        first = e.errors()[0]
+        _fail(f"invalid setting {'.'.join(map(str, first['loc']))}: {first['msg']}")
+
+
+@click.command("train")
+@click.option("--registry", "registry_dir", type=click.Path(path_type=Path),
+              help="Draft registry directory (a PVC in production). [TIDE_REGISTRY_DIR]")
+@click.option("--create-registry", is_flag=True, help="Create the registry directory if missing (a new lineage).")
+@click.option("--checkpoint-dir", "train_checkpoint_dir", type=click.Path(path_type=Path),
+              help="Trainer state directory; a restarted trainer resumes from it. [TIDE_TRAIN_CHECKPOINT_DIR]")
+@click.option("--target", help="Target checkpoint directory, or 'smollm2-135m'; only its embedding, lm_head and "
+              "final norm are read. [TIDE_TARGET]")
+@click.option("--deployment", help="TideDeployment name: the stream is tide:{NAME}:hs. [TIDE_DEPLOYMENT]")
+@click.option("--redis-url", help="redis://, rediss:// or unix:// URL. [TIDE_REDIS_URL]")
+@click.option("--consumer", "train_consumer", help="Consumer name in group 'trainers'; keep it stable across "
+              "restarts to resume this trainer's pending entries. [TIDE_TRAIN_CONSUMER, default: host name]")
+@click.option("--device", "train_device", help="auto, cpu, cuda or cuda:N. [TIDE_TRAIN_DEVICE]")
+@click.option("--gate", "train_gate", type=click.Choice(["always", "trigger"]),
+              help="always, or trigger: train only while the control hash field 'train' is not 0. [TIDE_TRAIN_GATE]")
+@click.option("--max-steps", type=int, help="Stop after this many optimizer steps (tests and benchmarks).")
+def train(create_registry: bool, max_steps: int | None, **overrides: Any) -> None:
+    """Train the EAGLE-3 draft online from the hidden-state stream and publish versions that beat the deployed one.
+
+    Every option falls back to its TIDE_* variable. The other trainer settings are read from the environment
+    only: TIDE_TRAIN_TTT_STEPS, _CHUNK_LEN, _BATCH_CHUNKS, _LR, _WEIGHT_DECAY, _DRAFT_VOCAB_SIZE,
+    _VOCAB_WARMUP_ROWS, _RECENT_CHUNKS, _RESERVOIR_CHUNKS, _HELDOUT_FRACTION, _HELDOUT_CHUNKS,
+    _EVAL_INTERVAL_STEPS, _PUBLISH_MARGIN, _MIN_HELDOUT_ROWS, _CHECKPOINT_INTERVAL_S and TIDE_REGISTRY_KEEP_LAST
+    (docs/trainer.md). SIGTERM or Ctrl-C checkpoints, acks and exits.
+    """
+    settings = _settings(overrides)
+    trainer = _build(settings, create_registry)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    trainer.run(stop, max_steps=max_steps)
+    state = trainer.state
+    click.echo(f"tide train: stopped after {state.steps if state else 0} steps; "
+               f"published {trainer.published or 'nothing'}")
+
+
+def _build(settings: TideSettings, create_registry: bool) -> Any:
+    # Heavy imports here, so that `tide train --help` and setting errors answer at once.
+    from tide_sglang.draft import DraftRegistry, DraftVerificationError, VocabMismatch
+    from tide_sglang.draft.target import load_heads
+    from tide_sglang.stream import RedisUnavailable, StreamReader, connect
+    from tide_sglang.trainer.service import DraftTrainer, TrainerError
+
+    if settings.registry_dir is None:
+        _fail("no draft registry: pass --registry DIR or set TIDE_REGISTRY_DIR")
+    try:
+        registry = DraftRegistry(settings.registry_dir, create=create_registry)
+    except FileNotFoundError as e:
+        _fail(f"{e} (--create-registry starts a new lineage there)")
+    try:
+        client = connect(settings)
+        heads = load_heads(settings.target)
+        reader = StreamReader(client, keys.hidden_states(settings.deployment), keys.dead_letter(settings.deployment),
+                              settings.train_consumer, block_ms=200)
+        return DraftTrainer(settings, registry, reader, heads)
+    except (RedisUnavailable, TrainerError, VocabMismatch, DraftVerificationError, ValueError, OSError) as e:
+        _fail(str(e))
