@@ -1,5 +1,10 @@
 """SpeculationController end to end on a simulated engine, and the Prometheus metrics it writes."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -143,3 +148,43 @@ def test_binary_switch_controller_is_tide_baseline():
     assert {eng.step(1, 0.8) for _ in range(50)} == {3}  # S(0.8, 3, 1) > 1: on, always at g = 3
     assert ctl.steps_for_batch(64) == 3  # S = 1.03 at b = 64: TIDE still speculates where g = 1 would do better
     assert ctl.policy.candidates == [0, 3]
+
+
+def test_metrics_in_prometheus_multiprocess_mode(tmp_path):
+    """As inside SGLang's scheduler: created with registry=None, read back by a MultiProcessCollector."""
+    script = textwrap.dedent("""
+        from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+        from tide_sglang.control import ControlMetrics
+        m = ControlMetrics("chat", registry=None)
+        m.decision(2, batch=4, steps=3, best=3, predicted=1.7, switched=True)
+        m.trigger(2, train=True, collect=True, short=0.6, long=0.7)
+        reg = CollectorRegistry()
+        multiprocess.MultiProcessCollector(reg)
+        print(generate_latest(reg).decode())
+    """)
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
+    assert 'tide_controller_spec_steps{batch="4",deployment="chat",draft_version="2"} 3.0' in out
+    assert 'tide_controller_switches_total{batch="4",deployment="chat",draft_version="2"} 1.0' in out
+    assert 'tide_trainer_trigger_active{deployment="chat",draft_version="2"} 1.0' in out
+
+
+def test_settings_from_environment_and_engine_candidates(monkeypatch):
+    monkeypatch.setenv("TIDE_CONTROL_MAX_STEPS", "7")
+    monkeypatch.setenv("TIDE_CHANGEPOINT_FALSE_ALARM_RATE", "1e-5")
+    s = TideSettings()
+    assert s.control_max_steps == 7 and s.changepoint_false_alarm_rate == 1e-5
+    reg = CollectorRegistry()
+    assert SpeculationController(PROFILE, s, registry=reg).policy.candidates == list(range(8))
+    # SGLang: only the candidate steps with captured CUDA graphs
+    assert SpeculationController(PROFILE, s, candidates=[1, 3], registry=reg).policy.candidates == [0, 1, 3]
+
+
+def test_no_probes_when_disabled_or_hopeless():
+    ctl = controller(CollectorRegistry(), control_probe_interval=0)
+    eng = Engine(ctl)
+    for _ in range(200):
+        eng.step(64, 0.05)
+    assert all(eng.step(64, 0.9) == 0 for _ in range(2000))  # never measured again: stays off
+    hopeless = controller(CollectorRegistry(), control_probe_interval=4)
+    assert all(hopeless.steps_for_batch(1000) == 0 for _ in range(100))  # S < 1 even at a = 1: no probes
