@@ -1,0 +1,93 @@
+"""Hot swap in the reference engine: follow the control hash (real redis-server), refuse a corrupt version and
+keep serving, report per-version stats where the operator reads them."""
+
+import pytest
+import redis
+import torch
+
+from tide_sglang import keys
+from tide_sglang.draft import DraftConfig, DraftRegistry, init_draft, select_vocab
+from tide_sglang.draft.target import Target, heads_of, load_target
+from tide_sglang.engine import FixedSteps, SpecEngine
+from tide_sglang.engine.swap import DraftFollower
+from tide_sglang.stream import connect
+from tide_sglang.stream.rollout import ControlState, StatsReporter, read_control, write_control
+
+
+@pytest.fixture(scope="module")
+def target() -> Target:
+    return load_target()
+
+
+def _draft(target: Target, seed: int):
+    torch.manual_seed(seed)
+    heads = heads_of(target.model)
+    config = DraftConfig.from_target(target.model.config, 512, target.aux_layer_ids)
+    vocab = select_vocab(torch.arange(config.vocab_size).flip(0).float(), 512)
+    return init_draft(config, vocab, heads.embed, heads.lm_head, heads.norm)
+
+
+def test_follow_swap_refuse_and_keep_serving(target, settings, tmp_path):
+    client = connect(settings)
+    registry = DraftRegistry(tmp_path / "registry", create=True)
+    v1 = registry.publish(_draft(target, 1)).version
+    v2 = registry.publish(_draft(target, 2), parent=v1).version
+    weights = registry.path(v2) / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF  # a flipped byte on the PVC
+    weights.write_bytes(bytes(data))
+
+    reporter = StatsReporter(client, settings.deployment, interval_s=0)
+    heads = heads_of(target.model)
+    follower = DraftFollower(client, registry, settings.deployment, "stable", heads.embed, reporter=reporter,
+                             poll_s=0)
+    assert follower.poll() is None  # no control key yet: nothing to load
+
+    write_control(client, settings.deployment, ControlState(stable=v1))
+    first = follower.poll()
+    assert first is not None and follower.version == v1
+    engine = SpecEngine(target, draft=first, draft_version=v1, controller=FixedSteps(2))
+
+    write_control(client, settings.deployment, ControlState(stable=v1, canary=v2))
+    assert follower.poll() is None  # stable pods do not follow the canary
+    canary = DraftFollower(client, registry, settings.deployment, "canary", heads.embed, reporter=reporter, poll_s=0)
+    assert canary.poll() is None and v2 in canary.refused
+    assert "sha256" in canary.refused[v2]
+    assert int(client.hget(keys.stats(settings.deployment, v2), "swap_failures")) == 1
+    assert canary.poll() is None  # refused once, never retried in a loop
+    assert int(client.hget(keys.stats(settings.deployment, v2), "swap_failures")) == 1
+
+    ids = [target.tokenizer("The capital of France is").input_ids]
+    out = engine.generate(ids, 6)  # still serving on v1
+    assert len(out[0]) == 6 and engine.draft_version == v1
+
+
+def test_stats_reporter_adds_and_survives_redis_down(redis_server, settings):
+    client = connect(settings)
+    reporter = StatsReporter(client, settings.deployment, interval_s=3600)
+    reporter.add(3, tokens=30, accepted=12, verify_steps=10)
+    reporter.add(3, tokens=3, accepted=1, verify_steps=1)
+    reporter.flush()
+    got = client.hgetall(keys.stats(settings.deployment, 3))
+    assert (int(got[b"tokens"]), int(got[b"accepted"]), int(got[b"verify_steps"])) == (33, 13, 11)
+    assert float(got[b"updated"]) > 0
+    with pytest.raises(ValueError, match="unknown stats fields"):
+        reporter.add(3, tokenz=1)
+
+    redis_server.stop()
+    reporter.add(3, tokens=5, accepted=5, verify_steps=5)
+    reporter.flush()  # logged, kept for later: never raises into the engine
+    redis_server.start()
+    reporter.flush()
+    got = redis.Redis.from_url(redis_server.url).hgetall(keys.stats(settings.deployment, 3))
+    assert int(got[b"tokens"]) == 5  # the restarted (non-persistent) server got the counts kept meanwhile
+
+
+def test_control_state_roles(settings):
+    client = connect(settings)
+    assert read_control(client, settings.deployment) == ControlState()
+    write_control(client, settings.deployment, ControlState(stable=4, canary=5))
+    state = read_control(client, settings.deployment)
+    assert (state.for_role("stable"), state.for_role("canary")) == (4, 5)
+    write_control(client, settings.deployment, ControlState(stable=4))
+    assert read_control(client, settings.deployment).for_role("canary") == 4

@@ -1,0 +1,74 @@
+"""Serve a drift schedule through the reference engine: waves of requests, stats to Redis, hot swaps between steps.
+
+Shared by `tide demo` and `tide bench adapt`, so both measure exactly the same serving loop.
+"""
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+from pydantic import BaseModel
+from transformers import PreTrainedTokenizerBase
+
+from tide_sglang.engine.engine import SpecEngine, StepStats
+from tide_sglang.engine.swap import DraftFollower
+from tide_sglang.stream.rollout import StatsReporter
+from tide_sglang.workloads import PhasePlan
+
+
+class StepRecord(StepStats):
+    t: float  # seconds since serving started, at the end of the step
+    phase: str
+
+
+class ServeOptions(BaseModel):
+    batch_size: int = 8
+    max_new_tokens: int = 64
+    max_prompt_tokens: int = 192
+
+
+def chat_ids(tokenizer: PreTrainedTokenizerBase, text: str, max_prompt_tokens: int) -> list[int]:
+    """The user message, cut to `max_prompt_tokens` tokens, in the target's chat template."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids[:max_prompt_tokens]
+    message = [{"role": "user", "content": tokenizer.decode(ids)}]
+    return list(tokenizer.apply_chat_template(message, add_generation_prompt=True, tokenize=True,
+                                              return_dict=False))
+
+
+def _waves(plan: PhasePlan, size: int) -> Iterator[Sequence]:
+    prompts = plan.prompts
+    for i in range(0, len(prompts), size):
+        yield prompts[i : i + size]
+
+
+def serve(engine: SpecEngine, plans: list[PhasePlan], options: ServeOptions, *,
+          follower: DraftFollower | None = None, reporter: StatsReporter | None = None,
+          on_record: Callable[[StepRecord], None] | None = None) -> list[StepRecord]:
+    """Run every phase in order; returns one record per verify step. Ctrl-C propagates after the current step."""
+    records: list[StepRecord] = []
+    start = time.monotonic()
+    tokenizer = engine.target.tokenizer
+
+    def swap() -> None:
+        if follower is not None and (draft := follower.poll()) is not None:
+            engine.set_draft(draft, follower.version or 0)
+
+    def on_step(stats: StepStats, phase: str) -> None:
+        record = StepRecord(**stats.model_dump(), t=time.monotonic() - start, phase=phase)
+        records.append(record)
+        if reporter is not None and stats.draft_steps:
+            reporter.add(stats.draft_version, tokens=stats.batch_size * stats.draft_steps,
+                         accepted=stats.accepted, verify_steps=stats.batch_size)
+        if on_record is not None:
+            on_record(record)
+        swap()
+
+    swap()
+    for plan in plans:
+        for n, wave in enumerate(_waves(plan, options.batch_size)):
+            ids = [chat_ids(tokenizer, p.text, options.max_prompt_tokens) for p in wave]
+            rids = [f"{plan.phase.name}-{n}-{i}" for i in range(len(wave))]
+            engine.generate(ids, options.max_new_tokens, rids=rids, domain=plan.phase.workload,
+                            on_step=lambda s, name=plan.phase.name: on_step(s, name))
+    if reporter is not None:
+        reporter.flush()
+    return records

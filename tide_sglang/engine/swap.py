@@ -1,0 +1,58 @@
+"""Hot swap for the reference engine: follow the control hash, load verified versions between steps.
+
+A version that fails `DraftRegistry.verify()` (checksum, shapes, vocabulary) is refused once, counted in its
+`swap_failures` stat (the operator rolls a canary back on it) and never retried; the engine keeps serving with
+the weights it has.
+"""
+
+import logging
+import time
+
+import redis
+import torch
+
+from tide_sglang.draft import DraftRegistry, DraftVerificationError, Eagle3Draft
+from tide_sglang.stream.connection import Client
+from tide_sglang.stream.rollout import Role, StatsReporter, read_control
+
+log = logging.getLogger("tide.engine.swap")
+
+
+class DraftFollower:
+    def __init__(self, client: Client, registry: DraftRegistry, deployment: str, role: Role, embed: torch.Tensor,
+                 *, device: str | torch.device = "cpu", reporter: StatsReporter | None = None,
+                 poll_s: float = 0.5) -> None:
+        self.client, self.registry, self.deployment, self.role = client, registry, deployment, role
+        self.embed, self.device, self.reporter, self.poll_s = embed, device, reporter, poll_s
+        self.version: int | None = None
+        self.refused: dict[int, str] = {}  # version -> why
+        self._next = 0.0
+
+    def poll(self) -> Eagle3Draft | None:
+        """The newly named draft, when the control hash names one we have not loaded or refused; else None."""
+        if time.monotonic() < self._next:
+            return None
+        self._next = time.monotonic() + self.poll_s
+        try:
+            wanted = read_control(self.client, self.deployment).for_role(self.role)
+        except redis.RedisError as e:
+            log.warning("cannot read the control key, keeping draft v%s: %s", self.version, e)
+            return None
+        if wanted is None or wanted == self.version or wanted in self.refused:
+            return None
+        return self._load(wanted)
+
+    def _load(self, version: int) -> Eagle3Draft | None:
+        t0 = time.perf_counter()
+        try:
+            draft = self.registry.load(version, self.embed, device=str(self.device))
+        except (DraftVerificationError, OSError, ValueError, KeyError, RuntimeError) as e:
+            self.refused[version] = str(e)
+            log.error("refusing draft v%d, keeping v%s: %s", version, self.version, e)
+            if self.reporter is not None:
+                self.reporter.add(version, swap_failures=1)
+                self.reporter.flush()
+            return None
+        log.info("swapped to draft v%d in %.3f s", version, time.perf_counter() - t0)
+        self.version = version
+        return draft

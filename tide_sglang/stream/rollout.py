@@ -1,0 +1,86 @@
+"""The engines' side of the rollout wiring through Redis (DESIGN.md): read the control hash, add stats.
+
+`tide:{dep}:ctl` (written by the operator): fields `stable` and `canary`, version numbers.
+`tide:{dep}:stats:<version>` (added to by every engine): `tokens` draft tokens verified, `accepted` draft tokens
+accepted, `verify_steps` request verify steps, `swap_failures`, `updated` (unix seconds of the last flush).
+Acceptance rate = accepted / tokens; acceptance length = 1 + accepted / verify_steps.
+"""
+
+import logging
+import time
+from collections import defaultdict
+from typing import Literal
+
+import redis
+from pydantic import BaseModel, ConfigDict
+
+from tide_sglang import keys
+from tide_sglang.stream.connection import Client
+
+log = logging.getLogger("tide.stream.rollout")
+
+Role = Literal["stable", "canary"]
+FIELDS = ("tokens", "accepted", "verify_steps", "swap_failures")
+
+
+class ControlState(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    stable: int | None = None
+    canary: int | None = None
+
+    def for_role(self, role: Role) -> int | None:
+        """Canary pods fall back to stable when no canary runs."""
+        return self.canary if role == "canary" and self.canary is not None else self.stable
+
+
+def read_control(client: Client, deployment: str) -> ControlState:
+    raw = client.hgetall(keys.control(deployment))
+    fields = {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
+    return ControlState(**{f: int(fields[f]) for f in ("stable", "canary") if fields.get(f) not in (None, b"", "")})
+
+
+def write_control(client: Client, deployment: str, state: ControlState) -> None:
+    """What the operator does on promote/rollback; the demo uses it where no operator runs."""
+    key = keys.control(deployment)
+    pipe = client.pipeline()
+    pipe.delete(key)
+    values = {f: v for f, v in state.model_dump().items() if v is not None}
+    if values:
+        pipe.hset(key, mapping=values)
+    pipe.execute()
+
+
+class StatsReporter:
+    """Adds per-version counts to Redis at most every `interval_s`; a Redis failure keeps them for the next try."""
+
+    def __init__(self, client: Client, deployment: str, interval_s: float = 1.0) -> None:
+        self.client, self.deployment, self.interval_s = client, deployment, interval_s
+        self._pending: dict[int, dict[str, int]] = defaultdict(lambda: dict.fromkeys(FIELDS, 0))
+        self._last = 0.0
+
+    def add(self, version: int, **counts: int) -> None:
+        unknown = set(counts) - set(FIELDS)
+        if unknown:
+            raise ValueError(f"unknown stats fields {sorted(unknown)}; known: {FIELDS}")
+        for name, n in counts.items():
+            self._pending[version][name] += n
+        if time.monotonic() - self._last >= self.interval_s:
+            self.flush()
+
+    def flush(self) -> None:
+        self._last = time.monotonic()
+        if not self._pending:
+            return
+        pipe = self.client.pipeline()
+        for version, counts in self._pending.items():
+            key = keys.stats(self.deployment, version)
+            for name, n in counts.items():
+                if n:
+                    pipe.hincrby(key, name, n)
+            pipe.hset(key, "updated", f"{time.time():.3f}")
+        try:
+            pipe.execute()
+            self._pending.clear()
+        except redis.RedisError as e:
+            log.warning("could not add acceptance stats to Redis (kept for the next flush): %s", e)
