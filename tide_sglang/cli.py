@@ -48,10 +48,23 @@ def bench(name: str, quick: bool, as_json: bool, out: Path, check: bool) -> None
 
 
 @main.command()
-@click.pass_context
-def demo(ctx: click.Context) -> None:
-    """Run the main job on the embedded default (for now: the stream benchmark)."""
-    ctx.invoke(bench, name="stream", quick=False, as_json=False, out=Path("runs/bench"), check=False)
+@click.option("--schedule", default="writing:48,code:48,math:48,french:48", show_default=True,
+              help="Drift schedule: workload:requests,... (workloads: writing, code, math, chat, french, german).")
+@click.option("--batch-size", type=click.IntRange(1, 64), default=8, show_default=True, help="Requests per wave.")
+@click.option("--max-new-tokens", type=click.IntRange(1, 1024), default=64, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same prompts and report.")
+@click.option("--target", default="smollm2-135m", show_default=True, help="Target checkpoint dir or smollm2-135m.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Report directory [runs/<timestamp>].")
+def demo(out: Path | None, **options: object) -> None:
+    """Serve a drifting workload from a cold draft while a trainer learns it online; hot-swap versions as they
+    are published; write runs/<timestamp>/report.{md,json} and plot.png. Ctrl-C stops and still reports."""
+    from tide_sglang.demo.run import DemoOptions, default_out, run_demo
+
+    console = Console()
+    opts = DemoOptions(out=out or default_out(), **options)
+    summary = run_demo(opts, console)
+    console.print(f"report: {opts.out / 'report.md'} (plot: {opts.out / 'plot.png'}); "
+                  f"{summary.total_tokens} tokens, published {summary.published or 'nothing'}")
 
 
 main.add_command(importlib.import_module("tide_sglang.trainer.cli").train)
