@@ -163,7 +163,7 @@ class DraftTrainer:
 
     def _store(self, chunk: Chunk) -> None:
         # Whole requests are held out (by a hash of their id), so no held-out row was trained on.
-        if xxhash.xxh3_64_intdigest(chunk.rid) % 10_000 < self.s.train_heldout_fraction * 10_000:
+        if xxhash.xxh3_64_intdigest(chunk.rid.encode()) % 10_000 < self.s.train_heldout_fraction * 10_000:
             self.heldout.append(chunk)
         else:
             self.replay.add(chunk)

@@ -1,0 +1,155 @@
+"""The trainer against real parts: SmolLM2-135M hidden states, written by StreamWriter into a real redis-server."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from tide_sglang import keys
+from tide_sglang.bench.traffic import cached_generate, capture, prompts
+from tide_sglang.capture import CaptureBatch
+from tide_sglang.cli import main
+from tide_sglang.draft import DraftRegistry
+from tide_sglang.draft.target import Target, heads_of, load_target
+from tide_sglang.settings import TideSettings
+from tide_sglang.stream import StreamReader, StreamWriter, connect
+from tide_sglang.trainer import DraftTrainer
+from tide_sglang.trainer.cli import train
+
+SMALL = {"train_chunk_len": 16, "train_batch_chunks": 8, "train_ttt_steps": 3, "train_lr": 2e-3,
+         "train_draft_vocab_size": 512, "train_vocab_warmup_rows": 300, "train_heldout_fraction": 0.25,
+         "train_min_heldout_rows": 20, "train_publish_margin": 0.02, "train_device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Target:
+    return load_target()
+
+
+@pytest.fixture(scope="module")
+def traffic(smollm2: Target) -> list[CaptureBatch]:
+    """24 greedy SmolLM2 completions (cached on disk after the first run), cut into verify-step entries."""
+    sequences = cached_generate(smollm2, prompts(24), max_new=40)
+    return capture(smollm2, sequences, [f"req-{i}" for i in range(len(sequences))], rows_per_step=4)
+
+
+def _write(settings: TideSettings, batches: list[CaptureBatch]) -> None:
+    with StreamWriter(lambda: connect(settings), keys.hidden_states(settings.deployment)) as writer:
+        for b in batches:
+            assert writer.submit(b)
+        assert writer.flush()
+        assert writer.stats.sent_entries == len(batches)
+
+
+def _trainer(settings: TideSettings, registry: Path, smollm2: Target, consumer: str = "t1") -> DraftTrainer:
+    reader = StreamReader(connect(settings), keys.hidden_states(settings.deployment),
+                          keys.dead_letter(settings.deployment), consumer, block_ms=50)
+    return DraftTrainer(settings, DraftRegistry(registry, create=True), reader, heads_of(smollm2.model))
+
+
+def _drain(trainer: DraftTrainer, rows: int) -> None:
+    for _ in range(200):
+        if trainer.ingested_rows >= rows:
+            return
+        trainer.poll()
+    raise AssertionError(f"ingested {trainer.ingested_rows} of {rows} rows")
+
+
+def test_trainer_learns_from_the_stream_and_publishes(settings: TideSettings, smollm2: Target,
+                                                      traffic: list[CaptureBatch], tmp_path: Path) -> None:
+    settings = settings.model_copy(update=SMALL)
+    _write(settings, traffic)
+    trainer = _trainer(settings, tmp_path / "reg", smollm2)
+    _drain(trainer, sum(b.num_tokens for b in traffic))
+    trainer.checkpoint = lambda: None  # no checkpoint dir in this test
+    assert trainer.draft is not None and trainer.draft.config.draft_vocab_size == 512
+
+    first = trainer.evaluate()  # the untrained draft against itself: nothing to publish
+    assert first.candidate.accept_length == first.deployed.accept_length and not first.decision.publish
+    for _ in range(40):
+        trainer.train_step()
+    report = trainer.evaluate()
+    assert report.candidate.rows == first.candidate.rows >= 20
+    assert report.candidate.accept_length > first.candidate.accept_length + 0.1, report
+    assert report.published == 1, report.decision.reason
+    manifest = trainer.registry.verify(1).manifest
+    assert manifest.parent is None and manifest.metrics.accept_length == report.candidate.accept_length
+    assert manifest.metrics.parent_accept_length == first.candidate.accept_length
+    events = connect(settings).xrange(keys.events(settings.deployment))
+    assert [e[1][b"version"] for e in events] == [b"1"]
+    again = trainer.evaluate()  # now v1 is the deployed version: the same weights do not publish again
+    assert again.deployed_version == 1 and not again.decision.publish
+
+
+def test_restarted_trainer_resumes_without_losing_acked_work(settings: TideSettings, smollm2: Target,
+                                                             traffic: list[CaptureBatch], tmp_path: Path) -> None:
+    settings = settings.model_copy(update={**SMALL, "train_checkpoint_dir": tmp_path / "ckpt"})
+    half = len(traffic) // 2
+    _write(settings, traffic[:half])
+    a = _trainer(settings, tmp_path / "reg", smollm2, consumer="pod-a")
+    _drain(a, sum(b.num_tokens for b in traffic[:half]))
+    for _ in range(2):
+        a.train_step()
+    a.checkpoint()  # acks everything read so far
+    saved_rows = len(a.replay) + len(a.heldout)
+    client = connect(settings)
+    assert a.reader.pending() == 0
+    _write(settings, traffic[half:])
+    a.poll()  # read (not acked) ...
+    assert a.reader.pending() > 0
+    weights = {k: v.clone() for k, v in a.draft.state_dict().items()}
+    del a  # ... then the trainer dies without a checkpoint
+
+    b = _trainer(settings, tmp_path / "reg", smollm2, consumer="pod-a")
+    assert b.state.steps == 2 and len(b.replay) + len(b.heldout) == saved_rows
+    for name, t in b.draft.state_dict().items():
+        assert torch.equal(t, weights[name]), name
+    _drain(b, sum(b_.num_tokens for b_ in traffic))  # its pending entries are delivered again, then the rest
+    assert b.ingested_rows == sum(x.num_tokens for x in traffic)  # nothing lost, nothing counted twice
+    b.train_step()  # the restored AdamW state steps on
+    b.checkpoint()
+    assert b.reader.pending() == 0 and client.xinfo_groups(keys.hidden_states("test"))[0]["lag"] == 0
+
+
+def test_trainer_refuses_a_vocabulary_change_in_a_lineage(settings: TideSettings, smollm2: Target,
+                                                          traffic: list[CaptureBatch], tmp_path: Path) -> None:
+    settings = settings.model_copy(update=SMALL)
+    _write(settings, traffic[:6])
+    trainer = _trainer(settings, tmp_path / "reg", smollm2)
+    _drain(trainer, sum(b.num_tokens for b in traffic[:6]))
+    trainer.registry.publish(trainer.draft)
+    env = {"TIDE_REDIS_URL": settings.redis_url, "TIDE_DEPLOYMENT": "test", "TIDE_TRAIN_DRAFT_VOCAB_SIZE": "1024",
+           "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-m", "tide_sglang.cli", "train", "--registry", str(tmp_path / "reg")],
+                            capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1], timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("tide train: error: TIDE_TRAIN_DRAFT_VOCAB_SIZE=1024")
+    assert "fixed within a lineage" in result.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ([], "no draft registry"),
+    (["--registry", "/nonexistent/registry"], "does not exist"),
+    (["--registry", "{tmp}", "--redis-url", "redis://127.0.0.1:1/0"], "cannot reach Redis"),
+    (["--registry", "{tmp}", "--redis-url", "http://x"], "invalid setting redis_url"),
+])
+def test_tide_train_bad_settings_give_one_error_line(args: list[str], message: str, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("TIDE_REGISTRY_DIR", "TIDE_REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = CliRunner().invoke(main, ["train", *argv])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tide train: error:") and message in lines[0], result.stderr
+
+
+def test_tide_train_help_documents_every_option() -> None:
+    result = CliRunner().invoke(train, ["--help"])
+    assert result.exit_code == 0
+    for param in train.params:
+        assert param.help, f"--{param.name} has no help text"
+        assert param.opts[0] in result.output
