@@ -28,6 +28,19 @@ class TideSettings(BaseSettings):
     stream_budget_mib: int = Field(1024, gt=0, description="Redis memory the stream may hold (MAXLEN ~)")
     stream_queue_entries: int = Field(64, gt=0, description="writer queue; a full queue drops, never blocks")
 
+    # SGLang plugin (tide_sglang/plugin, docs/sglang.md).
+    role: Literal["stable", "canary"] = Field("stable", description="rollout role: the ctl field this pod loads")
+    capture_sample_rate: float = Field(1.0, ge=0, le=1, description="share of requests whose rows are captured")
+    capture_max_acceptance: float = Field(
+        1.0, ge=0, le=1, description="hard-example filter: skip a request's step whose acceptance is above this")
+    capture_ring_slots: int = Field(8, ge=1, description="host buffers in flight; all busy: drop and count")
+    capture_ring_rows: int = Field(8192, ge=1, description="rows per host buffer (batch x draft tokens)")
+    stats_flush_s: float = Field(5.0, gt=0, description="how often acceptance counts go to the stats hash")
+    swap_poll_s: float = Field(5.0, gt=0, description="how often the control key is read for a new version")
+    swap_allow_vocab_change: bool = Field(
+        False, description="accept a version whose d2t differs (hot_token_id is then copied in place)")
+    sync_interval_batches: int = Field(16, ge=1, description="batches between TP-rank agreements (swap, steps)")
+
     # Draft registry and online trainer (tide_sglang/draft, tide_sglang/trainer, docs/trainer.md).
     registry_dir: Path | None = Field(None, description="draft registry directory (a PVC in production)")
     registry_keep_last: int = Field(10, ge=1, description="versions gc() keeps besides the stable/canary ones")

@@ -1,0 +1,33 @@
+"""The SGLang plugin: capture, hot-swap and speculation-control hooks (docs/sglang.md).
+
+Registered through the `sglang.srt.plugins` entry point, so `load_plugins()` calls `register()` first thing in
+every SGLang process (scheduler processes included). This package is the only part of TIDE that imports SGLang,
+and it does so only when `register()` runs, so `tide --help` works without SGLang installed.
+"""
+
+import logging
+
+from tide_sglang.plugin import versions
+
+log = logging.getLogger("tide.plugin")
+
+
+def register() -> None:
+    """Entry point: check the SGLang version, register and apply every hook, check each was patched.
+
+    SGLang's loader logs and swallows exceptions from plugins, which would leave a server running without TIDE
+    while the operator believes it has it; so a failure here exits the process (SystemExit is not caught).
+    """
+    try:
+        version = versions.check(versions.installed())
+    except versions.UnsupportedSGLang as e:
+        log.critical("%s", e)
+        raise SystemExit(f"tide plugin: {e}") from e
+    from tide_sglang.plugin.hooks import HOOKS, PluginPatchError, install
+
+    try:
+        install(HOOKS, version)
+    except PluginPatchError as e:
+        log.critical("%s", e)
+        raise SystemExit(f"tide plugin: {e}") from e
+    log.info("TIDE hooks active on SGLang %s", version)

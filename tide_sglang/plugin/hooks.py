@@ -1,0 +1,228 @@
+"""The hook functions on SGLang's targets (targets.py) and the per-process runtime they share. Imports SGLang.
+
+Capture hooks never fail a batch: an error is logged and counted as a drop. The sync hook is not guarded: a copy
+that fails after all ranks agreed would leave ranks serving different drafts, so it stops the engine instead.
+"""
+
+import functools
+import logging
+import pkgutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+from tide_sglang import keys
+from tide_sglang.draft.registry import MANIFEST, DraftRegistry, Manifest
+from tide_sglang.plugin import targets
+from tide_sglang.plugin.capture import Capturer
+from tide_sglang.plugin.metrics import AcceptanceStats, PluginMetrics
+from tide_sglang.plugin.runtime import Runtime
+from tide_sglang.plugin.speculation import StepDecider, StepTable
+from tide_sglang.plugin.swap import SwapRefused, baseline_from_dir
+from tide_sglang.plugin.swapper import DraftHandle, Swapper
+from tide_sglang.settings import TideSettings
+from tide_sglang.stream import StreamWriter, connect
+
+log = logging.getLogger("tide.plugin")
+
+_runtime: Runtime | None = None
+_decider: StepDecider | None = None
+
+
+class PluginPatchError(RuntimeError):
+    """A hook target was not patched; the message names the targets and the SGLang version."""
+
+
+def set_step_decider(decider: StepDecider | None) -> None:
+    """Install the controller whose decisions override SGLang's adaptive steps (before the first batch)."""
+    global _decider
+    _decider = decider
+
+
+def get_runtime(draft_worker: Any) -> Runtime:
+    """The process's runtime, built on the first hook call (inside the scheduler process, after spawn)."""
+    global _runtime
+    if _runtime is None:
+        _runtime = build_runtime(TideSettings(), draft_worker)
+    return _runtime
+
+
+def reset_runtime() -> None:
+    """Close and forget the runtime (the next hook call builds a new one from the environment)."""
+    global _runtime
+    if _runtime is not None:
+        _runtime.close()
+    _runtime = None
+
+
+def _is_publisher() -> bool:
+    """Attention-TP rank 0 of the last pipeline stage; a process without torch.distributed is alone."""
+    if not dist.is_initialized():
+        return True
+    from sglang.srt.runtime_context import get_parallel
+
+    parallel = get_parallel()
+    return parallel.attn_tp_rank == 0 and parallel.pp_group.is_last_rank
+
+
+def _all_reduce_min(vector: torch.Tensor) -> None:
+    if not dist.is_initialized():
+        return
+    from sglang.srt.runtime_context import get_parallel
+
+    group = get_parallel().tp_group.cpu_group  # gloo: the vector stays on the host, no CUDA sync
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(vector, op=dist.ReduceOp.MIN, group=group)
+
+
+def build_runtime(settings: TideSettings, draft_worker: Any) -> Runtime:
+    """`draft_worker`: SGLang's EagleDraftWorker, None on pipeline stages that do not host the draft."""
+    metrics = PluginMetrics(settings.deployment)
+    client = connect(settings, check=False)  # lazy: connects on first command, from a background thread
+    stats = AcceptanceStats(settings.deployment, lambda: client)
+    capturer = None
+    if draft_worker is not None and _is_publisher():
+        writer = StreamWriter(lambda: connect(settings, check=False), keys.hidden_states(settings.deployment),
+                              budget_bytes=settings.stream_budget_mib << 20,
+                              queue_entries=settings.stream_queue_entries)
+        capturer = Capturer(settings, writer, metrics, stats, _aux_layers(draft_worker.draft_runner.model),
+                            str(draft_worker.device))
+    swapper = _swapper(settings, draft_worker, metrics, stats if capturer is not None else None, client)
+    if swapper is not None and capturer is not None:
+        capturer.version = swapper.current
+    steps = StepTable(_decider) if _decider is not None else None
+    return Runtime(settings, metrics, capturer, swapper, steps, _all_reduce_min)
+
+
+def _aux_layers(model: Any) -> int:
+    """K: target layers the EAGLE-3 draft fuses (SGLang resolved it into its LlamaModel)."""
+    return int(getattr(getattr(model, "model", None), "num_aux_hidden_states", 3))
+
+
+def _swapper(settings: TideSettings, draft_worker: Any, metrics: PluginMetrics, stats: AcceptanceStats | None,
+             client: Any) -> Swapper | None:
+    if settings.registry_dir is None or draft_worker is None:
+        return None
+    path = Path(draft_worker.server_args.speculative_draft_model_path)
+    try:
+        baseline = baseline_from_dir(path)
+        registry = DraftRegistry(settings.registry_dir)
+    except (SwapRefused, OSError) as e:
+        log.error("hot-swap disabled: %s", e)
+        return None
+    manifest = path / MANIFEST
+    version = Manifest.model_validate_json(manifest.read_bytes()).version if manifest.is_file() else 0
+    model = draft_worker.draft_runner.model
+    hot = {id(t): t for t in (draft_worker.hot_token_id, model.hot_token_id) if t is not None}
+    handle = DraftHandle(load_weights=model.load_weights, param_names=[n for n, _ in model.named_parameters()],
+                         shared={"lm_head.weight"} if getattr(model, "load_lm_head_from_target", False) else set(),
+                         hot_token_ids=list(hot.values()), pin=torch.cuda.is_available())
+    swapper = Swapper(registry, baseline, handle, version, role=settings.role, deployment=settings.deployment,
+                      client=lambda: client, metrics=metrics, stats=stats,
+                      allow_vocab_change=settings.swap_allow_vocab_change)
+    swapper.start(settings.swap_poll_s)
+    return swapper
+
+
+def _guarded(fn: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            fn(*args, **kwargs)
+        except Exception:
+            log.exception("TIDE %s failed; the batch goes on without it", fn.__name__)
+            if _runtime is not None and _runtime.capturer is not None:
+                _runtime.capturer.drop("hook_error")
+
+    return wrapper
+
+
+# -- hooks (signatures: HookRegistry's BEFORE fn(*args), AFTER fn(result, *args), AROUND fn(original, *args)) ---
+
+
+@_guarded
+def after_verify(result: Any, worker: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
+    rt = get_runtime(worker.draft_worker)
+    if rt.capturer is not None and not batch.forward_mode.is_idle():
+        nd = result.speculative_num_draft_tokens or worker.speculative_num_draft_tokens
+        rt.capturer.on_verify(batch, result, nd)
+
+
+@_guarded
+def before_prefill(draft_worker: Any, batch: Any, target_hidden_states: torch.Tensor, next_token_ids: torch.Tensor,
+                   *args: Any, **kwargs: Any) -> None:
+    rt = get_runtime(draft_worker)
+    if rt.capturer is not None and not batch.forward_mode.is_idle():
+        rt.capturer.on_prefill(batch, target_hidden_states, next_token_ids)
+
+
+@_guarded
+def before_commit(processor: Any, batch: Any, result: Any, *args: Any, **kwargs: Any) -> None:
+    if _runtime is not None and _runtime.capturer is not None:
+        _runtime.capturer.on_commit(batch, result)
+
+
+def before_forward(worker: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
+    draft_worker = worker.draft_worker
+    if draft_worker is None:  # this pipeline stage hosts no draft: nothing to swap or steer
+        return
+    controller = worker.adaptive_controller
+    slots = None
+    if controller is not None:
+        slots = {bs: list(slot.candidate_steps) for bs, slot in controller.params._slots.items()}
+    get_runtime(draft_worker).sync(slots)
+
+
+def around_steps(original: Callable[..., int], params: Any, batch_size: int, *args: Any, **kwargs: Any) -> int:
+    default = original(params, batch_size, *args, **kwargs)
+    if _runtime is None or _runtime.steps is None:
+        return default
+    slot = params._route(batch_size)
+    key = next(bs for bs, s in params._slots.items() if s is slot)
+    agreed = _runtime.steps.steps(key)
+    return default if agreed is None else agreed
+
+
+HOOKS: tuple[tuple[targets.Target, Callable[..., Any]], ...] = (
+    (targets.VERIFY, after_verify),
+    (targets.PREFILL, before_prefill),
+    (targets.COMMIT, before_commit),
+    (targets.FORWARD, before_forward),
+    (targets.STEPS, around_steps),
+)
+
+
+def is_patched(path: str, hook: Callable[..., Any]) -> bool:
+    """Whether the function at `path` is a HookRegistry wrapper chain that calls `hook`."""
+    obj_path, attr = path.rsplit(".", 1)
+    fn = pkgutil.resolve_name(obj_path).__dict__.get(attr)
+    fn = getattr(fn, "__func__", fn)  # classmethod/staticmethod wrappers
+    while fn is not None:
+        if any(cell.cell_contents is hook for cell in getattr(fn, "__closure__", None) or ()):
+            return True
+        fn = getattr(fn, "__wrapped__", None)
+    return False
+
+
+def install(hooks: tuple[tuple[targets.Target, Callable[..., Any]], ...], sglang_version: str) -> None:
+    """Register and apply `hooks`; raise `PluginPatchError` naming every target that was not patched
+    (`apply_hooks` only logs a failure, and a silently missing hook would serve without TIDE)."""
+    for target, hook in hooks:
+        if not is_patched(target.path, hook):
+            HookRegistry.register(target.path, hook, HookType[target.hook_type])
+    HookRegistry.apply_hooks()
+    missing = [t.path for t, hook in hooks if not _safe_is_patched(t.path, hook)]
+    if missing:
+        raise PluginPatchError(f"TIDE could not patch SGLang {sglang_version}: {missing} (supported SGLang: "
+                               "see docs/sglang.md); refusing to serve without its hooks")
+
+
+def _safe_is_patched(path: str, hook: Callable[..., Any]) -> bool:
+    try:
+        return is_patched(path, hook)
+    except (ImportError, AttributeError, ValueError):
+        return False

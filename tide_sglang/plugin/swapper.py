@@ -1,0 +1,115 @@
+"""`Swapper`: the stateful side of hot-swap (swap.py holds the checks). One per scheduler process."""
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from tide_sglang import keys
+from tide_sglang.draft.registry import DraftRegistry, DraftVerificationError
+from tide_sglang.plugin.metrics import AcceptanceStats, PluginMetrics
+from tide_sglang.plugin.swap import Baseline, SwapPlan, SwapRefused, apply_swap, desired_version, plan_swap, uncovered
+from tide_sglang.stream.connection import Client
+
+log = logging.getLogger("tide.plugin.swap")
+
+
+class DraftHandle(BaseModel):
+    """What the swap touches in the engine, taken from SGLang's draft worker by the hooks."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+
+    load_weights: Callable[[list[tuple[str, torch.Tensor]]], None]
+    param_names: list[str]
+    shared: set[str]  # parameters that are the target's tensors
+    hot_token_ids: list[torch.Tensor]  # every copy of hot_token_id the draft graphs read
+    pin: bool  # stage in pinned memory (CUDA): the copy between batches is then a fast H2D
+
+
+class Swapper:
+    def __init__(self, registry: DraftRegistry, baseline: Baseline, handle: DraftHandle, version: int, *,
+                 role: str, deployment: str, client: Callable[[], Client], metrics: PluginMetrics,
+                 stats: AcceptanceStats | None, allow_vocab_change: bool = False) -> None:
+        self.registry, self.baseline, self.handle = registry, baseline, handle
+        self.current = version
+        self.role, self.deployment, self._client = role, deployment, client
+        self.metrics, self.stats = metrics, stats
+        self.allow_vocab_change = allow_vocab_change
+        self.staged: SwapPlan | None = None
+        self.failed: dict[int, str] = {}  # refused versions, never retried (a new version gets a new number)
+        self._stop = threading.Event()
+        metrics.version.labels(deployment=deployment).set(version)
+
+    # -- stager (background thread) ------------------------------------------------------------------------
+
+    def start(self, poll_s: float) -> threading.Thread:
+        thread = threading.Thread(target=self._poll, args=(poll_s,), name="tide-swap-stager", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _poll(self, poll_s: float) -> None:
+        while not self._stop.wait(poll_s):
+            try:
+                ctl = self._client().hgetall(keys.control(self.deployment))
+            except Exception as e:  # Redis down: keep serving the loaded version, try again next poll
+                log.warning("cannot read the control key: %s", e)
+                continue
+            wanted = desired_version(ctl, self.role)
+            if wanted is not None:
+                self.stage(wanted)
+
+    def stage(self, version: int) -> SwapPlan | None:
+        """Verify, load and check `version` (idempotent); on any failure keep the old weights and report."""
+        if version == self.current or version in self.failed:
+            return None
+        if self.staged is not None and self.staged.version == version:
+            return self.staged
+        try:
+            verified, tensors = self.registry.load_tensors(version)
+            plan = plan_swap(version, tensors, self.baseline, allow_vocab_change=self.allow_vocab_change)
+            if missing := uncovered(self.handle.param_names, tensors, self.handle.shared):
+                raise SwapRefused(f"draft v{version} leaves draft parameters without weights: {missing}")
+            if self.handle.pin:
+                plan = plan.model_copy(update={"weights": {n: t.pin_memory() for n, t in plan.weights.items()}})
+        except (DraftVerificationError, SwapRefused, OSError, ValueError) as e:
+            self._refuse(version, e)
+            return None
+        self.staged = plan
+        log.info("draft v%d staged (%s): waiting for every rank at the next sync point", version, verified.path)
+        return plan
+
+    def _refuse(self, version: int, error: Exception) -> None:
+        self.failed[version] = f"{type(error).__name__}: {error}"
+        log.error("draft v%d refused, keeping v%d: %s", version, self.current, error)
+        self.metrics.swap_failures.labels(**self.metrics.labels(version)).inc()
+        if self.stats is not None:  # only the publishing rank reports, so TP ranks do not multiply counts
+            self.stats.add(version, swap_failures=1)
+
+    # -- sync point (scheduler thread, between batches) ----------------------------------------------------
+
+    def local_version(self) -> int:
+        staged = self.staged
+        return staged.version if staged is not None else self.current
+
+    def apply_agreed(self, agreed: int | None) -> bool:
+        """Copy the staged version when every rank agreed on it. A copy that fails after agreement cannot be
+        undone on one rank alone (ranks would serve different drafts), so it raises."""
+        staged = self.staged
+        if agreed is None or staged is None or agreed != staged.version or agreed == self.current:
+            return False
+        start = time.perf_counter()
+        apply_swap(staged, self.handle.load_weights, self.handle.hot_token_ids)
+        seconds = time.perf_counter() - start
+        log.info("draft v%d -> v%d copied in place in %.1f ms", self.current, agreed, seconds * 1e3)
+        self.current, self.staged = agreed, None
+        labels = self.metrics.labels(agreed)
+        self.metrics.swaps.labels(**labels).inc()
+        self.metrics.swap_seconds.labels(**labels).observe(seconds)
+        self.metrics.version.labels(deployment=self.deployment).set(agreed)
+        return True

@@ -1,0 +1,33 @@
+"""The SGLang functions the plugin hooks: dotted path, hook type, and the leading parameters each hook reads.
+
+The contract tests check every path resolves and its signature starts with these parameters; `register()`
+checks each was patched after `HookRegistry.apply_hooks()` (which only logs failures).
+"""
+
+from dataclasses import dataclass
+
+_EAGLE = "sglang.srt.speculative.eagle_worker_v2"
+
+
+@dataclass(frozen=True)
+class Target:
+    path: str
+    hook_type: str  # a HookType member name
+    params: tuple[str, ...]  # leading parameters, in order, that the hook reads positionally or by name
+    why: str
+
+
+VERIFY = Target(f"{_EAGLE}.EAGLEWorkerV2.verify", "AFTER", ("self", "batch"),
+                "capture: the verify result holds hidden states, next tokens and accept lengths")
+PREFILL = Target(f"{_EAGLE}.EagleDraftWorker._draft_extend_for_prefill", "BEFORE",
+                 ("self", "batch", "target_hidden_states", "next_token_ids"),
+                 "capture: prompt rows, from the target's full hidden states of an extend")
+COMMIT = Target("sglang.srt.managers.scheduler_components.batch_result_processor."
+                "SchedulerBatchResultProcessor.process_batch_result_decode", "BEFORE", ("self", "batch", "result"),
+                "capture: which requests commit this result (overlap scheduling re-runs finished ones)")
+FORWARD = Target(f"{_EAGLE}.EAGLEWorkerV2.forward_batch_generation", "BEFORE", ("self", "batch"),
+                 "between batches: ranks agree on a staged draft version and on the step table")
+STEPS = Target("sglang.srt.speculative.adaptive_spec_params.AdaptiveSpeculativeParams.get_steps_for_batch",
+               "AROUND", ("self", "batch_size"), "speculation control: the agreed TIDE decision overrides steps")
+
+ALL = (VERIFY, PREFILL, COMMIT, FORWARD, STEPS)
