@@ -1,0 +1,88 @@
+"""`tide serve`: SGLang's server with the TIDE plugin and TIDE's settings; SGLang's arguments pass unchanged.
+
+TIDE adds only what is absent: EAGLE-3 with topk 1, adaptive speculation whose candidate steps include 0 (so the
+controller can switch speculation off), metrics, and the registry's newest draft when no draft path is given.
+TIDE's own settings come from TIDE_* variables (TideSettings), never from SGLang's flags.
+"""
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from tide_sglang.plugin import versions
+from tide_sglang.settings import TideSettings
+
+# Batch-size slots of SGLang's adaptive config: each gets every candidate, so TIDE's decision can differ by size.
+SLOTS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def adaptive_config(candidates: list[int]) -> dict[str, dict]:
+    steps = sorted({0, *candidates})
+    return {str(bs): {"candidate_steps": steps} for bs in SLOTS}
+
+
+def _has(argv: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def serve_argv(argv: list[str], *, candidates: list[int], config_path: Path, draft_path: Path | None) -> list[str]:
+    """SGLang's argv: the user's, unchanged and first, plus TIDE's defaults for what the user did not set."""
+    defaults = [("--speculative-algorithm", "EAGLE3"), ("--speculative-eagle-topk", "1"),
+                ("--speculative-adaptive-config", str(config_path))]
+    if draft_path is not None:
+        defaults.append(("--speculative-draft-model-path", str(draft_path)))
+    extra = [x for flag, value in defaults if not _has(argv, flag) for x in (flag, value)]
+    extra += [flag for flag in ("--speculative-adaptive", "--enable-metrics") if not _has(argv, flag)]
+    if not _has(argv, "--speculative-adaptive-config"):
+        config_path.write_text(json.dumps(adaptive_config(candidates)))
+    return [*argv, *extra]
+
+
+def _steps(text: str) -> list[int]:
+    try:
+        steps = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of step counts") from None
+    if not steps or min(steps) < 0:
+        raise click.BadParameter("candidate steps must be non-negative integers")
+    return steps
+
+
+@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                 "help_option_names": []})
+@click.option("--tide-candidate-steps", default="0,1,2,3,5", show_default=True,
+              help="Draft steps SGLang prepares CUDA graphs for; 0 (speculation off) is always added.")
+@click.option("--tide-dry-run", is_flag=True, help="Print SGLang's command line instead of starting it.")
+@click.argument("sglang_args", nargs=-1, type=click.UNPROCESSED)
+def serve(tide_candidate_steps: str, tide_dry_run: bool, sglang_args: tuple[str, ...]) -> None:
+    """Start SGLang's server with the TIDE plugin (capture, hot-swap, speculation control).
+
+    Every argument not starting with --tide- goes to SGLang unchanged (`tide serve --help` shows SGLang's help).
+    """
+    try:
+        versions.check(versions.installed())
+    except versions.UnsupportedSGLang as e:
+        raise click.ClickException(str(e)) from None
+    settings = TideSettings()  # fail here, before SGLang starts, on a bad TIDE_* variable
+    argv = list(sglang_args)
+    draft = None
+    if settings.registry_dir is not None and not _has(argv, "--speculative-draft-model-path"):
+        from tide_sglang.draft.registry import DraftRegistry
+
+        registry = DraftRegistry(settings.registry_dir)
+        latest = registry.latest()
+        draft = registry.path(latest) if latest is not None else None
+    config = Path(tempfile.gettempdir()) / f"tide-adaptive-{os.getpid()}.json"
+    command = [sys.executable, "-m", "sglang.launch_server",
+               *serve_argv(argv, candidates=_steps(tide_candidate_steps), config_path=config, draft_path=draft)]
+    plugins = os.environ.get("SGLANG_PLUGINS")
+    if plugins and "tide" not in plugins.split(","):
+        os.environ["SGLANG_PLUGINS"] = plugins + ",tide"  # a whitelist without TIDE would skip the plugin
+    if tide_dry_run:
+        click.echo(" ".join(command))
+        return
+    os.execv(sys.executable, command)
