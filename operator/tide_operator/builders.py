@@ -1,0 +1,267 @@
+"""Child manifests of a TideDeployment, as plain dicts (pure: no API calls).
+
+Inference runs as two Deployments behind one Service: `<name>-stable` and `<name>-canary`. A pod's role
+(`TIDE_ROLE`) is fixed by its Deployment; the draft version it loads comes from the Redis control hash, so a
+promotion or rollback changes no pod template and restarts nothing; only the replica split moves.
+The trainer Deployment runs on the training pool, selected by its own GPU node labels.
+"""
+
+from typing import Any
+
+from tide_operator.models import API_VERSION, DraftVersionSpec, Placement, RedisSpec, Resources, TideDeploymentSpec
+
+Manifest = dict[str, Any]
+
+REDIS_PORT = 6379
+# Variables the operator sets itself; a pool's `env` may not override them (status.check says so).
+RESERVED_ENV = frozenset({"TIDE_DEPLOYMENT", "TIDE_ROLE", "TIDE_REDIS_URL", "TIDE_REDIS_PASSWORD",
+                          "TIDE_REDIS_CLUSTER", "TIDE_TARGET", "TIDE_REGISTRY_DIR", "TIDE_REGISTRY_URL",
+                          "TIDE_TRIGGER_SHORT_ALPHA", "TIDE_TRIGGER_LONG_ALPHA", "TIDE_TRIGGER_EPSILON",
+                          "TIDE_TRAIN_GATE"})
+MODEL_MOUNT = "/models"
+
+
+def labels(name: str, component: str, role: str | None = None) -> dict[str, str]:
+    out = {"app.kubernetes.io/name": "tide", "app.kubernetes.io/instance": name,
+           "app.kubernetes.io/component": component, "app.kubernetes.io/managed-by": "tide-operator",
+           "tide.dev/deployment": name}
+    return out | ({"tide.dev/role": role} if role else {})
+
+
+def _meta(name: str, namespace: str, owner: str, component: str, role: str | None = None) -> Manifest:
+    return {"name": name, "namespace": namespace, "labels": labels(owner, component, role)}
+
+
+def replica_split(spec: TideDeploymentSpec, canary_active: bool) -> tuple[int, int]:
+    """(stable, canary) pods. The canary takes pods from stable but never the last one: with one replica
+    the canary pod is a surge, so stable keeps serving (and keeps a baseline to compare against)."""
+    if not canary_active:
+        return spec.inference.replicas, 0
+    r = spec.rollout
+    total = spec.inference.replicas
+    canary = max(1, -(-total * r.canary_percent // 100)) if r.canary_percent else r.canary_replicas
+    return max(1, total - canary), canary
+
+
+def redis_url_env(name: str, namespace: str, redis: RedisSpec) -> Manifest:
+    """TIDE_REDIS_URL as a literal, a Secret reference, or the managed Redis Service."""
+    if redis.url_secret_ref is not None:
+        ref = redis.url_secret_ref
+        return {"name": "TIDE_REDIS_URL", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+    return {"name": "TIDE_REDIS_URL", "value": redis.url or managed_redis_url(name, namespace)}
+
+
+def managed_redis_url(name: str, namespace: str) -> str:
+    return f"redis://{name}-redis.{namespace}.svc:{REDIS_PORT}/0"
+
+
+def tide_env(name: str, namespace: str, spec: TideDeploymentSpec) -> list[Manifest]:
+    """The `TIDE_*` variables every TIDE pod gets (read by tide_sglang.settings.TideSettings)."""
+    trig = spec.training.trigger
+    env: list[Manifest] = [
+        {"name": "TIDE_DEPLOYMENT", "value": name},
+        redis_url_env(name, namespace, spec.redis),
+        {"name": "TIDE_REDIS_CLUSTER", "value": str(spec.redis.cluster).lower()},
+        {"name": "TIDE_TARGET", "value": model_path(spec)},
+        {"name": "TIDE_TRIGGER_SHORT_ALPHA", "value": str(trig.short_alpha)},
+        {"name": "TIDE_TRIGGER_LONG_ALPHA", "value": str(trig.long_alpha)},
+        {"name": "TIDE_TRIGGER_EPSILON", "value": str(trig.epsilon)},
+    ]
+    if spec.redis.password_secret_ref is not None:
+        ref = spec.redis.password_secret_ref
+        env.append({"name": "TIDE_REDIS_PASSWORD",
+                    "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    reg = spec.registry
+    env.append({"name": "TIDE_REGISTRY_URL", "value": reg.url} if reg.url else
+               {"name": "TIDE_REGISTRY_DIR", "value": reg.mount_path})
+    return env
+
+
+def _user_env(pool: Placement) -> list[Manifest]:
+    return [{"name": e.name, "value": e.value} for e in pool.env]
+
+
+def model_path(spec: TideDeploymentSpec) -> str:
+    """With a model PVC, a relative path is inside the mount; otherwise the path goes to SGLang as is."""
+    path = spec.model.path
+    if spec.model.claim_name and not path.startswith("/"):
+        return f"{MODEL_MOUNT}/{path}"
+    return path
+
+
+def _volumes(spec: TideDeploymentSpec, registry_read_only: bool) -> tuple[list[Manifest], list[Manifest]]:
+    volumes: list[Manifest] = []
+    mounts: list[Manifest] = []
+    if spec.model.claim_name:
+        volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": spec.model.claim_name,
+                                                                     "readOnly": True}})
+        mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
+    if spec.registry.claim_name:
+        volumes.append({"name": "registry", "persistentVolumeClaim": {"claimName": spec.registry.claim_name}})
+        mounts.append({"name": "registry", "mountPath": spec.registry.mount_path,
+                       "readOnly": registry_read_only})
+    return volumes, mounts
+
+
+def _plain(res: Resources) -> Manifest:
+    return {k: dict(v) for k, v in res.model_dump().items() if v}
+
+
+def _resources(pool: Placement) -> Manifest:
+    out = _plain(pool.resources)
+    if pool.gpus:  # extended resources are set as limits only; the request defaults to the limit
+        out.setdefault("limits", {})[pool.gpu_resource] = pool.gpus
+    return out
+
+
+def _pod_placement(pool: Placement) -> Manifest:
+    out: Manifest = {}
+    if pool.node_selector:
+        out["nodeSelector"] = dict(pool.node_selector)
+    if pool.tolerations:
+        out["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in pool.tolerations]
+    if pool.affinity:
+        out["affinity"] = pool.affinity
+    return out
+
+
+def _deployment(meta: Manifest, replicas: int, pod_labels: dict[str, str], pod_spec: Manifest) -> Manifest:
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta,
+            "spec": {"replicas": replicas, "selector": {"matchLabels": pod_labels},
+                     "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec}}}
+
+
+def sglang_args(spec: TideDeploymentSpec) -> list[str]:
+    """`tide serve` arguments: base server flags, then the user's (argparse keeps the last value, so user flags
+    win). `tide serve` itself adds EAGLE-3, adaptive speculation with 0 steps allowed, and metrics."""
+    inf = spec.inference
+    return ["--model-path", model_path(spec), "--host", "0.0.0.0", "--port", str(inf.port),
+            "--tp-size", str(max(inf.gpus, 1)), "--speculative-draft-model-path", spec.draft.initial_path,
+            *inf.sglang_args]
+
+
+def inference_deployment(name: str, namespace: str, spec: TideDeploymentSpec, role: str,
+                         replicas: int) -> Manifest:
+    inf = spec.inference
+    volumes, mounts = _volumes(spec, registry_read_only=True)
+    # SGLang's tensor-parallel workers share memory through /dev/shm; the container default is 64 MiB.
+    volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+    mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10}
+    container = {
+        "name": "sglang", "image": inf.image,
+        "command": ["tide", "serve"], "args": sglang_args(spec),
+        "ports": [{"name": "http", "containerPort": inf.port}],
+        "env": [*tide_env(name, namespace, spec), {"name": "TIDE_ROLE", "value": role}, *_user_env(inf)],
+        "resources": _resources(inf), "volumeMounts": mounts,
+        # Loading a large target takes minutes: the startup probe allows 30 min before liveness applies.
+        "startupProbe": {**probe, "failureThreshold": 180}, "readinessProbe": probe,
+    }
+    pod = {"containers": [container], "volumes": volumes, **_pod_placement(inf)}
+    pod_labels = labels(name, "inference", role)
+    return _deployment(_meta(f"{name}-{role}", namespace, name, "inference", role), replicas, pod_labels, pod)
+
+
+def trainer_deployment(name: str, namespace: str, spec: TideDeploymentSpec) -> Manifest:
+    tr = spec.training
+    volumes, mounts = _volumes(spec, registry_read_only=False)
+    container = {
+        "name": "trainer", "image": tr.image or spec.inference.image, "command": list(tr.command),
+        "env": [*tide_env(name, namespace, spec), {"name": "TIDE_TRAIN_GATE", "value": tr.gate},
+                *_user_env(tr)],
+        "resources": _resources(tr), "volumeMounts": mounts,
+    }
+    pod = {"containers": [container], "volumes": volumes, **_pod_placement(tr)}
+    pod_labels = labels(name, "trainer")
+    return _deployment(_meta(f"{name}-trainer", namespace, name, "trainer"), tr.replicas, pod_labels, pod)
+
+
+def inference_service(name: str, namespace: str, spec: TideDeploymentSpec) -> Manifest:
+    """Selects stable and canary pods alike: traffic splits by pod count."""
+    selector = {"tide.dev/deployment": name, "app.kubernetes.io/component": "inference"}
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(name, namespace, name, "inference"),
+            "spec": {"selector": selector,
+                     "ports": [{"name": "http", "port": spec.inference.port, "targetPort": "http"}]}}
+
+
+def redis_statefulset(name: str, namespace: str, spec: TideDeploymentSpec) -> Manifest:
+    m = spec.redis.managed
+    # noeviction: evicting stream entries or the control hash silently would lose data; the writers trim
+    # the stream themselves (MAXLEN ~) and see a clear OOM error instead.
+    args = ["--save", "", "--appendonly", "no", "--maxmemory", m.max_memory,
+            "--maxmemory-policy", "noeviction", "--protected-mode", "no"]
+    container: Manifest = {"name": "redis", "image": m.image, "args": args,
+                           "ports": [{"name": "redis", "containerPort": REDIS_PORT}],
+                           "resources": _plain(m.resources),
+                           "readinessProbe": {"exec": {"command": ["redis-cli", "ping"]}, "periodSeconds": 5}}
+    sts_spec: Manifest = {"serviceName": f"{name}-redis", "replicas": 1,
+                          "selector": {"matchLabels": labels(name, "redis")},
+                          "template": {"metadata": {"labels": labels(name, "redis")},
+                                       "spec": {"containers": [container]}}}
+    if m.storage:
+        container["volumeMounts"] = [{"name": "data", "mountPath": "/data"}]
+        args[1:2] = ["3600 1"]  # with a volume, snapshot hourly so stats and control survive a restart
+        sts_spec["volumeClaimTemplates"] = [{"metadata": {"name": "data"}, "spec": {
+            "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": m.storage}}}}]
+    return {"apiVersion": "apps/v1", "kind": "StatefulSet",
+            "metadata": _meta(f"{name}-redis", namespace, name, "redis"), "spec": sts_spec}
+
+
+def redis_service(name: str, namespace: str) -> Manifest:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(f"{name}-redis", namespace, name, "redis"),
+            "spec": {"selector": labels(name, "redis"),
+                     "ports": [{"name": "redis", "port": REDIS_PORT, "targetPort": "redis"}]}}
+
+
+def pod_monitor(name: str, namespace: str, spec: TideDeploymentSpec) -> Manifest:
+    mon = spec.monitoring
+    # Only inference pods export metrics (SGLang's and the plugin's, on the HTTP port); the trainer has none.
+    endpoints = [{"port": "http", "path": "/metrics", "interval": mon.interval}]
+    meta = _meta(name, namespace, name, "monitoring")
+    meta["labels"] |= mon.labels
+    return {"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor", "metadata": meta,
+            "spec": {"selector": {"matchLabels": {"tide.dev/deployment": name,
+                                                  "app.kubernetes.io/component": "inference"}},
+                     "podMetricsEndpoints": endpoints}}
+
+
+def service_monitor(name: str, namespace: str, spec: TideDeploymentSpec) -> Manifest:
+    mon = spec.monitoring
+    meta = _meta(name, namespace, name, "monitoring")
+    meta["labels"] |= mon.labels
+    return {"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor", "metadata": meta,
+            "spec": {"selector": {"matchLabels": labels(name, "inference")},
+                     "endpoints": [{"port": "http", "path": "/metrics", "interval": mon.interval}]}}
+
+
+def children(name: str, namespace: str, spec: TideDeploymentSpec, canary_active: bool) -> list[Manifest]:
+    """Every child this spec wants; `possible_children` minus these are deleted."""
+    stable, canary = replica_split(spec, canary_active)
+    out = [inference_deployment(name, namespace, spec, "stable", stable),
+           inference_deployment(name, namespace, spec, "canary", canary),
+           inference_service(name, namespace, spec)]
+    if spec.training.enabled:
+        out.append(trainer_deployment(name, namespace, spec))
+    if spec.redis.managed.enabled:
+        out += [redis_statefulset(name, namespace, spec), redis_service(name, namespace)]
+    if spec.monitoring.pod_monitor:
+        out.append(pod_monitor(name, namespace, spec))
+    if spec.monitoring.service_monitor:
+        out.append(service_monitor(name, namespace, spec))
+    return out
+
+
+def possible_children(name: str) -> list[tuple[str, str]]:
+    """(kind, name) of every child any spec could want: names are fixed, so no label query is needed."""
+    return [("Deployment", f"{name}-stable"), ("Deployment", f"{name}-canary"), ("Service", name),
+            ("Deployment", f"{name}-trainer"), ("StatefulSet", f"{name}-redis"), ("Service", f"{name}-redis"),
+            ("PodMonitor", name), ("ServiceMonitor", name)]
+
+
+def draft_version(name: str, namespace: str, version: int, parent: int | None,
+                  metrics: dict[str, float]) -> Manifest:
+    """The DraftVersion of a published version (its status is written separately: a subresource)."""
+    return {"apiVersion": API_VERSION, "kind": "DraftVersion",
+            "metadata": _meta(f"{name}-v{version}", namespace, name, "draft"),
+            "spec": DraftVersionSpec(deployment=name, version=version, parent=parent, metrics=metrics)
+            .model_dump(by_alias=True, exclude_none=True)}

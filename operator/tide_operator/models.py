@@ -1,0 +1,271 @@
+"""CRD models: the one source of the `TideDeployment` and `DraftVersion` schemas (tide.dev/v1alpha1).
+
+`tide_operator.crds` turns these into the CRD YAML under `charts/tide/crds/` and the reference in
+`docs/crds.md`; the operator parses every object it reads with them, so the schema the API server enforces
+and the one the operator assumes cannot drift apart. Field names are camelCase on the wire (Kubernetes
+convention) and snake_case in Python. Every field's description is the text `kubectl explain` shows.
+"""
+
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic.alias_generators import to_camel
+
+GROUP = "tide.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# Kubernetes name syntaxes (apimachinery validation): a DNS-1123 subdomain for most objects, a DNS-1123
+# label where the name becomes part of a Service or pod host name.
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+# resource.Quantity as the API server accepts it: 4, 500m, 16Gi, 1.5, 1e3.
+QUANTITY = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+|[numkMGTPE]|[KMGTPE]i)?$"
+DURATION = r"^(\d+(ms|s|m|h))+$"
+
+Name = Annotated[str, StringConstraints(pattern=DNS_SUBDOMAIN, max_length=253)]
+Quantity = Annotated[int | Annotated[str, StringConstraints(pattern=QUANTITY)],
+                     Field(json_schema_extra={"x-kubernetes-int-or-string": True})]
+LabelValue = Annotated[str, StringConstraints(max_length=63)]
+Version = Annotated[int, Field(ge=0, le=1_000_000_000)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True)
+
+
+class Resources(_Model):
+    """Container resources (as in a Pod); the GPU limit is added from `gpus`."""
+
+    requests: dict[str, Quantity] = Field(default_factory=dict, description="e.g. {cpu: 8, memory: 64Gi}")
+    limits: dict[str, Quantity] = Field(default_factory=dict, description="e.g. {memory: 80Gi}")
+
+
+class Toleration(_Model):
+    """A Pod toleration, so pods may run on tainted GPU nodes."""
+
+    key: str | None = Field(None, max_length=316, description="taint key; empty with Exists matches all")
+    operator: Literal["Exists", "Equal"] = Field("Equal", description="Exists or Equal")
+    value: str | None = Field(None, max_length=63, description="taint value (with Equal)")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="taint effect to tolerate; empty tolerates all effects")
+    toleration_seconds: int | None = Field(None, ge=0, description="how long a NoExecute taint is tolerated")
+
+
+class EnvVar(_Model):
+    """A literal environment variable for the pool's containers."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=253, description="variable name")
+    value: str = Field("", description="value")
+
+
+class Placement(_Model):
+    """Where a pool's pods run: GPU count and kind, and the scheduling constraints of that pool."""
+
+    gpus: int = Field(1, ge=0, le=64, description="GPUs per pod (the limit of `gpuResource`)")
+    gpu_resource: str = Field("nvidia.com/gpu", pattern=r"^[a-z0-9.-]+/[a-z0-9.-]+$",
+                              description="extended resource name of the GPU: nvidia.com/gpu, amd.com/gpu")
+    node_selector: dict[str, LabelValue] = Field(
+        default_factory=dict,
+        description="node labels selecting the GPU pool, e.g. {nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3}")
+    tolerations: list[Toleration] = Field(default_factory=list, description="tolerations for the pool's taints")
+    affinity: dict[str, Any] | None = Field(None, description="a Pod affinity, passed through unchanged")
+    resources: Resources = Field(default_factory=Resources, description="CPU/memory requests and limits")
+    env: list[EnvVar] = Field(default_factory=list, description="extra variables, e.g. other TIDE_* settings")
+
+
+class ModelSpec(_Model):
+    """The target model SGLang serves and the trainer reads hidden-state shapes from."""
+
+    path: str = Field(min_length=1, max_length=1024,
+                      description="path or hub id of the target model, as SGLang's --model-path takes it")
+    claim_name: Name | None = Field(None, description="PVC holding the model, mounted read-only at /models")
+
+
+class DraftSpec(_Model):
+    """The draft model: where version 0 comes from and how new versions are rolled out."""
+
+    initial_path: str = Field(min_length=1, max_length=1024,
+                              description="EAGLE-3 draft SGLang starts with (version 0); path or hub id")
+    policy: Literal["auto", "manual"] = Field(
+        "auto", description="auto: canary every published version; manual: only a pinned version is served")
+    version: Version | None = Field(
+        None, description="pin this version as stable (manual promotion or rollback); null resumes `policy`")
+
+
+class InferenceSpec(Placement):
+    """The SGLang serving pool: a stable and a canary Deployment behind one Service."""
+
+    replicas: int = Field(1, ge=1, le=1000, description="inference pods in total, canary pods included")
+    image: str = Field(min_length=1, description="SGLang image with tide-sglang installed (the plugin)")
+    sglang_args: list[str] = Field(default_factory=list, description="extra sglang.launch_server arguments")
+    port: int = Field(30000, ge=1, le=65535, description="SGLang HTTP port (also serves /metrics)")
+
+
+class TriggerSpec(_Model):
+    """The engines' training trigger (TIDE Algorithm 1): short against long EWMA of window acceptance."""
+
+    short_alpha: float = Field(0.2, gt=0, le=1, description="weight of a new window in the short EWMA")
+    long_alpha: float = Field(0.01, gt=0, le=1, description="weight of a new window in the long EWMA")
+    epsilon: float = Field(0.02, ge=0, le=1, description="acceptance gap between the EWMAs that counts as drift")
+
+
+class TrainingSpec(Placement):
+    """The online trainer on its own GPU pool."""
+
+    enabled: bool = Field(True, description="run the trainer; false serves the current versions only")
+    replicas: int = Field(1, ge=1, le=16, description="trainer pods (one consumer group shares the stream)")
+    image: str | None = Field(None, description="trainer image; defaults to the inference image")
+    command: list[str] = Field(["tide", "train"], min_length=1,
+                               description="trainer entry point")
+    separate_pool: bool = Field(True, description="require a node selector different from inference's")
+    gate: Literal["always", "trigger"] = Field(
+        "trigger", description="trigger: train only while the engines' trigger says acceptance drifted")
+    trigger: TriggerSpec = Field(default_factory=TriggerSpec, description="training trigger thresholds")
+
+
+class SecretKeyRef(_Model):
+    """A key of a Secret in the TideDeployment's namespace."""
+
+    name: Name = Field(description="Secret name")
+    key: str = Field(min_length=1, max_length=253, description="key inside the Secret")
+
+
+class ManagedRedis(_Model):
+    """A single-node Redis StatefulSet created by the operator (a transport; no persistence by default)."""
+
+    enabled: bool = Field(False, description="create the Redis StatefulSet and Service")
+    image: str = Field("redis:7.4-alpine", description="Redis image")
+    max_memory: str = Field("4gb", pattern=r"^\d+(b|kb|mb|gb)$", description="Redis maxmemory")
+    storage: Annotated[str, StringConstraints(pattern=QUANTITY)] | None = Field(
+        None, description="PVC size for /data; unset keeps data in memory only")
+    resources: Resources = Field(default_factory=Resources, description="Redis container resources")
+
+
+class RedisSpec(_Model):
+    """Where the hidden-state stream, control hash and stats live. Exactly one of url, urlSecretRef, managed."""
+
+    url: str | None = Field(None, pattern=r"^(redis|rediss|unix)://", description="redis:// or rediss:// URL")
+    url_secret_ref: SecretKeyRef | None = Field(None, description="Secret key holding the URL")
+    password_secret_ref: SecretKeyRef | None = Field(None, description="Secret key holding the password")
+    cluster: bool = Field(False, description="the URL names one node of a Redis Cluster")
+    managed: ManagedRedis = Field(default_factory=ManagedRedis, description="operator-managed Redis")
+
+
+class RegistrySpec(_Model):
+    """Where published draft versions are stored. Exactly one of claimName, url."""
+
+    claim_name: Name | None = Field(None, description="ReadWriteMany PVC, mounted by trainer and inference")
+    url: str | None = Field(None, pattern=r"^(s3|gs|https?|file)://", description="object-store URL")
+    mount_path: str = Field("/var/lib/tide/registry", pattern=r"^/", description="where the PVC is mounted")
+
+
+class RolloutSpec(_Model):
+    """How a published draft version is canaried, promoted or rolled back."""
+
+    canary_replicas: int = Field(1, ge=1, le=100, description="canary pods (taken from `replicas`)")
+    canary_percent: int | None = Field(None, ge=1, le=50, description="canary share of pods; overrides replicas")
+    min_improvement: float = Field(0.02, ge=0, le=1,
+                                   description="acceptance-rate gain over stable needed to promote")
+    rollback_threshold: float = Field(0.02, ge=0, le=1, description="acceptance-rate loss that rolls back")
+    min_tokens: int = Field(20000, ge=1, description="drafted tokens each side must see before deciding")
+    max_tokens: int = Field(1_000_000, ge=1, description="undecided after this many canary tokens: reject")
+    max_swap_failures: int = Field(0, ge=0, description="canary swap failures tolerated before rollback")
+
+
+class MonitoringSpec(_Model):
+    """Prometheus Operator monitors for the inference and trainer pods."""
+
+    pod_monitor: bool = Field(False, description="create a PodMonitor (inference and trainer pods)")
+    service_monitor: bool = Field(False, description="create a ServiceMonitor (inference Service)")
+    interval: str = Field("30s", pattern=DURATION, description="scrape interval")
+    labels: dict[str, LabelValue] = Field(default_factory=dict, description="labels Prometheus selects on")
+
+
+class TideDeploymentSpec(_Model):
+    """TIDE on SGLang: inference with a self-improving EAGLE-3 draft, a trainer, and draft rollouts."""
+
+    model: ModelSpec = Field(description="target model")
+    draft: DraftSpec = Field(description="draft model and rollout policy")
+    inference: InferenceSpec = Field(description="serving pool")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="training pool")
+    redis: RedisSpec = Field(default_factory=RedisSpec, description="Redis connection")
+    registry: RegistrySpec = Field(default_factory=RegistrySpec, description="draft registry")
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="canary policy")
+    monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec, description="Prometheus monitors")
+
+
+class Condition(_Model):
+    """A status condition (metav1.Condition)."""
+
+    type: Literal["Ready", "Progressing", "Degraded", "RolloutPaused"] = Field(description="condition type")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown")
+    reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", description="CamelCase reason")
+    message: str = Field("", max_length=32768, description="human-readable detail")
+    observed_generation: int = Field(0, ge=0, description="spec generation the condition is about")
+    last_transition_time: str = Field(description="when status last changed (RFC 3339)")
+
+
+class TideDeploymentStatus(_Model):
+    """What the operator observed; written only by the operator."""
+
+    observed_generation: int = Field(0, ge=0, description="last spec generation reconciled")
+    stable: Version = Field(0, description="draft version all stable pods load")
+    canary: Version | None = Field(None, description="draft version the canary pods load")
+    candidate: Version | None = Field(None, description="version under evaluation or next in line")
+    acceptance: float | None = Field(None, ge=0, le=1, description="stable version's draft acceptance rate")
+    events_cursor: str = Field("0-0", pattern=r"^\d+-\d+$", description="last Redis events entry consumed")
+    conditions: list[Condition] = Field(default_factory=list, description="Ready, Progressing, Degraded, "
+                                        "RolloutPaused")
+
+
+class DraftVersionSpec(_Model):
+    """A draft version the trainer published (created by the operator from the events stream)."""
+
+    deployment: Annotated[str, StringConstraints(pattern=DNS_LABEL)] = Field(description="TideDeployment name")
+    version: Version = Field(description="registry version number (0 is the initial draft)")
+    parent: Version | None = Field(None, description="version it was trained from")
+    metrics: dict[str, float] = Field(default_factory=dict, description="trainer's held-out metrics")
+
+
+class Phase(StrEnum):
+    CANDIDATE = "Candidate"
+    CANARY = "Canary"
+    PROMOTED = "Promoted"
+    ROLLED_BACK = "RolledBack"
+    REJECTED = "Rejected"
+
+
+class Counters(_Model):
+    """Counts engines add to `tide:{<deployment>}:stats:<version>`."""
+
+    tokens: int = Field(0, ge=0, description="draft tokens verified")
+    accepted: int = Field(0, ge=0, description="draft tokens accepted")
+    verify_steps: int = Field(0, ge=0, description="verify steps")
+    swap_failures: int = Field(0, ge=0, description="failed swaps to this version")
+
+    @property
+    def acceptance(self) -> float | None:
+        return self.accepted / self.tokens if self.tokens else None
+
+
+class Baseline(Counters):
+    """The stable version's counters when the canary started: stable is judged on the same time window."""
+
+    version: Version = Field(0, description="stable version at canary start")
+
+
+class DraftVersionStatus(_Model):
+    """Where the version is in its rollout."""
+
+    phase: Phase = Field(Phase.CANDIDATE, description="Candidate, Canary, Promoted, RolledBack or Rejected")
+    reason: str = Field("Published", description="why it is in this phase")
+    message: str = Field("", description="human-readable detail")
+    promotion: int | None = Field(None, ge=0, description="order of promotion; the highest Promoted is stable")
+    baseline: Baseline | None = Field(None, description="stable counters when the canary began")
+    canary: Counters | None = Field(None, description="canary counters at the last decision")
+    acceptance: float | None = Field(None, ge=0, le=1, description="canary acceptance rate")
+    stable_acceptance: float | None = Field(None, ge=0, le=1,
+                                            description="stable acceptance rate over the canary window")
+    last_transition_time: str | None = Field(None, description="when the phase last changed (RFC 3339)")

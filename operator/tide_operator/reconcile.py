@@ -1,0 +1,209 @@
+"""One reconcile pass of a TideDeployment: read, decide with the pure functions, write.
+
+Every kopf handler ends here, so there is one path and it is level-based: it reads the object, its
+DraftVersions and Redis afresh each time, and writes only differences. That makes it idempotent across
+operator restarts, and a per-object lock keeps the timer and the change handlers from interleaving.
+"""
+
+import base64
+import datetime
+import logging
+import threading
+from collections import defaultdict
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+
+from tide_operator import builders, redis_io, rollout, status
+from tide_operator.config import OperatorSettings
+from tide_operator.kube import ApiError, Kube, Obj, merge_patch
+from tide_operator.models import Counters, DraftVersionStatus, Phase, TideDeploymentSpec, TideDeploymentStatus
+from tide_operator.status import Pods, Problem
+
+log = logging.getLogger(__name__)
+Versions = dict[int, DraftVersionStatus]
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _dump(model: Any) -> Obj:
+    return model.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class Reconciler:
+    def __init__(self, kube: Kube, config: OperatorSettings) -> None:
+        self.kube = kube
+        self.config = config
+        self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+        self._redis: dict[tuple[str, str | None, bool], redis_io.Client] = {}
+
+    def reconcile(self, namespace: str, name: str) -> None:
+        with self._locks[namespace, name]:
+            td = self.kube.get("TideDeployment", namespace, name)
+            if td is not None and not td["metadata"].get("deletionTimestamp"):
+                self._reconcile(td)
+
+    def _reconcile(self, td: Obj) -> None:
+        name, ns = td["metadata"]["name"], td["metadata"]["namespace"]
+        old = _old_status(td)
+        spec, problems = status.parse(name, td.get("spec") or {})
+        versions = self._versions(ns, name)
+        cursor, stats, pods = old.events_cursor, {}, {}
+        if spec is not None:
+            problems += self._secret_problems(ns, spec)
+        if spec is not None and not problems:  # a wrong spec changes nothing until it is fixed
+            cursor, stats, problems = self._rollout(td, spec, versions, cursor)
+            pods = self._apply_children(td, spec, rollout.routing(versions).canary is not None)
+        route = rollout.routing(versions)
+        new = TideDeploymentStatus(
+            observed_generation=td["metadata"].get("generation", 0), stable=route.stable, canary=route.canary,
+            candidate=route.canary if route.canary is not None else _waiting(versions),
+            acceptance=stats.get(route.stable, Counters()).acceptance, events_cursor=cursor,
+            conditions=status.conditions(td["metadata"].get("generation", 0), problems, pods, route, spec,
+                                         old.conditions, now()))
+        self._write_status(td, new)
+
+    def _rollout(self, td: Obj, spec: TideDeploymentSpec, versions: Versions,
+                 cursor: str) -> tuple[str, dict[int, Counters], list[Problem]]:
+        """Ingest published versions, take one rollout step, publish the routing. Mutates `versions`."""
+        name = td["metadata"]["name"]
+        try:
+            client = self._client(td, spec)
+            cursor = self._ingest(client, td, versions, cursor)
+            problems = status.check_pin(spec, set(versions))
+            route = rollout.routing(versions)
+            base = versions[route.canary].baseline if route.canary is not None else None
+            wanted = {route.stable, *([route.canary, base.version] if base and route.canary is not None else [])}
+            stats = redis_io.read_stats(client, name, wanted)
+            if not problems:
+                for v, st in rollout.step(spec.draft, spec.rollout, versions, stats, now()).items():
+                    self._set_version_status(td, v, versions.get(v), st)
+                    versions[v] = st
+            route = rollout.routing(versions)
+            redis_io.write_control(client, name, route.stable, route.canary)
+            return cursor, stats, problems
+        except redis_io.Unavailable as e:
+            self._redis.clear()
+            return cursor, {}, [Problem("RedisUnavailable", f"Redis: {e}")]
+
+    def _ingest(self, client: redis_io.Client, td: Obj, versions: Versions, cursor: str) -> str:
+        """DraftVersions for the initial draft and for every published version after `cursor`."""
+        if 0 not in versions:
+            versions[0] = self._create_version(td, 0, None, {}, DraftVersionStatus(
+                phase=Phase.PROMOTED, reason="Initial", message="spec.draft.initialPath", promotion=0,
+                last_transition_time=now()))
+        for entry_id, event in redis_io.read_events(client, td["metadata"]["name"], cursor,
+                                                    self.config.events_batch):
+            if event is not None and event.version not in versions:
+                versions[event.version] = self._create_version(td, event.version, event.parent, event.metrics,
+                                                               DraftVersionStatus(last_transition_time=now()))
+            cursor = entry_id
+        return cursor
+
+    def _create_version(self, td: Obj, version: int, parent: int | None, metrics: dict[str, float],
+                        initial: DraftVersionStatus) -> DraftVersionStatus:
+        name, ns = td["metadata"]["name"], td["metadata"]["namespace"]
+        body = builders.draft_version(name, ns, version, parent, metrics)
+        kopf.adopt(body, owner=td)
+        try:
+            self.kube.create(body)
+        except ApiError as e:
+            if e.status != 409:  # 409: created before a restart; its status is then re-written below
+                raise
+        self._set_version_status(td, version, None, initial)
+        return initial
+
+    def _set_version_status(self, td: Obj, version: int, old: DraftVersionStatus | None,
+                            new: DraftVersionStatus) -> None:
+        patch = merge_patch(_dump(old) if old else {}, _dump(new))
+        name, ns = td["metadata"]["name"], td["metadata"]["namespace"]
+        self.kube.patch("DraftVersion", ns, f"{name}-v{version}", {"status": patch}, status=True)
+
+    def _versions(self, ns: str, name: str) -> Versions:
+        out: Versions = {}
+        for dv in self.kube.list("DraftVersion", ns, {"tide.dev/deployment": name}):
+            if (dv.get("spec") or {}).get("deployment") != name:
+                continue
+            try:
+                out[int(dv["spec"]["version"])] = DraftVersionStatus.model_validate(dv.get("status") or {})
+            except (ValidationError, KeyError, ValueError) as e:
+                log.warning("ignoring DraftVersion %s: %s", dv["metadata"]["name"], e)
+        return out
+
+    def _apply_children(self, td: Obj, spec: TideDeploymentSpec, canary_active: bool) -> dict[str, Pods]:
+        name, ns = td["metadata"]["name"], td["metadata"]["namespace"]
+        desired = builders.children(name, ns, spec, canary_active)
+        wanted = {(c["kind"], c["metadata"]["name"]) for c in desired}
+        kopf.adopt(desired, owner=td)
+        pods = {}
+        for child in desired:
+            live = self.kube.apply(child)
+            if child["kind"] in ("Deployment", "StatefulSet"):
+                ready = (live.get("status") or {}).get("readyReplicas") or 0
+                pods[child["metadata"]["name"]] = Pods(child["spec"]["replicas"], ready)
+        for kind, child_name in builders.possible_children(name):
+            if (kind, child_name) not in wanted:
+                self.kube.delete(kind, ns, child_name)
+        return pods
+
+    def _secret_problems(self, ns: str, spec: TideDeploymentSpec) -> list[Problem]:
+        found = [status.check_secret(f, ref, self.kube.get("Secret", ns, ref.name))
+                 for f, ref in status.secret_refs(spec)]
+        return [p for p in found if p is not None]
+
+    def _secret_value(self, ns: str, ref: Any) -> str | None:
+        if ref is None:
+            return None
+        secret = self.kube.get("Secret", ns, ref.name) or {}
+        return base64.b64decode(secret["data"][ref.key]).decode()
+
+    def _client(self, td: Obj, spec: TideDeploymentSpec) -> redis_io.Client:
+        name, ns = td["metadata"]["name"], td["metadata"]["namespace"]
+        r = spec.redis
+        url = r.url or self._secret_value(ns, r.url_secret_ref) or builders.managed_redis_url(name, ns)
+        password = self._secret_value(ns, r.password_secret_ref)
+        key = (url, password, r.cluster)
+        if key not in self._redis:
+            self._redis[key] = redis_io.client_for(name, url, password, r.cluster, self.config.redis_timeout_s)
+        return self._redis[key]
+
+    def _write_status(self, td: Obj, new: TideDeploymentStatus) -> None:
+        old = td.get("status") or {}
+        patch = merge_patch(old, _dump(new))
+        if patch:
+            meta = td["metadata"]
+            self.kube.patch("TideDeployment", meta["namespace"], meta["name"], {"status": patch}, status=True)
+
+    def cleanup(self, namespace: str, name: str) -> None:
+        """Delete children, DraftVersions and Redis keys. In a cluster, ownerReferences would garbage-collect
+        the objects too; deleting them here frees the GPUs at once and works where GC is absent."""
+        with self._locks[namespace, name]:
+            for kind, child in builders.possible_children(name):
+                self.kube.delete(kind, namespace, child)
+            versions = self._versions(namespace, name)
+            for v in versions:
+                self.kube.delete("DraftVersion", namespace, f"{name}-v{v}")
+            td = self.kube.get("TideDeployment", namespace, name)
+            spec, _ = status.parse(name, (td or {}).get("spec") or {})
+            if td is None or spec is None:
+                return
+            try:
+                redis_io.forget(self._client(td, spec), name, versions)
+            except (*redis_io.Unavailable, KeyError) as e:
+                log.warning("left the Redis keys of %s/%s in place: %s", namespace, name, e)
+        self._locks.pop((namespace, name), None)
+
+
+def _old_status(td: Obj) -> TideDeploymentStatus:
+    try:
+        return TideDeploymentStatus.model_validate(td.get("status") or {})
+    except ValidationError:
+        return TideDeploymentStatus()  # written by someone else: rebuilt from DraftVersions on this pass
+
+
+def _waiting(versions: Versions) -> int | None:
+    waiting = [v for v, s in versions.items() if s.phase == Phase.CANDIDATE]
+    return max(waiting) if waiting else None

@@ -1,0 +1,131 @@
+"""Semantic validation and status conditions (pure).
+
+The CRD schema rejects malformed objects; what it cannot express (two fields that must differ, a Secret
+that must exist, a pinned version that must be known) becomes a `Problem`, shown as the Degraded
+condition. A problem never raises: the operator keeps the object's status current and retries on its
+timer, so a wrong spec shows a clear message instead of a crash loop.
+"""
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from tide_operator.builders import RESERVED_ENV
+from tide_operator.models import Condition, SecretKeyRef, TideDeploymentSpec
+from tide_operator.rollout import Routing
+
+# Child names append "-canary" or "-trainer" and pods append ~16 characters: keep host names within 63.
+MAX_NAME = 40
+_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class Problem:
+    reason: str
+    message: str
+
+
+def parse(name: str, raw: Mapping[str, Any]) -> tuple[TideDeploymentSpec | None, list[Problem]]:
+    """The typed spec and what is wrong with it; None when it does not even parse."""
+    problems = []
+    if len(name) > MAX_NAME or not _NAME.match(name):
+        problems.append(Problem("InvalidName", f"name {name!r} must be a DNS-1035 label of at most "
+                                               f"{MAX_NAME} characters (it prefixes Service and pod names)"))
+    try:
+        spec = TideDeploymentSpec.model_validate(raw)
+    except ValidationError as e:
+        detail = "; ".join(f"spec.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        return None, [*problems, Problem("InvalidSpec", detail)]
+    return spec, problems + check(spec)
+
+
+def check(spec: TideDeploymentSpec) -> list[Problem]:
+    out = []
+    tr, inf = spec.training, spec.inference
+    if tr.enabled and tr.separate_pool and tr.node_selector == inf.node_selector:
+        out.append(Problem("SamePool", f"training.nodeSelector {tr.node_selector} equals inference.nodeSelector: "
+                                       "select the training GPU pool, or set training.separatePool: false"))
+    r = spec.redis
+    if sum((r.url is not None, r.url_secret_ref is not None, r.managed.enabled)) != 1:
+        out.append(Problem("InvalidRedis", "set exactly one of redis.url, redis.urlSecretRef, "
+                                           "redis.managed.enabled"))
+    if (spec.registry.claim_name is None) == (spec.registry.url is None):
+        out.append(Problem("InvalidRegistry", "set exactly one of registry.claimName, registry.url"))
+    reserved = sorted({e.name for e in (*inf.env, *tr.env)} & RESERVED_ENV)
+    if reserved:
+        out.append(Problem("ReservedEnv", f"env sets {reserved}, which the operator sets from the spec"))
+    if spec.rollout.min_tokens > spec.rollout.max_tokens:
+        out.append(Problem("InvalidRollout", "rollout.minTokens exceeds rollout.maxTokens: no canary could "
+                                             "ever be decided"))
+    return out
+
+
+def secret_refs(spec: TideDeploymentSpec) -> list[tuple[str, SecretKeyRef]]:
+    """(field, ref) of every Secret key the pods and the operator read."""
+    refs = [("redis.urlSecretRef", spec.redis.url_secret_ref), ("redis.passwordSecretRef",
+                                                                spec.redis.password_secret_ref)]
+    return [(field, ref) for field, ref in refs if ref is not None]
+
+
+def check_secret(field: str, ref: SecretKeyRef, secret: Mapping[str, Any] | None) -> Problem | None:
+    if secret is None:
+        return Problem("SecretNotFound", f"{field}: Secret {ref.name!r} does not exist")
+    if ref.key not in (secret.get("data") or {}) and ref.key not in (secret.get("stringData") or {}):
+        return Problem("SecretKeyNotFound", f"{field}: Secret {ref.name!r} has no key {ref.key!r}")
+    return None
+
+
+def check_pin(spec: TideDeploymentSpec, known: set[int]) -> list[Problem]:
+    pinned = spec.draft.version
+    if pinned is None or pinned in known:
+        return []
+    return [Problem("UnknownVersion", f"spec.draft.version pins v{pinned}, but no DraftVersion has it; "
+                                      f"known: {sorted(known)}")]
+
+
+@dataclass(frozen=True)
+class Pods:
+    """Desired and ready replicas of one child workload."""
+
+    desired: int
+    ready: int
+
+
+def conditions(generation: int, problems: list[Problem], pods: Mapping[str, Pods], route: Routing,
+               spec: TideDeploymentSpec | None, old: list[Condition], now: str) -> list[Condition]:
+    """Ready, Progressing, Degraded and RolloutPaused, keeping lastTransitionTime where status holds."""
+    waiting = [f"{n} {p.ready}/{p.desired} ready" for n, p in pods.items() if p.ready < p.desired]
+    degraded = ("True", problems[0].reason, "; ".join(p.message for p in problems)) if problems else \
+        ("False", "AsExpected", "")
+    if problems:
+        ready = ("False", "Degraded", "see the Degraded condition")
+    else:
+        ready = ("False", "PodsNotReady", ", ".join(waiting)) if waiting else ("True", "AllPodsReady", "")
+    if route.canary is not None:
+        progressing = ("True", "Canary", f"canary v{route.canary} against stable v{route.stable}")
+    else:
+        progressing = ("True", "PodsStarting", ", ".join(waiting)) if waiting else \
+            ("False", "Stable", f"serving v{route.stable}")
+    paused = _paused(spec, problems)
+    new = {"Ready": ready, "Progressing": progressing, "Degraded": degraded, "RolloutPaused": paused}
+    previous = {c.type: c for c in old}
+    out = []
+    for kind, (status, reason, message) in new.items():
+        prev = previous.get(kind)
+        since = prev.last_transition_time if prev is not None and prev.status == status else now
+        out.append(Condition(type=kind, status=status, reason=reason, message=message,  # type: ignore[arg-type]
+                             observed_generation=generation, last_transition_time=since))
+    return out
+
+
+def _paused(spec: TideDeploymentSpec | None, problems: list[Problem]) -> tuple[str, str, str]:
+    if problems or spec is None:
+        return "True", "Degraded", "rollouts wait until the Degraded condition clears"
+    if spec.draft.version is not None:
+        return "True", "Pinned", f"spec.draft.version pins v{spec.draft.version}"
+    if spec.draft.policy == "manual":
+        return "True", "ManualPolicy", "draft.policy is manual: pin a version to roll it out"
+    return "False", "Automatic", ""
