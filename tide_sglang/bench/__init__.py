@@ -61,4 +61,7 @@ class BenchReport(BaseModel):
         return path
 
 
-BENCHMARKS = {"stream": "tide_sglang.bench.stream"}
+BENCHMARKS = {
+    "stream": "tide_sglang.bench.stream",
+    "adapt": "tide_sglang.bench.adapt",
+}

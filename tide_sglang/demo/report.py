@@ -6,18 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from tide_sglang.engine.serve import StepRecord
-
-
-class PhaseSummary(BaseModel):
-    phase: str
-    domain: str | None
-    seconds: float
-    tokens: int
-    tokens_per_s: float
-    accept_length: float  # tokens emitted per request verify step (1.0 when speculation is off)
-    speculative_share: float  # fraction of steps that drafted
-    versions: list[int]
+from tide_sglang.engine.serve import PhaseSummary, StepRecord, phase_summaries
 
 
 class Swap(BaseModel):
@@ -34,27 +23,8 @@ class DemoSummary(BaseModel):
     interrupted: bool
 
 
-def _phase(records: list[StepRecord], start: float) -> PhaseSummary:
-    seconds = max(records[-1].t - start, 1e-9)
-    tokens = sum(r.emitted for r in records)
-    request_steps = sum(r.batch_size for r in records)
-    return PhaseSummary(
-        phase=records[0].phase, domain=records[0].domain, seconds=round(seconds, 3), tokens=tokens,
-        tokens_per_s=round(tokens / seconds, 2), accept_length=round(tokens / max(request_steps, 1), 3),
-        speculative_share=round(sum(r.draft_steps > 0 for r in records) / len(records), 3),
-        versions=sorted({r.draft_version for r in records if r.draft_steps}),
-    )
-
-
 def summarize(records: list[StepRecord], published: list[int], interrupted: bool) -> DemoSummary:
-    phases, start, current = [], 0.0, []
-    for r in records:
-        if current and r.phase != current[0].phase:
-            phases.append(_phase(current, start))
-            start, current = current[-1].t, []
-        current.append(r)
-    if current:
-        phases.append(_phase(current, start))
+    phases = phase_summaries(records)
     swaps, version = [], 0
     for r in records:
         if r.draft_version != version:
@@ -93,10 +63,7 @@ def plot(records: list[StepRecord], summary: DemoSummary, path: Path, width_s: f
     ax1.set_ylabel("acceptance length\n(tokens / verify)")
     ax2.set_ylabel("tokens / s")
     ax2.set_xlabel("seconds")
-    boundaries, start = [], 0.0
-    for p in summary.phases:
-        boundaries.append((start, p.phase))
-        start += p.seconds
+    boundaries = [(p.start, p.phase) for p in summary.phases]
     for ax in (ax1, ax2):
         for x, _ in boundaries[1:]:
             ax.axvline(x, color="grey", ls="--", lw=1)

@@ -20,6 +20,44 @@ class StepRecord(StepStats):
     phase: str
 
 
+class PhaseSummary(BaseModel):
+    phase: str
+    domain: str | None
+    start: float  # seconds since serving started
+    seconds: float
+    tokens: int
+    tokens_per_s: float
+    accept_length: float  # tokens emitted per request verify step (1.0 when speculation is off)
+    speculative_share: float  # fraction of steps that drafted
+    versions: list[int]  # draft versions that drafted in this phase
+
+
+def _phase(records: list[StepRecord], start: float) -> PhaseSummary:
+    seconds = max(records[-1].t - start, 1e-9)
+    tokens = sum(r.emitted for r in records)
+    return PhaseSummary(
+        phase=records[0].phase, domain=records[0].domain, start=round(start, 3), seconds=round(seconds, 3),
+        tokens=tokens, tokens_per_s=round(tokens / seconds, 2),
+        accept_length=round(tokens / max(sum(r.batch_size for r in records), 1), 3),
+        speculative_share=round(sum(r.draft_steps > 0 for r in records) / len(records), 3),
+        versions=sorted({r.draft_version for r in records if r.draft_steps}),
+    )
+
+
+def phase_summaries(records: list[StepRecord]) -> list[PhaseSummary]:
+    """Per-phase figures, in serving order (a phase runs from the end of the previous one to its last step)."""
+    phases: list[PhaseSummary] = []
+    start, current = 0.0, []
+    for r in records:
+        if current and r.phase != current[0].phase:
+            phases.append(_phase(current, start))
+            start, current = current[-1].t, []
+        current.append(r)
+    if current:
+        phases.append(_phase(current, start))
+    return phases
+
+
 class ServeOptions(BaseModel):
     batch_size: int = 8
     max_new_tokens: int = 64

@@ -20,10 +20,10 @@ log = logging.getLogger("tide.engine.swap")
 
 class DraftFollower:
     def __init__(self, client: Client, registry: DraftRegistry, deployment: str, role: Role, embed: torch.Tensor,
-                 *, device: str | torch.device = "cpu", reporter: StatsReporter | None = None,
-                 poll_s: float = 0.5) -> None:
+                 *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 reporter: StatsReporter | None = None, poll_s: float = 0.5) -> None:
         self.client, self.registry, self.deployment, self.role = client, registry, deployment, role
-        self.embed, self.device, self.reporter, self.poll_s = embed, device, reporter, poll_s
+        self.embed, self.device, self.dtype, self.reporter, self.poll_s = embed, device, dtype, reporter, poll_s
         self.version: int | None = None
         self.refused: dict[int, str] = {}  # version -> why
         self._next = 0.0
@@ -45,7 +45,7 @@ class DraftFollower:
     def _load(self, version: int) -> Eagle3Draft | None:
         t0 = time.perf_counter()
         try:
-            draft = self.registry.load(version, self.embed, device=str(self.device))
+            draft = self.registry.load(version, self.embed, device=str(self.device)).to(self.dtype).eval()
         except (DraftVerificationError, OSError, ValueError, KeyError, RuntimeError) as e:
             self.refused[version] = str(e)
             log.error("refusing draft v%d, keeping v%s: %s", version, self.version, e)

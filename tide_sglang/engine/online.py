@@ -1,0 +1,128 @@
+"""TIDE online, on one machine: the engine serving with capture, a trainer process, and a stand-in promoter.
+
+    trainer process : tide train --registry DIR            (stream -> draft versions -> events stream)
+    this process    : SpecEngine + StreamWriter + StatsReporter + DraftFollower + SpeculationController
+    promoter thread : the operator's job in a cluster: every published version becomes `stable`
+
+Shared by `tide demo` and `tide bench adapt`, so the demo shows exactly what the benchmark measures.
+"""
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import redis
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from tide_sglang import keys
+from tide_sglang.control import SpeculationController
+from tide_sglang.draft import DraftConfig, DraftRegistry, init_draft, select_vocab
+from tide_sglang.draft.target import Target, heads_of
+from tide_sglang.engine.engine import SpecEngine
+from tide_sglang.engine.profile import profile_engine
+from tide_sglang.engine.swap import DraftFollower
+from tide_sglang.settings import TideSettings
+from tide_sglang.stream import StreamWriter, connect
+from tide_sglang.stream.rollout import ControlState, StatsReporter, write_control
+
+log = logging.getLogger("tide.engine.online")
+
+# Sized for 2 CPU cores: a small draft vocabulary and frequent publish decisions, so versions arrive in minutes.
+CPU_TRAINER_ENV = {
+    "TIDE_TRAIN_DRAFT_VOCAB_SIZE": "4096",
+    "TIDE_TRAIN_VOCAB_WARMUP_ROWS": "3000",
+    "TIDE_TRAIN_EVAL_INTERVAL_STEPS": "40",
+    "TIDE_TRAIN_MIN_HELDOUT_ROWS": "128",
+    "TIDE_TRAIN_BATCH_CHUNKS": "8",
+    "TIDE_TRAIN_CHUNK_LEN": "32",
+    "TIDE_TRAIN_LR": "1e-3",
+    "TIDE_TRAIN_CHECKPOINT_INTERVAL_S": "30",
+    "OMP_NUM_THREADS": "1",  # one core for the trainer, one for the engine
+}
+
+
+class Promoter(threading.Thread):
+    """Stand-in for the operator: promote every version the trainer announces on the events stream."""
+
+    def __init__(self, client: redis.Redis, deployment: str) -> None:
+        super().__init__(name="tide-promoter", daemon=True)
+        self.client, self.deployment = client, deployment
+        self.published: list[int] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        last = "0-0"
+        while not self.stop.is_set():
+            try:
+                reply = self.client.xread({keys.events(self.deployment): last}, block=300, count=10)
+            except redis.RedisError as e:
+                log.warning("promoter cannot read the events stream: %s", e)
+                self.stop.wait(1.0)
+                continue
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    version = int(fields[b"version"])
+                    self.published.append(version)
+                    write_control(self.client, self.deployment, ControlState(stable=version))
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.is_alive():
+            self.join(5)
+
+
+def start_trainer(registry: Path, workdir: Path, target: str, settings: TideSettings, *, device: str,
+                  env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`tide train` as a separate process (as in a cluster, where it runs on the training pool)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "tide_sglang.cli", "-v", "train", "--registry", str(registry), "--create-registry",
+           "--checkpoint-dir", str(workdir / "trainer"), "--target", target, "--deployment", settings.deployment,
+           "--redis-url", settings.redis_url, "--consumer", f"{settings.deployment}-trainer", "--device", device]
+    logfile = (workdir / "trainer.log").open("wb")
+    return subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, env={**os.environ, **env})
+
+
+def stop_trainer(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()  # the trainer checkpoints and acks on SIGTERM
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+class OnlineParts(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    engine: SpecEngine
+    writer: StreamWriter
+    reporter: StatsReporter
+    follower: DraftFollower
+    controller: SpeculationController
+
+
+def online_engine(target: Target, settings: TideSettings, registry: Path, *, max_batch: int,
+                  draft_vocab_size: int) -> OnlineParts:
+    """An engine that captures to the stream, follows the control key and lets the TIDE policy pick steps."""
+    heads = heads_of(target.model)
+    param = next(target.model.parameters())
+    # A throwaway draft of the trainer's shape, only to time one draft step for the policy's profile.
+    config = DraftConfig.from_target(target.model.config, draft_vocab_size, target.aux_layer_ids,
+                                     torch_dtype="float32")
+    probe = init_draft(config, select_vocab(torch.ones(config.vocab_size), draft_vocab_size), heads.embed,
+                       heads.lm_head, heads.norm).to(param.device, param.dtype)
+    controller = SpeculationController(profile_engine(target, probe, max_batch, settings.control_max_steps),
+                                       settings)
+    client = connect(settings)
+    writer = StreamWriter(lambda: connect(settings, check=False), keys.hidden_states(settings.deployment),
+                          budget_bytes=settings.stream_budget_mib << 20, queue_entries=settings.stream_queue_entries)
+    reporter = StatsReporter(client, settings.deployment)
+    follower = DraftFollower(client, DraftRegistry(registry), settings.deployment, "stable", heads.embed,
+                             device=param.device, dtype=param.dtype, reporter=reporter)
+    engine = SpecEngine(target, controller=controller, writer=writer)
+    return OnlineParts(engine=engine, writer=writer, reporter=reporter, follower=follower, controller=controller)
