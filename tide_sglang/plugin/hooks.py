@@ -31,6 +31,7 @@ log = logging.getLogger("tide.plugin")
 
 _runtime: Runtime | None = None
 _decider: StepDecider | None = None
+_metrics: dict[str, PluginMetrics] = {}  # Prometheus metrics exist once per process (a rebuilt runtime reuses them)
 
 
 class PluginPatchError(RuntimeError):
@@ -49,6 +50,12 @@ def get_runtime(draft_worker: Any) -> Runtime:
     if _runtime is None:
         _runtime = build_runtime(TideSettings(), draft_worker)
     return _runtime
+
+
+def use_runtime(runtime: Runtime | None) -> None:
+    """Install a runtime built elsewhere (tests, or an embedding that wires its own pieces)."""
+    global _runtime
+    _runtime = runtime
 
 
 def reset_runtime() -> None:
@@ -81,7 +88,8 @@ def _all_reduce_min(vector: torch.Tensor) -> None:
 
 def build_runtime(settings: TideSettings, draft_worker: Any) -> Runtime:
     """`draft_worker`: SGLang's EagleDraftWorker, None on pipeline stages that do not host the draft."""
-    metrics = PluginMetrics(settings.deployment)
+    metrics = _metrics.get(settings.deployment) or _metrics.setdefault(settings.deployment,
+                                                                       PluginMetrics(settings.deployment))
     client = connect(settings, check=False)  # lazy: connects on first command, from a background thread
     stats = AcceptanceStats(settings.deployment, lambda: client)
     capturer = None
