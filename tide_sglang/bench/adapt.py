@@ -9,6 +9,7 @@ Per phase: tokens/s and acceptance length, the ratios tide/static and tide/no-sp
 recover after each shift. Absolute numbers count only on a GPU; on CPU read the ratios.
 """
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -36,19 +37,25 @@ STATIC_STEPS = 3
 
 
 class Size(BaseModel):
-    schedule: str
+    workloads: list[str]
+    requests: int  # per phase, at least two waves of the batch size
     batches: list[int]
     max_new_tokens: int
     offline_requests: int
     offline_steps: int
 
+    def schedule(self, batch: int) -> str:
+        return ",".join(f"{w}:{max(self.requests, 2 * batch)}" for w in self.workloads)
 
+
+DRIFT = ["writing", "code", "math", "french"]
 SIZES = {
-    "quick": Size(schedule="writing:4,code:4", batches=[2], max_new_tokens=12, offline_requests=8, offline_steps=20),
-    "cpu": Size(schedule="writing:16,code:16,math:16,french:16", batches=[1, 8], max_new_tokens=48,
-                offline_requests=48, offline_steps=300),
-    "gpu": Size(schedule="writing:64,code:64,math:64,french:64", batches=[1, 8, 32, 64], max_new_tokens=96,
-                offline_requests=256, offline_steps=2000),
+    "quick": Size(workloads=DRIFT[:2], requests=4, batches=[2], max_new_tokens=12, offline_requests=8,
+                  offline_steps=20),
+    "cpu": Size(workloads=DRIFT, requests=16, batches=[1, 8], max_new_tokens=48, offline_requests=48,
+                offline_steps=300),
+    "gpu": Size(workloads=DRIFT, requests=16, batches=[1, 8, 32, 64], max_new_tokens=64, offline_requests=128,
+                offline_steps=1500),
 }
 
 
@@ -174,23 +181,24 @@ def _table(rows: list[dict[str, object]], label: str) -> Table:
 def run(quick: bool, console: Console) -> BenchReport:
     gpu = torch.cuda.is_available()
     size = SIZES["quick" if quick else "gpu" if gpu else "cpu"]
+    if os.environ.get("TIDE_BENCH_BATCHES"):  # split a long run over several calls (docs/benchmarks.md)
+        size = size.model_copy(update={"batches": [int(b) for b in os.environ["TIDE_BENCH_BATCHES"].split(",")]})
     device = "cuda" if gpu else "cpu"
     if not gpu:
         torch.set_num_threads(1)  # the other core is the online trainer's
     target = load_target(device=device, dtype=torch.bfloat16 if gpu else torch.float32)
-    first = parse_schedule(size.schedule).phases[0]
-    plans = plan_schedule(parse_schedule(size.schedule), seed=0)
-    offline = plan_schedule(parse_schedule(f"{first.workload}:{size.offline_requests}"), seed=1000)
+    offline = plan_schedule(parse_schedule(f"{size.workloads[0]}:{size.offline_requests}"), seed=1000)
     results: list[ArmResult] = []
     with tempfile.TemporaryDirectory(prefix="tide-bench-adapt-", dir=Path.cwd()) as tmp:
         workdir = Path(tmp)
         static = workdir / "static"
-        with console.status(f"static draft: capture {size.offline_requests} {first.workload} requests, "
+        with console.status(f"static draft: capture {size.offline_requests} {size.workloads[0]} requests, "
                             f"train {size.offline_steps} steps offline"):
             _offline_draft(target, offline, size, static, device)
         for batch in size.batches:
+            plans = plan_schedule(parse_schedule(size.schedule(batch)), seed=0)
             for arm in ("no-spec", "static", "tide"):
-                with console.status(f"batch {batch}: {arm} serving {size.schedule}"):
+                with console.status(f"batch {batch}: {arm} serving {size.schedule(batch)}"):
                     results.append(_run_arm(arm, target, plans, batch, size, static, workdir, device))
     rows = _ratios(results)
     label = "GPU" if gpu else "CPU"

@@ -178,8 +178,9 @@ class SpecEngine:
         wave.pending.clear()
         out = draft.step(rows.aux, rows.tokens, rows.positions, wave.draft_cache)
         last = rows.positions.argmax(dim=1)  # [B] the newest committed row of each request
-        hidden = out.hidden[torch.arange(len(last)), last][:, None]  # [B, 1, H]
-        token = draft.to_target_ids(out.logits[torch.arange(len(last)), last].argmax(-1))  # [B]
+        row = torch.arange(len(last), device=last.device)
+        hidden = out.hidden[row, last][:, None]  # [B, 1, H]
+        token = draft.to_target_ids(out.logits[row, last].argmax(-1))  # [B]
         pos = rows.positions.max(dim=1).values + 1  # [B] position of the bonus token
         chain = [token]
         for _ in range(g - 1):
