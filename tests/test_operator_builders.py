@@ -198,3 +198,16 @@ def test_conditions_keep_transition_time_while_status_holds() -> None:
     second = _conds([], {"a-stable": Pods(1, 1)}, Routing(0, None), old=list(first.values()), now="t2")
     assert second["Degraded"].last_transition_time == "t1"
     assert second["Ready"].last_transition_time == "t2"
+
+
+@pytest.mark.parametrize("name", ["tidedeployment-minimal.yaml", "tidedeployment-full.yaml",
+                                  "tidedeployment-amd-pinned.yaml"])
+def test_built_in_children_validate_against_kubernetes_schemas(name: str) -> None:
+    """Deployments, Services and StatefulSets checked with the API's own OpenAPI schemas (strict: unknown
+    fields fail); PodMonitor/ServiceMonitor are CRDs of the Prometheus Operator and not covered."""
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    built_in = {"Deployment", "Service", "StatefulSet"}
+    kids = [c for c in builders.children("a", "ns", example(name), True) if c["kind"] in built_in]
+    assert kids
+    for child in kids:
+        kubernetes_validate.validate(child, "1.30", strict=True)

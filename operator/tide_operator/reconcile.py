@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from tide_operator import builders, redis_io, rollout, status
 from tide_operator.config import OperatorSettings
 from tide_operator.kube import ApiError, Kube, Obj, merge_patch
-from tide_operator.models import Counters, DraftVersionStatus, Phase, TideDeploymentSpec, TideDeploymentStatus
+from tide_operator.models import Baseline, Counters, DraftVersionStatus, Phase, TideDeploymentSpec, TideDeploymentStatus
 from tide_operator.status import Pods, Problem
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ class Reconciler:
         new = TideDeploymentStatus(
             observed_generation=td["metadata"].get("generation", 0), stable=route.stable, canary=route.canary,
             candidate=route.canary if route.canary is not None else _waiting(versions),
-            acceptance=stats.get(route.stable, Counters()).acceptance, events_cursor=cursor,
+            acceptance=rollout.rounded(stats.get(route.stable, Counters()).acceptance), events_cursor=cursor,
             conditions=status.conditions(td["metadata"].get("generation", 0), problems, pods, route, spec,
                                          old.conditions, now()))
         self._write_status(td, new)
@@ -75,8 +75,9 @@ class Reconciler:
             cursor = self._ingest(client, td, versions, cursor)
             problems = status.check_pin(spec, set(versions))
             route = rollout.routing(versions)
-            base = versions[route.canary].baseline if route.canary is not None else None
-            wanted = {route.stable, *([route.canary, base.version] if base and route.canary is not None else [])}
+            wanted = {route.stable}
+            if route.canary is not None:  # the canary is judged against the stable version of its baseline
+                wanted |= {route.canary, (versions[route.canary].baseline or Baseline()).version}
             stats = redis_io.read_stats(client, name, wanted)
             if not problems:
                 for v, st in rollout.step(spec.draft, spec.rollout, versions, stats, now()).items():

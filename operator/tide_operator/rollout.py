@@ -108,7 +108,7 @@ def _judge(canary: int, versions: Versions, rollout: RolloutSpec, stats: Mapping
     base = status.baseline or Baseline()
     seen = stats.get(canary, Counters())
     stable = window(stats.get(base.version, Counters()), base)
-    fields = {"canary": seen, "acceptance": _round(seen.acceptance), "stable_acceptance": _round(stable.acceptance)}
+    fields = {"canary": seen, "acceptance": rounded(seen.acceptance), "stable_acceptance": rounded(stable.acceptance)}
     verdict = _verdict(seen, stable, rollout)
     if verdict is None:
         progress = f"{min(seen.tokens, stable.tokens)}/{rollout.min_tokens} tokens observed on each side"
@@ -136,5 +136,5 @@ def _verdict(canary: Counters, stable: Counters, rollout: RolloutSpec) -> tuple[
     return None
 
 
-def _round(x: float | None) -> float | None:
+def rounded(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
