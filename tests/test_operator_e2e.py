@@ -196,6 +196,21 @@ async def test_wrong_spec_shows_a_condition_and_recovers(cluster: Cluster, opera
     assert {"name": "TIDE_REDIS_URL", "valueFrom": {"secretKeyRef": {"name": "redis-url", "key": "url"}}} in env
 
 
+async def test_refused_child_is_a_condition_not_a_crash(cluster: Cluster, operator: Operator,
+                                                        redis_server: LocalRedis) -> None:
+    await cluster.create(tide(redis_server.url))
+    await wait_for(lambda: cluster.get("Deployment", f"{NAME}-trainer"), what="children")
+    cluster.kmock.refusals = frozenset({("deployments", f"{NAME}-trainer")})  # as for an immutable field
+    await cluster.patch("TideDeployment", NAME, {"spec": {"training": {"replicas": 2},
+                                                          "inference": {"replicas": 3}}})
+    await wait_for(lambda: cluster.condition(NAME, "Degraded").get("reason") == "ChildRejected", what="Degraded")
+    assert "chat-trainer" in cluster.condition(NAME, "Degraded")["message"]
+    assert replicas(cluster, "chat-stable") == 3  # the other children are still applied
+    cluster.kmock.refusals = frozenset()
+    await wait_for(lambda: cluster.condition(NAME, "Degraded").get("status") == "False", what="recovery")
+    assert replicas(cluster, "chat-trainer") == 2
+
+
 async def test_delete_cleans_up(cluster: Cluster, operator: Operator, redis_server: LocalRedis,
                                 r: redis.Redis) -> None:
     await cluster.create(tide(redis_server.url))

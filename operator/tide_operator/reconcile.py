@@ -56,7 +56,8 @@ class Reconciler:
             problems += self._secret_problems(ns, spec)
         if spec is not None and not problems:  # a wrong spec changes nothing until it is fixed
             cursor, stats, problems = self._rollout(td, spec, versions, cursor)
-            pods = self._apply_children(td, spec, rollout.routing(versions).canary is not None)
+            pods, rejected = self._apply_children(td, spec, rollout.routing(versions).canary is not None)
+            problems += rejected
         route = rollout.routing(versions)
         new = TideDeploymentStatus(
             observed_generation=td["metadata"].get("generation", 0), stable=route.stable, canary=route.canary,
@@ -134,21 +135,30 @@ class Reconciler:
                 log.warning("ignoring DraftVersion %s: %s", dv["metadata"]["name"], e)
         return out
 
-    def _apply_children(self, td: Obj, spec: TideDeploymentSpec, canary_active: bool) -> dict[str, Pods]:
+    def _apply_children(self, td: Obj, spec: TideDeploymentSpec,
+                        canary_active: bool) -> tuple[dict[str, Pods], list[Problem]]:
+        """Apply every wanted child, delete unwanted ones. A child the API server refuses (an immutable
+        field changed, a CRD not installed) becomes a problem; the other children are still applied."""
         name, ns = td["metadata"]["name"], td["metadata"]["namespace"]
         desired = builders.children(name, ns, spec, canary_active)
         wanted = {(c["kind"], c["metadata"]["name"]) for c in desired}
         kopf.adopt(desired, owner=td)
-        pods = {}
+        pods, rejected = {}, []
         for child in desired:
-            live = self.kube.apply(child)
+            try:
+                live = self.kube.apply(child)
+            except ApiError as e:
+                if e.status not in (400, 404, 409, 422):
+                    raise
+                rejected.append(Problem("ChildRejected", f"{child['kind']} {child['metadata']['name']}: {e}"))
+                continue
             if child["kind"] in ("Deployment", "StatefulSet"):
                 ready = (live.get("status") or {}).get("readyReplicas") or 0
                 pods[child["metadata"]["name"]] = Pods(child["spec"]["replicas"], ready)
         for kind, child_name in builders.possible_children(name):
             if (kind, child_name) not in wanted:
                 self.kube.delete(kind, ns, child_name)
-        return pods
+        return pods, rejected
 
     def _secret_problems(self, ns: str, spec: TideDeploymentSpec) -> list[Problem]:
         found = [status.check_secret(f, ref, self.kube.get("Secret", ns, ref.name))

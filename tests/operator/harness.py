@@ -49,8 +49,14 @@ def _stamp_create(data: dict[str, Any], has_status: bool) -> None:
 class ApiServer(km.KubernetesEmulator):
     """kmock's emulator plus the API-server bookkeeping listed in the module docstring."""
 
+    # (plural, name) whose updates are refused with 422, as a real server refuses an immutable field.
+    refusals: frozenset[tuple[str, str]] = frozenset()
+
     async def _handle(self, request: km.Request) -> Any:
         data = request.data
+        if request.action == km.action.UPDATE and request.resource is not None \
+                and (request.resource.plural, request.name) in self.refusals:
+            raise km.KubernetesError(status=422, reason="Invalid", message="spec.selector: field is immutable")
         if request.resource is not None and isinstance(data, dict | list):
             has_status = request.resource.plural in _STATUS_KINDS
             if request.action == km.action.CREATE and isinstance(data, dict):
