@@ -113,7 +113,7 @@ class Reconciler:
         try:
             self.kube.create(body)
         except ApiError as e:
-            if e.status != 409:  # 409: created before a restart; its status is then re-written below
+            if e.status != 409:  # 409: it exists but was not listed (a race); it starts from `initial` too
                 raise
         self._set_version_status(td, version, None, initial)
         return initial

@@ -19,6 +19,7 @@ from tide_operator.models import Counters, Version
 from tide_sglang import keys
 from tide_sglang.settings import TideSettings
 from tide_sglang.stream.connection import Client, RedisUnavailable, connect
+from tide_sglang.stream.rollout import FIELDS as STATS_FIELDS  # the engines' writer names the fields
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,7 @@ def read_stats(client: Client, deployment: str, versions: Iterable[int]) -> dict
 
 def counters(raw: dict[bytes | str, bytes | str]) -> Counters:
     got = {_text(k): _text(v) for k, v in raw.items()}
-    return Counters(**{f: max(0, int(float(got.get(f, 0) or 0)))
-                       for f in ("tokens", "accepted", "verify_steps", "swap_failures")})
+    return Counters(**{f: max(0, int(float(got.get(f, 0) or 0))) for f in STATS_FIELDS})
 
 
 def write_control(client: Client, deployment: str, stable: int, canary: int | None) -> None:

@@ -33,7 +33,7 @@ from tide_operator.kube import RESOURCES
 
 NAMESPACE = "default"
 _RV = itertools.count(1000)
-_STATUS_KINDS = {f"{k.plural}" for k in KINDS} | {"deployments", "statefulsets"}
+_STATUS_KINDS = {k.plural for k in KINDS} | {"deployments", "statefulsets"}
 
 
 def _stamp_create(data: dict[str, Any], has_status: bool) -> None:
