@@ -129,3 +129,26 @@ def test_no_rows_when_every_request_was_retracted(tide_env, monkeypatch) -> None
     rt = hooks._runtime
     wait_for(lambda: rt.capturer.ring.in_flight == 0, what="finisher")
     assert rt.capturer.writer.stats.submitted == 0 and rt.capturer.dropped == 0
+
+
+def test_a_full_ring_drops_and_counts_instead_of_blocking(tide_env, monkeypatch) -> None:
+    monkeypatch.setenv("TIDE_CAPTURE_RING_SLOTS", "1")
+    hooks.reset_runtime()
+    batch = ScheduleBatch(reqs=reqs(1), seq_lens=torch.tensor([5]), forward_mode=ForwardMode.DECODE)
+
+    def result() -> GenerationBatchResult:
+        return GenerationBatchResult(
+            logits_output=LogitsProcessorOutput(next_token_logits=None, hidden_states=torch.randn(ND, K * H)),
+            next_token_ids=torch.zeros(ND, dtype=torch.int64), accept_lens=torch.tensor([3]),
+            speculative_num_draft_tokens=ND)
+
+    first, second = result(), result()
+    monkeypatch.setattr(eagle, "run_eagle_verify", lambda batch, **kw: first)
+    eagle.EAGLEWorkerV2.verify(eagle_worker(), batch)
+    monkeypatch.setattr(eagle, "run_eagle_verify", lambda batch, **kw: second)
+    eagle.EAGLEWorkerV2.verify(eagle_worker(), batch)  # the only slot still waits for the first commit
+    capturer = hooks._runtime.capturer
+    assert capturer.dropped == 1 and not hasattr(second, "_tide_capture")
+    hooks.before_commit(None, batch, first)
+    [got] = read_all(tide_env, 1)
+    assert got.positions.tolist() == [5, 6, 7]

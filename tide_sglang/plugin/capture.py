@@ -27,6 +27,7 @@ from tide_sglang.stream import StreamWriter
 log = logging.getLogger("tide.plugin.capture")
 
 ATTR = "_tide_capture"  # set on SGLang's GenerationBatchResult between verify and result processing
+STALE_S = 5.0  # a verify result not processed this long after its verify is taken as never committed
 
 
 class Pending(BaseModel):
@@ -58,6 +59,7 @@ class Capturer:
         self.stream = torch.cuda.Stream(device=device) if cuda else None
         self.version = 0
         self.dropped = 0
+        self._awaiting: dict[int, tuple[Pending, float]] = {}  # slot -> decode capture waiting for its commit
         self._queue: queue.Queue[Pending | None] = queue.Queue(maxsize=settings.capture_ring_slots)
         self._thread = threading.Thread(target=self._run, name="tide-capture-finisher", daemon=True)
         self._thread.start()
@@ -77,22 +79,24 @@ class Capturer:
             return
         bs = len(reqs)
         chosen = [i for i, r in enumerate(reqs) if self.sampled(r.rid)]
-        idx = (torch.tensor(chosen).unsqueeze(1) * nd + torch.arange(nd)).flatten()
-        slot = self.ring.acquire(max(len(idx), bs), hidden.shape[1], hidden.dtype)
+        idx = (torch.tensor(chosen, dtype=torch.long).unsqueeze(1) * nd + torch.arange(nd)).flatten()
+        slot = self._acquire(max(len(idx), bs), hidden.shape[1], hidden.dtype)
         if slot is None:
             return self.drop("ring_full")
         if len(chosen) == bs:
-            picked, ids = hidden[: bs * nd].clone(), result.next_token_ids[: bs * nd].to(torch.int64)
+            picked = hidden[: bs * nd].clone()
+            ids = result.next_token_ids[: bs * nd].to(torch.int64, copy=True)
         else:
             dev_idx = idx.to(hidden.device, non_blocking=True)
             picked, ids = hidden.index_select(0, dev_idx), result.next_token_ids.index_select(0, dev_idx).long()
         n = len(idx)
         event = self._to_host([(slot.hidden[:n], picked), (slot.ints[0, :n], ids),
-                               (slot.ints[1, :bs], result.accept_lens.to(torch.int64)),
-                               (slot.ints[2, :bs], batch.seq_lens.to(torch.int64))])
+                               (slot.ints[1, :bs], result.accept_lens.to(torch.int64, copy=True)),
+                               (slot.ints[2, :bs], batch.seq_lens.to(torch.int64, copy=True))])
         pending = Pending(kind="decode", slot=slot, event=event, version=self.version, nd=nd,
                           rids=[reqs[i].rid for i in chosen], reqs=reqs, stats=chosen)
         setattr(result, ATTR, pending)
+        self._awaiting[slot.index] = (pending, time.monotonic())
 
     def on_commit(self, batch: Any, result: Any) -> None:
         """Before SGLang processes a decode result: requests already finished or retracted commit nothing
@@ -100,6 +104,7 @@ class Capturer:
         pending: Pending | None = result.__dict__.pop(ATTR, None)
         if pending is None:
             return
+        self._awaiting.pop(pending.slot.index, None)
         pending.committed = [not (r.finished() or r.is_retracted) for r in pending.reqs]
         self._hand_over(pending)
 
@@ -113,7 +118,7 @@ class Capturer:
         row, req, pos, src = rows.prefill_rows(list(batch.extend_lens), list(batch.prefix_lens), complete, keep)
         if not len(row):
             return
-        slot = self.ring.acquire(len(row), hidden.shape[1], hidden.dtype)
+        slot = self._acquire(len(row), hidden.shape[1], hidden.dtype)
         if slot is None:
             return self.drop("ring_full")
         device = hidden.device
@@ -123,6 +128,20 @@ class Capturer:
         event = self._to_host([(slot.hidden[: len(row)], picked), (slot.ints[0, : len(row)], ids)])
         self._hand_over(Pending(kind="prefill", slot=slot, event=event, version=self.version,
                                 rids=[reqs[i].rid for i in keep], reqs=[], req_index=req, positions=pos))
+
+    def _acquire(self, rows: int, width: int, dtype: torch.dtype) -> Slot | None:
+        """A ring slot; when none is free, first reclaim slots of verify results SGLang never processed (a
+        result dropped by the scheduler would otherwise hold its slot forever)."""
+        slot = self.ring.acquire(rows, width, dtype)
+        if slot is not None:
+            return slot
+        stale = time.monotonic() - STALE_S
+        for index, (pending, since) in list(self._awaiting.items()):
+            if since < stale:
+                del self._awaiting[index]
+                self.ring.release(pending.slot)
+                self.drop("never_committed")
+        return self.ring.acquire(rows, width, dtype)
 
     def _to_host(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
         if self.stream is None:  # CPU: the copy is the only work there is

@@ -190,8 +190,8 @@ def around_steps(original: Callable[..., int], params: Any, batch_size: int, *ar
     if _runtime is None or _runtime.steps is None:
         return default
     slot = params._route(batch_size)
-    key = next(bs for bs, s in params._slots.items() if s is slot)
-    agreed = _runtime.steps.steps(key)
+    key = next((bs for bs, s in params._slots.items() if s is slot), None)
+    agreed = None if key is None else _runtime.steps.steps(key)
     return default if agreed is None else agreed
 
 
