@@ -67,7 +67,7 @@ def structural(node: Schema, defs: dict[str, Schema]) -> Schema:
         node = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
     node = {k: v for k, v in node.items() if k != "title"}
     if "anyOf" in node:
-        node = _union(node, defs)
+        return _union(node, defs)
     if node.get("type") == "object":
         node = _object(node, defs)
     if node.get("type") == "array":
@@ -76,7 +76,9 @@ def structural(node: Schema, defs: dict[str, Schema]) -> Schema:
 
 
 def _union(node: Schema, defs: dict[str, Schema]) -> Schema:
-    branches = [b for b in node.pop("anyOf") if b.get("type") != "null"]
+    """`X | None` as X with `nullable`, or int-or-string; no other union is expressible."""
+    union = node.pop("anyOf")
+    branches = [b for b in union if b.get("type") != "null"]
     if "default" in node and node["default"] is None:  # "unset" is absence, not a null default
         del node["default"]
     if node.get("x-kubernetes-int-or-string"):
@@ -86,8 +88,8 @@ def _union(node: Schema, defs: dict[str, Schema]) -> Schema:
         return {**node, "pattern": pattern} if pattern else node
     if len(branches) != 1:
         raise ValueError(f"unsupported union in CRD schema: {branches}")
-    merged = {**structural(branches[0], defs), **node, "nullable": True}
-    return structural(merged, defs) if "$ref" in merged else merged
+    merged = {**structural(branches[0], defs), **node}
+    return merged | {"nullable": True} if len(branches) < len(union) else merged
 
 
 def _object(node: Schema, defs: dict[str, Schema]) -> Schema:

@@ -39,6 +39,10 @@ def rbac_rules() -> list[dict[str, Any]]:
         if res.status_verbs:
             rules.append({"apiGroups": [res.group], "resources": [f"{res.plural}/status"],
                           "verbs": list(res.status_verbs)})
+    # Children carry ownerReferences with blockOwnerDeletion (kopf.adopt); where the API server enforces
+    # OwnerReferencesPermission, setting that needs update on the owner's finalizers subresource.
+    owner = RESOURCES["TideDeployment"]
+    rules.append({"apiGroups": [owner.group], "resources": [f"{owner.plural}/finalizers"], "verbs": ["update"]})
     return rules
 
 
