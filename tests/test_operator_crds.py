@@ -13,7 +13,7 @@ from tide_operator import generate
 from tide_operator.crds import DRAFT_VERSION, TIDE_DEPLOYMENT, crd
 from tide_operator.models import DraftVersionSpec, DraftVersionStatus, TideDeploymentSpec
 
-from tests.operator.crdcheck import ROOT, errors, load_crds, structural_errors
+from tests.operator.crdcheck import ROOT, errors, json_schema, load_crds, structural_errors
 
 EXAMPLES = sorted((ROOT / "docs/examples").glob("*.yaml"))
 
@@ -33,6 +33,8 @@ def test_check_mode_reports_stale_file(tmp_path: Path, monkeypatch: pytest.Monke
 
 @pytest.mark.parametrize("kind", ["TideDeployment", "DraftVersion"])
 def test_crd_is_structural(kind: str) -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    kubernetes_validate.validate(load_crds()[kind], "1.30", strict=True)  # a valid apiextensions/v1 object
     version = load_crds()[kind]["spec"]["versions"][0]
     assert structural_errors(version["schema"]["openAPIV3Schema"]) == []
     assert version["subresources"] == {"status": {}}
@@ -54,7 +56,7 @@ def test_every_default_validates_against_its_own_schema() -> None:
     found = _defaults(schema)
     assert len(found) > 20
     for path, node, default in found:
-        sub = {k: v for k, v in node.items() if k != "default"}
+        sub = json_schema({k: v for k, v in node.items() if k != "default"})
         assert not list(jsonschema.Draft7Validator(sub).iter_errors(default)), path
 
 
@@ -111,6 +113,7 @@ _DELETE = object()
     ("spec.inference.imagePullPolicy", "Always", "Additional properties"),
     ("spec.model", _DELETE, "'model' is a required property"),
     ("spec.draft.version", -1, "less than the minimum"),
+    ("spec.training.trigger", {"shortAlpha": 0}, "less than or equal to the minimum"),  # exclusive bound
 ])
 def test_schema_rejects_malformed_objects(field: str, value: object, complaint: str) -> None:
     found = errors(load_crds()["TideDeployment"], _set(_minimal(), field, value))

@@ -66,6 +66,9 @@ def structural(node: Schema, defs: dict[str, Schema]) -> Schema:
         target = defs[node["$ref"].rsplit("/", 1)[-1]]
         node = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
     node = {k: v for k, v in node.items() if k != "title"}
+    for bound, limit in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if bound in node and not isinstance(node[bound], bool):  # OpenAPI 3.0 form: a flag on the limit
+            node[limit], node[bound] = node.pop(bound), True
     if "anyOf" in node:
         return _union(node, defs)
     if node.get("type") == "object":

@@ -25,14 +25,18 @@ def load_crds() -> dict[str, dict[str, Any]]:
     return out
 
 
-def _strict(node: Any) -> Any:
+def json_schema(node: Any) -> Any:
+    """A CRD schema node as JSON Schema draft 7, with the API server's strictness (see module docstring)."""
     if not isinstance(node, dict):
         return node
-    node = {k: _strict(v) if k not in ("properties", "default", "enum") else v for k, v in node.items()}
+    node = {k: json_schema(v) if k not in ("properties", "default", "enum") else v for k, v in node.items()}
     if "properties" in node:
-        node["properties"] = {k: _strict(v) for k, v in node["properties"].items()}
+        node["properties"] = {k: json_schema(v) for k, v in node["properties"].items()}
         if not node.get("x-kubernetes-preserve-unknown-fields"):
             node["additionalProperties"] = False
+    for bound, limit in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if node.get(bound) is True:  # OpenAPI 3.0's flag form, as JSON Schema draft 7 writes it
+            node[bound] = node.pop(limit)
     if node.pop("nullable", False) and "type" in node:
         node["type"] = [node["type"], "null"]
     return node
@@ -40,7 +44,7 @@ def _strict(node: Any) -> Any:
 
 def validator(crd: dict[str, Any]) -> jsonschema.Draft7Validator:
     schema = copy.deepcopy(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
-    schema = _strict(schema)
+    schema = json_schema(schema)
     schema["properties"]["metadata"] = {"type": "object"}  # metadata is validated by the API server itself
     return jsonschema.Draft7Validator(schema)
 
