@@ -115,7 +115,12 @@ def _swapper(settings: TideSettings, draft_worker: Any, metrics: PluginMetrics, 
              client: Any) -> Swapper | None:
     if settings.registry_dir is None or draft_worker is None:
         return None
-    path = Path(draft_worker.server_args.speculative_draft_model_path)
+    served = draft_worker.server_args.speculative_draft_model_path
+    if not served or not Path(served).is_dir():
+        log.error("hot-swap disabled: the draft %r is not a local checkpoint directory to compare versions with",
+                  served)
+        return None
+    path = Path(served)
     try:
         baseline = baseline_from_dir(path)
         registry = DraftRegistry(settings.registry_dir)
