@@ -2,10 +2,11 @@
 
 Only the cluster is emulated. kmock 0.8 stores objects verbatim, so `ApiServer` adds what the operator and
 kopf rely on from a real API server: uid, resourceVersion, generation (bumped on spec changes),
-creationTimestamp, 422 on a failed JSON-patch `test`, and the status subresource (status is ignored on
-create and on the main endpoint, and only status is taken from `/status`). Still missing, and handled in
-the tests: garbage collection through ownerReferences, label selectors, defaulting from the schema, and
-controllers (the tests mark Deployments ready themselves).
+creationTimestamp, 422 on a failed JSON-patch `test`, the status subresource (status is ignored on
+create and on the main endpoint, and only status is taken from `/status`), and validation of every stored
+TideDeployment and DraftVersion against the generated CRDs (what a real server would refuse or prune fails
+the test). Still missing, and handled in the tests: garbage collection through ownerReferences, label
+selectors, defaulting from the schema, and controllers (the tests mark Deployments ready themselves).
 """
 
 import asyncio
@@ -31,9 +32,12 @@ os.environ.setdefault("TIDE_OPERATOR_INTERVAL_S", "0.3")
 from tide_operator.crds import KINDS
 from tide_operator.kube import RESOURCES
 
+from tests.operator.crdcheck import errors, load_crds
+
 NAMESPACE = "default"
 _RV = itertools.count(1000)
 _STATUS_KINDS = {k.plural for k in KINDS} | {"deployments", "statefulsets"}
+CRDS = load_crds()
 
 
 def _stamp_create(data: dict[str, Any], has_status: bool) -> None:
@@ -63,7 +67,22 @@ class ApiServer(km.KubernetesEmulator):
                 _stamp_create(data, has_status)
             elif request.action == km.action.UPDATE and request.name is not None:
                 self._stamp_update(request, data, has_status)
-        return await super()._handle(request)
+        response = await super()._handle(request)
+        self._check_schema(request)
+        return response
+
+    def _check_schema(self, request: km.Request) -> None:
+        """A real server validates (and prunes) custom resources against the CRD: record what it would
+        refuse or silently drop, so the operator fixture fails on it."""
+        if request.resource is None or request.resource.group != "tide.dev" \
+                or request.action not in (km.action.CREATE, km.action.UPDATE):
+            return
+        name = request.name or (request.data or {}).get("metadata", {}).get("name")
+        key = (request.resource, request.namespace, name)
+        if key in self.objects and not self.objects[key].deleted:
+            obj = json.loads(json.dumps(dict(self.objects[key].raw)))
+            kind = obj.get("kind") or next(k.kind for k in KINDS if k.plural == request.resource.plural)
+            self.schema_errors += [f"{kind} {name}: {e}" for e in errors(CRDS[kind], {**obj, "kind": kind})]
 
     def _stamp_update(self, request: km.Request, data: Any, has_status: bool) -> None:
         key = (request.resource, request.namespace, request.name)
@@ -157,10 +176,12 @@ async def operator_fixture(kmock: km.KubernetesEmulator, tmp_path: Path,
                    monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Operator]:
     register_resources(kmock)
     write_kubeconfig(str(kmock.url).rstrip("/"), tmp_path / "kubeconfig", monkeypatch)
+    kmock.schema_errors = []
     op = Operator(kmock)
     await op.start()
     yield op
     await op.stop()
+    assert not kmock.schema_errors, kmock.schema_errors[:5]
 
 
 async def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
