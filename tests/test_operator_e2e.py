@@ -70,6 +70,14 @@ def replicas(cluster: Cluster, name: str) -> int | None:
     return ((cluster.get("Deployment", name) or {}).get("spec") or {}).get("replicas")
 
 
+async def canary_of_v1(cluster: Cluster, redis_server: LocalRedis, r: redis.Redis) -> None:
+    """A TideDeployment whose trainer has just published v1, now in canary."""
+    await cluster.create(tide(redis_server.url))
+    await wait_for(lambda: control(r) == {"stable": "0"}, what="control hash")
+    publish(r, 1, 0)
+    await wait_for(lambda: phase(cluster, 1) == "Canary", what="canary")
+
+
 def pod(cluster: Cluster, name: str) -> dict:
     return cluster.get("Deployment", name)["spec"]["template"]["spec"]
 
@@ -146,10 +154,7 @@ async def test_published_version_is_canaried_promoted_then_rolled_back_by_pin(
 
 async def test_worse_candidate_is_rolled_back(cluster: Cluster, operator: Operator, redis_server: LocalRedis,
                                               r: redis.Redis) -> None:
-    await cluster.create(tide(redis_server.url))
-    await wait_for(lambda: control(r) == {"stable": "0"}, what="control hash")
-    publish(r, 1, 0)
-    await wait_for(lambda: phase(cluster, 1) == "Canary", what="canary")
+    await canary_of_v1(cluster, redis_server, r)
     report(r, 0, 3_000, 2_100)  # 0.70
     report(r, 1, 3_000, 1_500)  # 0.50
     await wait_for(lambda: phase(cluster, 1) == "RolledBack", what="rollback")
@@ -162,10 +167,7 @@ async def test_worse_candidate_is_rolled_back(cluster: Cluster, operator: Operat
 
 async def test_restart_mid_rollout_continues(cluster: Cluster, operator: Operator, redis_server: LocalRedis,
                                              r: redis.Redis) -> None:
-    await cluster.create(tide(redis_server.url))
-    await wait_for(lambda: control(r) == {"stable": "0"}, what="control hash")
-    publish(r, 1, 0)
-    await wait_for(lambda: phase(cluster, 1) == "Canary", what="canary")
+    await canary_of_v1(cluster, redis_server, r)
     await operator.stop()
     report(r, 0, 2_000, 1_000)
     report(r, 1, 2_000, 1_600)

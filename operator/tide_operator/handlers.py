@@ -6,6 +6,8 @@ pod readiness) share one idempotent code path.
 """
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import kopf
 import kubernetes
@@ -40,14 +42,22 @@ def login() -> kubernetes.client.ApiClient:
     return kubernetes.client.ApiClient()
 
 
+@contextmanager
+def retry_api_errors() -> Iterator[None]:
+    """An API error (a conflict, the server busy) is retried by kopf after a delay; a wrong spec never gets
+    here: it is a status condition."""
+    try:
+        yield
+    except ApiError as e:
+        raise kopf.TemporaryError(str(e), delay=10) from e
+
+
 @kopf.on.resume(*TD)
 @kopf.on.create(*TD)
 @kopf.on.update(*TD)
 def reconcile(namespace: str, name: str, memo: kopf.Memo, **_: object) -> None:
-    try:
+    with retry_api_errors():
         memo.reconciler.reconcile(namespace, name)
-    except ApiError as e:
-        raise kopf.TemporaryError(str(e), delay=10) from e
 
 
 @kopf.timer(*TD, interval=CONFIG.interval_s)
@@ -57,7 +67,5 @@ def tick(namespace: str, name: str, memo: kopf.Memo, **_: object) -> None:
 
 @kopf.on.delete(*TD)
 def cleanup(namespace: str, name: str, memo: kopf.Memo, **_: object) -> None:
-    try:
+    with retry_api_errors():
         memo.reconciler.cleanup(namespace, name)
-    except ApiError as e:
-        raise kopf.TemporaryError(str(e), delay=10) from e
