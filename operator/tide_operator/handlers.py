@@ -62,7 +62,7 @@ def reconcile(namespace: str, name: str, memo: kopf.Memo, **_: object) -> None:
 
 @kopf.timer(*TD, interval=CONFIG.interval_s)
 def tick(namespace: str, name: str, memo: kopf.Memo, **_: object) -> None:
-    memo.reconciler.reconcile(namespace, name)
+    memo.reconciler.reconcile(namespace, name, prune=False)
 
 
 @kopf.on.delete(*TD)

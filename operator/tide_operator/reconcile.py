@@ -40,13 +40,15 @@ class Reconciler:
         self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
         self._redis: dict[tuple[str, str | None, bool], redis_io.Client] = {}
 
-    def reconcile(self, namespace: str, name: str) -> None:
+    def reconcile(self, namespace: str, name: str, *, prune: bool = True) -> None:
+        """One pass. `prune` also deletes children the spec no longer wants: needed after a spec change only,
+        so the timer skips it rather than sending a DELETE for every absent optional child each time."""
         with self._locks[namespace, name]:
             td = self.kube.get("TideDeployment", namespace, name)
             if td is not None and not td["metadata"].get("deletionTimestamp"):
-                self._reconcile(td)
+                self._reconcile(td, prune)
 
-    def _reconcile(self, td: Obj) -> None:
+    def _reconcile(self, td: Obj, prune: bool) -> None:
         name, ns = td["metadata"]["name"], td["metadata"]["namespace"]
         old = _old_status(td)
         spec, problems = status.parse(name, td.get("spec") or {})
@@ -56,7 +58,7 @@ class Reconciler:
             problems += self._secret_problems(ns, spec)
         if spec is not None and not problems:  # a wrong spec changes nothing until it is fixed
             cursor, stats, problems = self._rollout(td, spec, versions, cursor)
-            pods, rejected = self._apply_children(td, spec, rollout.routing(versions).canary is not None)
+            pods, rejected = self._apply_children(td, spec, rollout.routing(versions).canary is not None, prune)
             problems += rejected
         route = rollout.routing(versions)
         new = TideDeploymentStatus(
@@ -135,8 +137,8 @@ class Reconciler:
                 log.warning("ignoring DraftVersion %s: %s", dv["metadata"]["name"], e)
         return out
 
-    def _apply_children(self, td: Obj, spec: TideDeploymentSpec,
-                        canary_active: bool) -> tuple[dict[str, Pods], list[Problem]]:
+    def _apply_children(self, td: Obj, spec: TideDeploymentSpec, canary_active: bool,
+                        prune: bool) -> tuple[dict[str, Pods], list[Problem]]:
         """Apply every wanted child, delete unwanted ones. A child the API server refuses (an immutable
         field changed, a CRD not installed) becomes a problem; the other children are still applied."""
         name, ns = td["metadata"]["name"], td["metadata"]["namespace"]
@@ -155,7 +157,7 @@ class Reconciler:
             if child["kind"] in ("Deployment", "StatefulSet"):
                 ready = (live.get("status") or {}).get("readyReplicas") or 0
                 pods[child["metadata"]["name"]] = Pods(child["spec"]["replicas"], ready)
-        for kind, child_name in builders.possible_children(name):
+        for kind, child_name in builders.possible_children(name) if prune else ():
             if (kind, child_name) not in wanted:
                 self.kube.delete(kind, ns, child_name)
         return pods, rejected
