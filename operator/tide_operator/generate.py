@@ -95,8 +95,9 @@ def _row(path: str, node: dict[str, Any], required: bool) -> str:
         kind = f"[]{node['items'].get('type', '')}"
     if "additionalProperties" in node:
         kind = f"map[string]{node['additionalProperties'].get('type', 'int-or-string')}"
-    limits = [f"{k} {node[k]}" for k in ("minimum", "maximum", "minLength", "maxLength", "minItems")
-              if k in node]
+    exclusive = {"minimum": node.get("exclusiveMinimum"), "maximum": node.get("exclusiveMaximum")}
+    limits = [f"{k} {node[k]}" + (" (exclusive)" if exclusive.get(k) else "")
+              for k in ("minimum", "maximum", "minLength", "maxLength", "minItems") if k in node]
     limits += [f"one of {', '.join(map(str, node['enum']))}"] if "enum" in node else []
     limits += [f"pattern `{node['pattern']}`"] if "pattern" in node else []
     limits += ["required"] if required else []
