@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 TORCH  := torch==2.13.0
 
-.PHONY: all install system test lint demo clean
+.PHONY: all install system test lint contract demo clean
 
 all: test
 
@@ -29,11 +29,16 @@ system:
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-test: $(STAMP) system lint
+# SGLang contract tests run in their own venv: sglang==0.5.23 --no-deps on CPU torch (scripts/sglang-contract-env.sh).
+contract: system
+	scripts/sglang-contract-env.sh
+	.venv-sglang/bin/pytest tests/contract
+
+test: $(STAMP) system lint contract
 	$(BIN)/pytest
 
 demo: $(STAMP) system
 	$(BIN)/tide demo
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache runs
+	rm -rf $(VENV) .venv-sglang .pytest_cache .ruff_cache runs
