@@ -64,7 +64,6 @@ def test_trainer_learns_from_the_stream_and_publishes(settings: TideSettings, sm
     _write(settings, traffic)
     trainer = _trainer(settings, tmp_path / "reg", smollm2)
     _drain(trainer, sum(b.num_tokens for b in traffic))
-    trainer.checkpoint = lambda: None  # no checkpoint dir in this test
     assert trainer.draft is not None and trainer.draft.config.draft_vocab_size == 512
 
     first = trainer.evaluate()  # the untrained draft against itself: nothing to publish

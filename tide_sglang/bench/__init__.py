@@ -64,4 +64,5 @@ class BenchReport(BaseModel):
 BENCHMARKS = {
     "stream": "tide_sglang.bench.stream",
     "adapt": "tide_sglang.bench.adapt",
+    "train": "tide_sglang.bench.train",
 }

@@ -143,7 +143,10 @@ class DraftTrainer:
         entries = self.reader.read()
         for entry in entries:
             self._ingest(entry.batch)
-        self.pending += entries
+        if self.s.train_checkpoint_dir is None:
+            self.reader.ack(entries)  # nothing is durable without a checkpoint: do not let the pending list grow
+        else:
+            self.pending += entries
         if self.draft is None and self.ingested_rows >= self.s.train_vocab_warmup_rows:
             self._new_lineage()
         return len(entries)
@@ -159,6 +162,11 @@ class DraftTrainer:
         if self.draft is None:
             self.counts += torch.bincount(batch.token_ids, minlength=self.counts.numel()).float()
         for chunk in self.assembler.add(batch):
+            self._store(chunk)
+
+    def close_sequences(self) -> None:
+        """Move every open (partial) request sequence into the buffers."""
+        for chunk in self.assembler.flush():
             self._store(chunk)
 
     def _store(self, chunk: Chunk) -> None:
@@ -277,8 +285,7 @@ class DraftTrainer:
         """Save everything the pending entries contributed, then ack them (see trainer/state.py)."""
         if self.draft is None or self.optimizer is None or self.state is None:
             return  # still counting tokens for the vocabulary: entries stay pending and are re-read on restart
-        for chunk in self.assembler.flush():
-            self._store(chunk)
+        self.close_sequences()
         stored = [("heldout", c) for c in self.heldout] + [
             (store, c) for d in self.replay.domains.values()
             for store, cs in (("recent", d.recent), ("reservoir", d.reservoir)) for c in cs]
