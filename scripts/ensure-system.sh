@@ -6,6 +6,7 @@ set -euo pipefail
 missing=()
 command -v redis-server >/dev/null && command -v redis-cli >/dev/null || missing+=(redis-server)
 [ -d /usr/share/doc/debian-handbook ] || missing+=(debian-handbook)
+command -v prometheus >/dev/null && command -v promtool >/dev/null || missing+=(prometheus)  # chart tests
 [ ${#missing[@]} -eq 0 ] && exit 0
 echo "installing with apt-get: ${missing[*]}" >&2
 SUDO=""

@@ -1,0 +1,252 @@
+"""The Helm chart with the real helm v4 binary: lint, render every values file, validate what it renders.
+
+No cluster (the only thing absent): built-in objects are validated with kubernetes-validate (the API's own
+OpenAPI schemas, strict), TideDeployments with jsonschema over the CRD's openAPIV3Schema and with the operator's
+own parser, and the Prometheus Operator's kinds against what the operator's builders produce.
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from tide_operator import builders
+from tide_operator.status import parse
+
+from tests.chart_tools import (
+    CHART,
+    MONITORING_APIS,
+    NAMESPACE,
+    ROOT,
+    VALUES_FILES,
+    by_kind,
+    helm,
+    render,
+    render_error,
+)
+from tests.operator.crdcheck import errors, load_crds
+
+BUILT_IN = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "RoleBinding", "Deployment", "StatefulSet",
+            "Service", "Secret", "ConfigMap", "CustomResourceDefinition"}
+KUBE_VERSIONS = ("1.27", "1.35")  # the chart's kubeVersion floor, and the kubectl that ensure-helm.sh installs
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict[str, Any]]]:
+    """Every values file (and the defaults), rendered once with the CRDs included."""
+    out = {"defaults": render(extra=("--include-crds",))}
+    for path in VALUES_FILES:
+        out[path.name] = render([path], extra=("--include-crds",))
+    return out
+
+
+def test_values_files_exist() -> None:
+    names = {p.name for p in VALUES_FILES}
+    assert {"values-heterogeneous.yaml", "values-external-redis-tls.yaml", "values-kube-prometheus-stack.yaml",
+            "default-values.yaml"} <= names
+
+
+@pytest.mark.parametrize("values", [None, *VALUES_FILES], ids=lambda p: p.name if p else "defaults")
+def test_helm_lint(values: Path | None) -> None:
+    args = ["lint", str(CHART), "--strict", "--namespace", NAMESPACE]
+    if values is not None:
+        args += ["-f", str(values)]
+    out = helm(*args).stdout
+    assert "0 chart(s) failed" in out
+
+
+def test_built_in_objects_validate_against_kubernetes_schemas(rendered: dict[str, list[dict]]) -> None:
+    import kubernetes_validate
+
+    seen = set()
+    for name, objs in rendered.items():
+        for obj in objs:
+            if obj["kind"] not in BUILT_IN:
+                continue
+            seen.add(obj["kind"])
+            for version in KUBE_VERSIONS:
+                try:
+                    kubernetes_validate.validate(obj, version, strict=True)
+                except kubernetes_validate.ValidationError as e:
+                    raise AssertionError(f"{name}: {obj['kind']}/{obj['metadata']['name']} ({version}): {e}") from e
+    assert {"Deployment", "StatefulSet", "Secret", "RoleBinding", "ClusterRoleBinding", "ConfigMap",
+            "CustomResourceDefinition"} <= seen
+
+
+def test_kubernetes_validate_rejects_a_broken_object() -> None:
+    """The validator used above does fail: an unknown field in a rendered Deployment."""
+    import kubernetes_validate
+
+    dep = by_kind(render(), "Deployment")[0]
+    dep["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "Always"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(dep, KUBE_VERSIONS[-1], strict=True)
+
+
+def test_tide_deployments_validate_against_the_crd(rendered: dict[str, list[dict]]) -> None:
+    crd = load_crds()["TideDeployment"]
+    count = 0
+    for name, objs in rendered.items():
+        for td in by_kind(objs, "TideDeployment"):
+            count += 1
+            assert errors(crd, td) == [], f"{name}: {td['metadata']['name']}"
+            _, problems = parse(td["metadata"]["name"], td["spec"])
+            assert problems == [], f"{name}: the operator would mark {td['metadata']['name']} Degraded: {problems}"
+    assert count >= 4
+
+
+def test_crd_schema_check_rejects_a_typo() -> None:
+    crd = load_crds()["TideDeployment"]
+    td = by_kind(render([ROOT / "helm/values-heterogeneous.yaml"]), "TideDeployment")[0]
+    td["spec"]["inference"]["replica"] = 3
+    assert errors(crd, td)
+
+
+def test_crds_are_the_generated_files(rendered: dict[str, list[dict]]) -> None:
+    crds = {o["metadata"]["name"]: o for o in by_kind(rendered["defaults"], "CustomResourceDefinition")}
+    assert crds == {c["metadata"]["name"]: c for c in load_crds().values()}
+
+
+def test_rbac_rules_are_the_generated_file() -> None:
+    role = by_kind(render(), "ClusterRole")[0]
+    assert role["rules"] == yaml.safe_load((CHART / "files/operator-rbac-rules.yaml").read_text())
+    binding = by_kind(render(), "ClusterRoleBinding")[0]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"][0]["name"] == by_kind(render(), "ServiceAccount")[0]["metadata"]["name"]
+
+
+def test_watched_namespaces_get_role_bindings_and_flags() -> None:
+    objs = render(sets=["operator.watchNamespaces={serving,batch}"])
+    assert not by_kind(objs, "ClusterRoleBinding")
+    assert sorted(b["metadata"]["namespace"] for b in by_kind(objs, "RoleBinding")) == ["batch", "serving"]
+    args = by_kind(objs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--namespace=serving" in args and "--namespace=batch" in args and "--all-namespaces" not in args
+
+
+def test_operator_deployment() -> None:
+    dep = by_kind(render(sets=["operator.verbosity=debug", "operator.intervalSeconds=5"]), "Deployment")[0]
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert c["image"] == "ghcr.io/tide-sglang/tide-operator:0.1.0"
+    assert c["args"] == ["--log-format=full", "--debug", "--liveness=http://0.0.0.0:8080/healthz", "--all-namespaces"]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env == {"TIDE_OPERATOR_INTERVAL_S": "5", "TIDE_OPERATOR_REDIS_TIMEOUT_S": "3",
+                   "TIDE_OPERATOR_EVENTS_BATCH": "100"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+
+
+def test_digest_overrides_tag() -> None:
+    digest = "sha256:" + "a" * 64
+    dep = by_kind(render(sets=[f"operator.image.digest={digest}"]), "Deployment")[0]
+    assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == f"ghcr.io/tide-sglang/tide-operator@{digest}"
+
+
+def test_managed_redis_and_its_tide_deployments() -> None:
+    objs = render([ROOT / "helm/values-heterogeneous.yaml"])
+    secret = by_kind(objs, "Secret")[0]
+    assert secret["metadata"]["name"] == "tide-redis" and len(secret["data"]["password"]) > 20
+    sts = by_kind(objs, "StatefulSet")[0]
+    c = sts["spec"]["template"]["spec"]["containers"][0]
+    assert c["args"][-2:] == ["--requirepass", "$(REDIS_PASSWORD)"]
+    assert {"REDIS_PASSWORD", "REDISCLI_AUTH"} == {e["name"] for e in c["env"]}
+    assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "50Gi"
+    tds = {t["metadata"]["name"]: t["spec"] for t in by_kind(objs, "TideDeployment")}
+    assert set(tds) == {"llama-chat", "qwen-coder", "mistral-support"}
+    for spec in tds.values():
+        assert spec["redis"] == {"url": f"redis://tide-redis.{NAMESPACE}.svc:6379/0",
+                                 "passwordSecretRef": {"name": "tide-redis", "key": "password"}}
+    assert tds["llama-chat"]["inference"]["image"] == "ghcr.io/tide-sglang/tide-inference:0.1.0"
+    assert tds["llama-chat"]["training"]["image"] == "ghcr.io/tide-sglang/tide-trainer:0.1.0"
+    assert tds["mistral-support"]["training"]["image"].endswith("-rocm")  # kept: the spec names it
+    pools = {n: s["training"]["nodeSelector"] for n, s in tds.items()}
+    assert pools == {"llama-chat": {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"},
+                     "qwen-coder": {"nvidia.com/gpu.product": "NVIDIA-L40S"},
+                     "mistral-support": {"amd.com/gpu.product-name": "AMD-Instinct-MI250X"}}
+
+
+def test_external_redis_keeps_the_spec_secrets() -> None:
+    objs = render([ROOT / "helm/values-external-redis-tls.yaml"])
+    assert not by_kind(objs, "StatefulSet") and not by_kind(objs, "Secret")
+    td = by_kind(objs, "TideDeployment")[0]
+    assert td["spec"]["redis"] == {"urlSecretRef": {"name": "tide-redis", "key": "url"},
+                                   "passwordSecretRef": {"name": "tide-redis", "key": "password"}}
+    pod = by_kind(objs, "Deployment")[0]["spec"]["template"]["spec"]
+    assert {"name": "TIDE_REDIS_TLS_CA_FILE", "value": "/etc/tide/redis-ca/ca.crt"} in pod["containers"][0]["env"]
+    assert {"name": "redis-ca", "secret": {"secretName": "tide-redis-ca"}} in pod["volumes"]
+
+
+def test_monitors_only_when_the_prometheus_operator_api_exists() -> None:
+    sets = ["monitoring.podMonitor.enabled=true"]
+    assert not by_kind(render(sets=sets, apis=()), "PodMonitor")
+    notes = helm("install", "tide", str(CHART), "--dry-run=client", "--namespace", NAMESPACE,
+                 "--set", sets[0]).stdout
+    assert "no PodMonitor was created" in notes
+    assert len(by_kind(render(sets=sets, apis=MONITORING_APIS), "PodMonitor")) == 1
+    sm = ["monitoring.serviceMonitor.enabled=true"]
+    assert not by_kind(render(sets=sm, apis=()), "ServiceMonitor")
+    assert len(by_kind(render(sets=sm), "ServiceMonitor")) == 1
+
+
+def _matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    for expr in selector.get("matchExpressions", []):
+        key, op = expr["key"], expr["operator"]
+        if (op == "Exists" and key not in labels) or (op == "In" and labels.get(key) not in expr["values"]):
+            return False
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def test_pod_monitor_scrapes_the_pods_the_operator_builds() -> None:
+    """The chart's PodMonitor selects the inference pods of tide_operator.builders and names their metrics port."""
+    objs = render([ROOT / "helm/values-kube-prometheus-stack.yaml"])
+    pm = by_kind(objs, "PodMonitor")[0]
+    assert pm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert pm["spec"]["namespaceSelector"] == {"any": True}
+    td = by_kind(render([ROOT / "helm/values-heterogeneous.yaml"]), "TideDeployment")[0]
+    spec, _ = parse(td["metadata"]["name"], td["spec"])
+    assert spec is not None
+    kids = builders.children(td["metadata"]["name"], NAMESPACE, spec, canary_active=True)
+    pods = {d["metadata"]["name"]: d["spec"]["template"] for d in kids if d["kind"] == "Deployment"}
+    for name in ("llama-chat-stable", "llama-chat-canary"):
+        assert _matches(pm["spec"]["selector"], pods[name]["metadata"]["labels"]), name
+        ports = {p["name"] for p in pods[name]["spec"]["containers"][0]["ports"]}
+        assert {e["port"] for e in pm["spec"]["podMetricsEndpoints"]} & ports == {"http"}
+    targets = {r["targetLabel"]: r["sourceLabels"][0] for r in pm["spec"]["podMetricsEndpoints"][0]["relabelings"]}
+    assert targets["deployment"] == "__meta_kubernetes_pod_label_tide_dev_deployment"
+    assert targets["role"] == "__meta_kubernetes_pod_label_tide_dev_role"
+    assert all(e["honorLabels"] for e in pm["spec"]["podMetricsEndpoints"])
+    svc = next(k for k in kids if k["kind"] == "Service")
+    sm = by_kind(render(sets=["monitoring.serviceMonitor.enabled=true"]), "ServiceMonitor")[0]
+    assert _matches(sm["spec"]["selector"], svc["metadata"]["labels"])
+
+
+def test_dashboards_config_map() -> None:
+    cms = by_kind(render([ROOT / "helm/values-kube-prometheus-stack.yaml"]), "ConfigMap")
+    cm = next(c for c in cms if c["metadata"]["name"].endswith("-dashboards"))
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "TIDE"}
+    files = {p.name: json.loads(p.read_text()) for p in (CHART / "dashboards").glob("*.json")}
+    assert len(files) == 3
+    assert {k: json.loads(v) for k, v in cm["data"].items()} == files
+    assert not by_kind(render(sets=["dashboards.enabled=false"]), "ConfigMap")
+
+
+@pytest.mark.parametrize(("sets", "message"), [
+    (["operator.imag.tag=1"], "additional properties 'imag' not allowed"),
+    (["redis.maxMemory=4GB"], "maxMemory"),
+    (["operator.verbosity=loud"], "verbosity"),
+    (["monitoring.podMonitor.enabled=true", "monitoring.serviceMonitor.enabled=true"], "not both"),
+    (["serviceAccount.create=false"], "serviceAccount.name"),
+    (["tideDeployments.Bad_Name.spec.model.path=x"], "invalid propertyName 'Bad_Name'"),
+    (["tideDeployments.a.spec.model.path=m", "tideDeployments.a.spec.draft.initialPath=d",
+      "tideDeployments.a.spec.inference.replicas=1"], "names no Redis"),
+    (["tideDeployments.a.spec.model.path=m"], "spec.draft is required"),
+    (["tideDeployments.a.spec.model.path=m", "tideDeployments.a.spec.draft.initialPath=d",
+      "tideDeployments.a.spec.inference.replicas=1", "tideDeployments.a.spec.redis.url=redis://r:6379",
+      "tideDeployments.a.spec.redis.managed.enabled=true"], "exactly one of"),
+    (["tideDeployments.a.spec.model.path=m", "tideDeployments.a.spec.draft.initialPath=d",
+      "tideDeployments.a.spec.inference.replicas=1", "redis.enabled=true", "operator.watchNamespaces={other}"],
+     "does not include"),
+])
+def test_bad_values_fail_the_render(sets: list[str], message: str) -> None:
+    assert message in render_error(sets)
