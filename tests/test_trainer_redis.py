@@ -152,3 +152,31 @@ def test_tide_train_help_documents_every_option() -> None:
     for param in train.params:
         assert param.help, f"--{param.name} has no help text"
         assert param.opts[0] in result.output
+
+
+@pytest.mark.slow
+def test_tide_train_service_runs_checkpoints_acks_and_resumes(settings: TideSettings, traffic: list[CaptureBatch],
+                                                               tmp_path: Path) -> None:
+    """The real command twice: it trains, evaluates, publishes through the gate, checkpoints and acks on exit;
+    the second run resumes at the first one's step count."""
+    _write(settings, traffic)
+    env = {"PATH": "/usr/bin:/bin", "TIDE_REDIS_URL": settings.redis_url, "TIDE_DEPLOYMENT": "test",
+           **{f"TIDE_{k.upper()}": str(v) for k, v in SMALL.items()},
+           "TIDE_TRAIN_EVAL_INTERVAL_STEPS": "6", "TIDE_TRAIN_CHECKPOINT_INTERVAL_S": "5"}
+    argv = [sys.executable, "-m", "tide_sglang.cli", "train", "--registry", str(tmp_path / "reg"),
+            "--create-registry", "--checkpoint-dir", str(tmp_path / "ckpt"), "--consumer", "pod-0"]
+
+    def tide_train(max_steps: int) -> str:
+        result = subprocess.run([*argv, "--max-steps", str(max_steps)], capture_output=True, text=True, env=env,
+                                cwd=Path(__file__).parents[1], timeout=240)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout
+
+    assert "stopped after 12 steps" in tide_train(12)
+    registry = DraftRegistry(tmp_path / "reg")
+    for version in registry.versions():
+        assert registry.verify(version).manifest.metrics.accept_length > 1.0
+    client = connect(settings)
+    assert client.xpending(keys.hidden_states("test"), keys.TRAINER_GROUP)["pending"] == 0
+    assert client.xlen(keys.events("test")) == len(registry.versions())
+    assert "stopped after 13 steps" in tide_train(13)  # resumed at 12, one more step
