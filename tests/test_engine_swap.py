@@ -45,8 +45,8 @@ def test_follow_swap_refuse_and_keep_serving(target, settings, tmp_path):
 
     write_control(client, settings.deployment, ControlState(stable=v1))
     first = follower.poll()
-    assert first is not None and follower.version == v1
-    engine = SpecEngine(target, draft=first, draft_version=v1, controller=FixedSteps(2))
+    assert first is not None and first.version == v1 == follower.version and first.draft is not None
+    engine = SpecEngine(target, draft=first.draft, draft_version=v1, controller=FixedSteps(2))
 
     write_control(client, settings.deployment, ControlState(stable=v1, canary=v2))
     assert follower.poll() is None  # stable pods do not follow the canary
@@ -60,6 +60,10 @@ def test_follow_swap_refuse_and_keep_serving(target, settings, tmp_path):
     ids = [target.tokenizer("The capital of France is").input_ids]
     out = engine.generate(ids, 6)  # still serving on v1
     assert len(out[0]) == 6 and engine.draft_version == v1
+
+    write_control(client, settings.deployment, ControlState(stable=0))  # the operator rolls back to the initial
+    back = follower.poll()
+    assert back is not None and back.version == 0 and back.draft is None  # cold start: no draft at all
 
 
 def test_stats_reporter_adds_and_survives_redis_down(redis_server, settings):

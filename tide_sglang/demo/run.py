@@ -40,8 +40,9 @@ def run_demo(options: DemoOptions, console: Console) -> DemoSummary:
     torch.set_num_threads(1)  # the other core is the trainer's
     plans = plan_schedule(parse_schedule(options.schedule), seed=options.seed)
     server = None if "TIDE_REDIS_URL" in os.environ else LocalRedis().start()
+    # Probe every 16 decisions while off: a fresh version gets measured within seconds, not minutes.
     settings = TideSettings(redis_url=os.environ.get("TIDE_REDIS_URL") or server.url,  # type: ignore[union-attr]
-                            deployment=DEPLOYMENT)
+                            deployment=DEPLOYMENT, control_probe_interval=16)
     client = connect(settings)
     registry = options.out / "registry"
     trainer = start_trainer(registry, options.out, options.target, settings, device="cpu", env=CPU_TRAINER_ENV)

@@ -33,11 +33,13 @@ log = logging.getLogger("tide.engine.online")
 
 # Sized for 2 CPU cores: a small draft vocabulary and frequent publish decisions, so versions arrive in minutes.
 CPU_TRAINER_ENV = {
-    "TIDE_TRAIN_DRAFT_VOCAB_SIZE": "4096",
-    "TIDE_TRAIN_VOCAB_WARMUP_ROWS": "3000",
-    "TIDE_TRAIN_EVAL_INTERVAL_STEPS": "40",
-    "TIDE_TRAIN_MIN_HELDOUT_ROWS": "128",
-    "TIDE_TRAIN_BATCH_CHUNKS": "8",
+    "TIDE_TRAIN_DRAFT_VOCAB_SIZE": "2048",
+    "TIDE_TRAIN_VOCAB_WARMUP_ROWS": "2000",
+    "TIDE_TRAIN_TTT_STEPS": "3",
+    "TIDE_TRAIN_EVAL_INTERVAL_STEPS": "25",
+    "TIDE_TRAIN_MIN_HELDOUT_ROWS": "64",
+    "TIDE_TRAIN_HELDOUT_FRACTION": "0.15",  # few, long requests: hold out enough of them early
+    "TIDE_TRAIN_BATCH_CHUNKS": "4",
     "TIDE_TRAIN_CHUNK_LEN": "32",
     "TIDE_TRAIN_LR": "1e-3",
     "TIDE_TRAIN_CHECKPOINT_INTERVAL_S": "30",

@@ -87,8 +87,8 @@ def serve(engine: SpecEngine, plans: list[PhasePlan], options: ServeOptions, *,
     tokenizer = engine.target.tokenizer
 
     def swap() -> None:
-        if follower is not None and (draft := follower.poll()) is not None:
-            engine.set_draft(draft, follower.version or 0)
+        if follower is not None and (swap_to := follower.poll()) is not None:
+            engine.set_draft(swap_to.draft, swap_to.version)
 
     def on_step(stats: StepStats, phase: str) -> None:
         record = StepRecord(**stats.model_dump(), t=time.monotonic() - start, phase=phase)

@@ -2,7 +2,8 @@
 
 A version that fails `DraftRegistry.verify()` (checksum, shapes, vocabulary) is refused once, counted in its
 `swap_failures` stat (the operator rolls a canary back on it) and never retried; the engine keeps serving with
-the weights it has.
+the weights it has. Version 0 is the draft the engine started with (none on a cold start): the operator's
+rollback to the initial draft.
 """
 
 import logging
@@ -10,6 +11,7 @@ import time
 
 import redis
 import torch
+from pydantic import BaseModel, ConfigDict
 
 from tide_sglang.draft import DraftRegistry, DraftVerificationError, Eagle3Draft
 from tide_sglang.stream.connection import Client
@@ -18,17 +20,26 @@ from tide_sglang.stream.rollout import Role, StatsReporter, read_control
 log = logging.getLogger("tide.engine.swap")
 
 
+class SwapTo(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+
+    version: int
+    draft: Eagle3Draft | None  # None: speculate no more (version 0 of a cold start)
+
+
 class DraftFollower:
     def __init__(self, client: Client, registry: DraftRegistry, deployment: str, role: Role, embed: torch.Tensor,
                  *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 reporter: StatsReporter | None = None, poll_s: float = 0.5) -> None:
+                 reporter: StatsReporter | None = None, poll_s: float = 0.5,
+                 initial: Eagle3Draft | None = None) -> None:
         self.client, self.registry, self.deployment, self.role = client, registry, deployment, role
         self.embed, self.device, self.dtype, self.reporter, self.poll_s = embed, device, dtype, reporter, poll_s
-        self.version: int | None = None
+        self.initial = initial
+        self.version = 0
         self.refused: dict[int, str] = {}  # version -> why
         self._next = 0.0
 
-    def poll(self) -> Eagle3Draft | None:
+    def poll(self) -> SwapTo | None:
         """The newly named draft, when the control hash names one we have not loaded or refused; else None."""
         if time.monotonic() < self._next:
             return None
@@ -40,9 +51,13 @@ class DraftFollower:
             return None
         if wanted is None or wanted == self.version or wanted in self.refused:
             return None
+        if wanted == 0:
+            log.info("back to the initial draft (v0)")
+            self.version = 0
+            return SwapTo(version=0, draft=self.initial)
         return self._load(wanted)
 
-    def _load(self, version: int) -> Eagle3Draft | None:
+    def _load(self, version: int) -> SwapTo | None:
         t0 = time.perf_counter()
         try:
             draft = self.registry.load(version, self.embed, device=str(self.device)).to(self.dtype).eval()
@@ -55,4 +70,4 @@ class DraftFollower:
             return None
         log.info("swapped to draft v%d in %.3f s", version, time.perf_counter() - t0)
         self.version = version
-        return draft
+        return SwapTo(version=version, draft=draft)
