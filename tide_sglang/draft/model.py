@@ -227,6 +227,11 @@ class Eagle3Draft(nn.Module):
             logits.append(out.logits)
         return logits
 
+    def forward(self, aux: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor, steps: int,
+                valid: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """`unroll`: the training forward, so that DistributedDataParallel can wrap the draft."""
+        return self.unroll(aux, input_ids, positions, steps, valid)
+
     def step(self, hidden: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor,
              cache: DraftCache) -> DraftOutput:
         """One inference forward with the KV cache.

@@ -52,7 +52,8 @@ def train(create_registry: bool, max_steps: int | None, **overrides: Any) -> Non
     only: TIDE_TRAIN_TTT_STEPS, _CHUNK_LEN, _BATCH_CHUNKS, _LR, _WEIGHT_DECAY, _DRAFT_VOCAB_SIZE,
     _VOCAB_WARMUP_ROWS, _RECENT_CHUNKS, _RESERVOIR_CHUNKS, _HELDOUT_FRACTION, _HELDOUT_CHUNKS,
     _EVAL_INTERVAL_STEPS, _PUBLISH_MARGIN, _MIN_HELDOUT_ROWS, _CHECKPOINT_INTERVAL_S and TIDE_REGISTRY_KEEP_LAST
-    (docs/trainer.md). SIGTERM or Ctrl-C checkpoints, acks and exits.
+    (docs/trainer.md). SIGTERM or Ctrl-C checkpoints, acks and exits. Under `torchrun --nproc-per-node N` each
+    rank reads as consumer NAME-<rank> and PyTorch DDP averages the gradients.
     """
     settings = _settings(overrides)
     trainer = _build(settings, create_registry)
@@ -70,6 +71,7 @@ def _build(settings: TideSettings, create_registry: bool) -> Any:
     from tide_sglang.draft import DraftRegistry, DraftVerificationError, VocabMismatch
     from tide_sglang.draft.target import load_heads
     from tide_sglang.stream import RedisUnavailable, StreamReader, connect
+    from tide_sglang.trainer.distributed import from_env
     from tide_sglang.trainer.service import DraftTrainer, TrainerError
 
     if settings.registry_dir is None:
@@ -79,10 +81,12 @@ def _build(settings: TideSettings, create_registry: bool) -> Any:
     except FileNotFoundError as e:
         _fail(f"{e} (--create-registry starts a new lineage there)")
     try:
+        dist = from_env()  # under torchrun: one consumer per rank, DDP
+        consumer = settings.train_consumer if dist is None else f"{settings.train_consumer}-{dist.rank}"
         client = connect(settings)
         heads = load_heads(settings.target)
         reader = StreamReader(client, keys.hidden_states(settings.deployment), keys.dead_letter(settings.deployment),
-                              settings.train_consumer, block_ms=200)
-        return DraftTrainer(settings, registry, reader, heads)
+                              consumer, block_ms=200)
+        return DraftTrainer(settings, registry, reader, heads, dist=dist)
     except (RedisUnavailable, TrainerError, VocabMismatch, DraftVerificationError, ValueError, OSError) as e:
         _fail(str(e))

@@ -29,11 +29,13 @@ def _targets(batch: TrainBatch, j: int, draft_index: torch.Tensor) -> tuple[torc
     return target, present & (target >= 0)
 
 
-def ttt_loss(draft: Eagle3Draft, batch: TrainBatch, steps: int,
-             decay: float = 0.8) -> tuple[torch.Tensor, LossReport]:
-    """Sum over steps of decay^j x cross-entropy; tokens outside the draft vocabulary are not scored."""
+def ttt_loss(draft: Eagle3Draft, batch: TrainBatch, steps: int, decay: float = 0.8,
+             model: torch.nn.Module | None = None) -> tuple[torch.Tensor, LossReport]:
+    """Sum over steps of decay^j x cross-entropy; tokens outside the draft vocabulary are not scored.
+
+    `model`: the draft wrapped in DistributedDataParallel, whose forward (= `unroll`) syncs the gradients."""
     draft_index = draft.vocab.draft_index().to(batch.tokens.device)  # [V]
-    logits = draft.unroll(batch.aux, batch.tokens, batch.positions, steps, batch.valid)
+    logits = (model or draft)(batch.aux, batch.tokens, batch.positions, steps, batch.valid)
     loss = batch.aux.new_zeros((), dtype=torch.float32)
     accuracy = []
     for j, step_logits in enumerate(logits):

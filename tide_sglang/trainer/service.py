@@ -27,6 +27,7 @@ from tide_sglang.draft import DraftConfig, DraftMetrics, DraftRegistry, Eagle3Dr
 from tide_sglang.draft.target import TargetHeads, default_aux_layer_ids
 from tide_sglang.settings import TideSettings
 from tide_sglang.stream import StreamEntry, StreamReader
+from tide_sglang.trainer import distributed
 from tide_sglang.trainer import state as ckpt
 from tide_sglang.trainer.gate import GateDecision, publish_decision
 from tide_sglang.trainer.objective import Acceptance, LossReport, acceptance, ttt_loss
@@ -35,6 +36,7 @@ from tide_sglang.trainer.replay import Chunk, ReplayBuffer, SequenceAssembler, c
 log = logging.getLogger("tide.trainer")
 
 EVENTS_MAXLEN = 1000
+DIST_SLICE_STEPS = 4  # optimizer steps between polls under torchrun (a fixed count keeps ranks in lockstep)
 
 
 class TrainerError(RuntimeError):
@@ -59,9 +61,15 @@ def resolve_device(name: str) -> torch.device:
 
 class DraftTrainer:
     def __init__(self, settings: TideSettings, registry: DraftRegistry, reader: StreamReader, heads: TargetHeads,
-                 *, should_train: Callable[[], bool] | None = None, seed: int = 0) -> None:
-        self.s, self.registry, self.reader, self.heads = settings, registry, reader, heads
+                 *, should_train: Callable[[], bool] | None = None, seed: int = 0,
+                 dist: distributed.Dist | None = None) -> None:
+        self.s, self.registry, self.reader, self.heads, self.dist = settings, registry, reader, heads, dist
         self.device = resolve_device(settings.train_device)
+        if dist is not None and self.device.type == "cuda":
+            self.device = torch.device("cuda", dist.local_rank)
+        self.checkpoint_dir = settings.train_checkpoint_dir
+        if dist is not None and self.checkpoint_dir is not None:
+            self.checkpoint_dir = self.checkpoint_dir / f"rank-{dist.rank}"  # each rank's own buffer and acks
         self.should_train = should_train or self._gate
         self.assembler = SequenceAssembler(settings.train_chunk_len, min_len=2)
         self.replay = ReplayBuffer(settings.train_recent_chunks, settings.train_reservoir_chunks, seed=seed)
@@ -73,6 +81,7 @@ class DraftTrainer:
         self.published: list[int] = []
         self.last_loss: LossReport | None = None
         self.draft: Eagle3Draft | None = None
+        self.model: torch.nn.Module | None = None  # the draft, wrapped in DistributedDataParallel under torchrun
         self.optimizer: torch.optim.AdamW | None = None
         self.state: ckpt.TrainerState | None = None
         self._initial: Eagle3Draft | None = None  # the baseline of a fresh lineage, before its first version
@@ -84,12 +93,12 @@ class DraftTrainer:
 
     def _start(self) -> None:
         lineage = self.registry.vocab_sha256()
-        saved = ckpt.load_latest(self.s.train_checkpoint_dir) if self.s.train_checkpoint_dir else None
+        saved = ckpt.load_latest(self.checkpoint_dir) if self.checkpoint_dir else None
         if saved is not None:
             state, tensors = saved
             if lineage is not None and state.vocab_sha256 != lineage:
                 raise TrainerError(
-                    f"trainer checkpoint in {self.s.train_checkpoint_dir} has draft vocabulary "
+                    f"trainer checkpoint in {self.checkpoint_dir} has draft vocabulary "
                     f"{state.vocab_sha256[:12]} but the registry lineage has {lineage[:12]}: "
                     "the vocabulary is fixed within a lineage; use a new registry or remove the checkpoint")
             self._restore(state, tensors)
@@ -116,7 +125,10 @@ class DraftTrainer:
                 f"expect ({config.vocab_size}, {config.hidden_size}): wrong TIDE_TARGET for this registry")
 
     def _adopt(self, draft: Eagle3Draft, parent: int | None) -> None:
-        self.draft = draft.to(self.device).train()
+        self.draft = self.model = draft.to(self.device).train()
+        if self.dist is not None:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(draft, device_ids=ids)  # broadcasts rank 0's
         self.optimizer = torch.optim.AdamW(
             [p for p in self.draft.parameters() if p.requires_grad], lr=self.s.train_lr,
             weight_decay=self.s.train_weight_decay)
@@ -128,7 +140,8 @@ class DraftTrainer:
         cfg = self.heads.config
         size = min(self.s.train_draft_vocab_size, cfg.vocab_size)
         eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
-        vocab = select_vocab(self.counts, size, always=[t for t in eos if t is not None])
+        counts = self.counts if self.dist is None else distributed.summed(self.counts, self.device)
+        vocab = select_vocab(counts, size, always=[t for t in eos if t is not None])
         config = DraftConfig.from_target(cfg, size, default_aux_layer_ids(cfg.num_hidden_layers),
                                          torch_dtype="bfloat16")
         draft = init_draft(config, vocab, self.heads.embed, self.heads.lm_head, self.heads.norm)
@@ -143,13 +156,18 @@ class DraftTrainer:
         entries = self.reader.read()
         for entry in entries:
             self._ingest(entry.batch)
-        if self.s.train_checkpoint_dir is None:
+        if self.checkpoint_dir is None:
             self.reader.ack(entries)  # nothing is durable without a checkpoint: do not let the pending list grow
         else:
             self.pending += entries
-        if self.draft is None and self.ingested_rows >= self.s.train_vocab_warmup_rows:
+        if self.draft is None and self._counted_enough():
             self._new_lineage()
         return len(entries)
+
+    def _counted_enough(self) -> bool:
+        rows = torch.tensor([self.ingested_rows])
+        total = rows if self.dist is None else distributed.summed(rows, self.device)
+        return int(total) >= self.s.train_vocab_warmup_rows
 
     def _ingest(self, batch: CaptureBatch) -> None:
         width = self.draft.config.aux_layers * self.draft.config.target_hidden_size if self.draft else None
@@ -183,7 +201,7 @@ class DraftTrainer:
         batch = collate(self.replay.sample(self.s.train_batch_chunks), self.device)
         # bf16 autocast on GPU (weights and AdamW stay fp32); plain fp32 on CPU.
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            loss, report = ttt_loss(self.draft, batch, self.s.train_ttt_steps)
+            loss, report = ttt_loss(self.draft, batch, self.s.train_ttt_steps, model=self.model)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.draft.parameters(), 1.0)
@@ -301,8 +319,8 @@ class DraftTrainer:
         if self.state.parent is None and self._initial is not None:
             tensors.update({f"base.{k}": v for k, v in self._initial.state_dict().items()
                             if k != "embed_tokens.weight"})
-        assert self.s.train_checkpoint_dir is not None
-        ckpt.save(self.s.train_checkpoint_dir, self.state, tensors)
+        assert self.checkpoint_dir is not None
+        ckpt.save(self.checkpoint_dir, self.state, tensors)
         self.reader.ack(self.pending)
         self.pending = []
 
@@ -333,29 +351,42 @@ class DraftTrainer:
         for domain, seen in state.reservoir_seen.items():
             self.replay.domains[domain].seen_old = seen
         self.replay.added_rows = dict(state.domains_trained)
-        log.info("resumed at step %d from %s", state.steps, self.s.train_checkpoint_dir)
+        log.info("resumed at step %d from %s", state.steps, self.checkpoint_dir)
 
     # -- the service loop ---------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event, max_steps: int | None = None, slice_s: float = 0.5) -> None:
-        """Poll, train for up to `slice_s` between polls while the gate allows, evaluate, checkpoint; until stop."""
+        """Poll, train between polls while the gate allows, evaluate, checkpoint; until stop (or max_steps).
+
+        One process trains for `slice_s` between polls; under torchrun every rank trains the same fixed number
+        of steps, so DDP's collectives line up."""
         next_checkpoint = time.monotonic() + self.s.train_checkpoint_interval_s
-        while not stop.is_set():
+        while True:
             self.poll()
-            if self.draft is not None and len(self.replay) and self.should_train():
-                self.unpark()
-                until = time.monotonic() + slice_s
-                while time.monotonic() < until and not stop.is_set():
-                    self.train_step()
-                    assert self.state is not None
-                    if self.state.steps % self.s.train_eval_interval_steps == 0:
-                        self.evaluate()
-                    if max_steps is not None and self.state.steps >= max_steps:
-                        stop.set()
+            ready = self.draft is not None and len(self.replay) > 0 and self.should_train()
+            running = not stop.is_set()
+            if self.dist is not None:
+                ready, running = distributed.agree([ready, running], self.device)
+            if not running:
+                break
+            if ready:
+                self._train_slice(stop, max_steps, slice_s)
             else:
                 self.park()
-            if time.monotonic() >= next_checkpoint and self.s.train_checkpoint_dir is not None:
+            if time.monotonic() >= next_checkpoint and self.checkpoint_dir is not None:
                 self.checkpoint()
                 next_checkpoint = time.monotonic() + self.s.train_checkpoint_interval_s
-        if self.s.train_checkpoint_dir is not None:
+        if self.checkpoint_dir is not None:
             self.checkpoint()
+
+    def _train_slice(self, stop: threading.Event, max_steps: int | None, slice_s: float) -> None:
+        assert self.state is not None
+        self.unpark()
+        until, steps = time.monotonic() + slice_s, 0
+        while not stop.is_set() and (steps < DIST_SLICE_STEPS if self.dist else time.monotonic() < until):
+            self.train_step()
+            steps += 1
+            if self.state.steps % self.s.train_eval_interval_steps == 0 and (self.dist is None or self.dist.main):
+                self.evaluate()
+            if max_steps is not None and self.state.steps >= max_steps:
+                stop.set()
