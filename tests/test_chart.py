@@ -250,3 +250,79 @@ def test_dashboards_config_map() -> None:
 ])
 def test_bad_values_fail_the_render(sets: list[str], message: str) -> None:
     assert message in render_error(sets)
+
+
+def _leaves(values: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted paths of the values a user sets (a map of free-form content counts as one value)."""
+    out = []
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key not in ("resources", "podSecurityContext", "securityContext"):
+            out += _leaves(value, path + ".")
+        else:
+            out.append(path)
+    return out
+
+
+def test_every_value_is_documented_with_an_example() -> None:
+    """values.yaml: each value has a `# -- ` description and an `Example:` in the comment block above it."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    values = yaml.safe_load("\n".join(lines))
+    undocumented = []
+    for path in _leaves(values):
+        key = path.rsplit(".", 1)[-1]
+        depth = path.count(".")
+        (at,) = [i for i, ln in enumerate(lines) if ln.startswith("  " * depth + f"{key}:")
+                 and _parents(lines, i) == path.split(".")[:-1]]
+        block = []
+        for ln in reversed(lines[:at]):
+            if not ln.strip().startswith("#"):
+                break
+            block.append(ln)
+        text = "\n".join(block)
+        if "# -- " not in text or "Example:" not in text:
+            undocumented.append(path)
+    assert undocumented == []
+
+
+def _parents(lines: list[str], at: int) -> list[str]:
+    indent = len(lines[at]) - len(lines[at].lstrip())
+    parents = []
+    for ln in reversed(lines[:at]):
+        stripped = ln.lstrip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        level = len(ln) - len(stripped)
+        if level < indent:
+            parents.append(stripped.split(":", 1)[0])
+            indent = level
+    return parents[::-1]
+
+
+def test_schema_and_values_have_the_same_keys() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+
+    def walk(node: dict[str, Any], value: Any, path: str) -> None:
+        assert node.get("additionalProperties") is False or "properties" not in node, f"{path}: not closed"
+        props = node.get("properties")
+        if props is None or not isinstance(value, dict):
+            return
+        assert set(value) <= set(props), f"{path}: values.yaml keys missing from the schema"
+        assert set(props) - {"global"} <= set(value), f"{path}: schema keys without a default in values.yaml"
+        for key, sub in props.items():
+            if key in value:
+                walk(sub, value[key], f"{path}.{key}")
+
+    walk(schema, values, "$")
+
+
+def test_chart_testing_config() -> None:
+    ct = yaml.safe_load((ROOT / "helm/ct.yaml").read_text())
+    known = {"chart-dirs", "target-branch", "remote", "validate-maintainers", "check-version-increment",
+             "validate-chart-schema", "validate-yaml", "helm-extra-args", "charts", "excluded-charts",
+             "chart-repos", "lint-conf", "chart-yaml-schema", "debug", "upgrade", "skip-missing-values"}
+    assert set(ct) <= known
+    for d in ct["chart-dirs"]:
+        assert (ROOT / d / "tide/Chart.yaml").is_file()
+    assert list((CHART / "ci").glob("*-values.yaml")), "ct lints and installs with ci/*-values.yaml"
