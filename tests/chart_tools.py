@@ -71,3 +71,13 @@ def render_error(sets: list[str], values: list[Path] | None = None) -> str:
 
 def by_kind(objs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [o for o in objs if o["kind"] == kind]
+
+
+def kubectl(*args: str) -> subprocess.CompletedProcess[str]:
+    """The real kubectl from the same layer as helm; only offline commands (no cluster is reachable)."""
+    helm_binary()  # installs both
+    run = subprocess.run([str(TOOLS / "kubectl"), *args], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                         env={"KUBECONFIG": "/nonexistent", "PATH": "/usr/bin:/bin"})
+    if run.returncode != 0:
+        raise AssertionError(f"kubectl {' '.join(args)} failed:\n{run.stderr}")
+    return run

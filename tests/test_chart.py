@@ -5,14 +5,16 @@ OpenAPI schemas, strict), TideDeployments with jsonschema over the CRD's openAPI
 own parser, and the Prometheus Operator's kinds against what the operator's builders produce.
 """
 
+import base64
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from tide_operator import builders
-from tide_operator.status import parse
+from tide_operator.status import check_secret, parse
 
 from tests.chart_tools import (
     CHART,
@@ -22,10 +24,12 @@ from tests.chart_tools import (
     VALUES_FILES,
     by_kind,
     helm,
+    kubectl,
     render,
     render_error,
 )
 from tests.operator.crdcheck import errors, load_crds
+from tide_sglang.settings import TideSettings
 
 BUILT_IN = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "RoleBinding", "Deployment", "StatefulSet",
             "Service", "Secret", "ConfigMap", "CustomResourceDefinition"}
@@ -326,3 +330,36 @@ def test_chart_testing_config() -> None:
     for d in ct["chart-dirs"]:
         assert (ROOT / d / "tide/Chart.yaml").is_file()
     assert list((CHART / "ci").glob("*-values.yaml")), "ct lints and installs with ci/*-values.yaml"
+
+
+def test_external_redis_secrets_from_the_documented_commands(tmp_path: Path) -> None:
+    """The `kubectl create secret` commands in the example's header, run with the real kubectl (client-side dry
+    run), give the Secrets and keys the rendered TideDeployment and the operator's CA mount refer to."""
+    values = ROOT / "helm/values-external-redis-tls.yaml"
+    header = "\n".join(ln[1:].strip() for ln in values.read_text().splitlines() if ln.startswith("#"))
+    header = header.replace("\\\n", " ")  # join continuation lines
+    commands = [ln.split("kubectl ", 1)[1] for ln in header.splitlines() if ln.startswith("kubectl ")]
+    (tmp_path / "redis-ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+    secrets = {}
+    for command in commands:
+        argv = [a.replace("./redis-ca.crt", str(tmp_path / "redis-ca.crt")) for a in shlex.split(command)]
+        secret = yaml.safe_load(kubectl(*argv, "--dry-run=client", "-o", "yaml").stdout)
+        secrets[secret["metadata"]["name"]] = secret
+    assert set(secrets) == {"tide-redis", "tide-redis-ca"}
+    objs = render([values])
+    td = by_kind(objs, "TideDeployment")[0]
+    spec, problems = parse(td["metadata"]["name"], td["spec"])
+    assert spec is not None and problems == []
+    refs = {"urlSecretRef": spec.redis.url_secret_ref, "passwordSecretRef": spec.redis.password_secret_ref}
+    for field, ref in refs.items():
+        assert ref is not None and check_secret(field, ref, secrets.get(ref.name)) is None
+    url = base64.b64decode(secrets["tide-redis"]["data"]["url"]).decode()
+    assert TideSettings(redis_url=url).redis_url.startswith("rediss://")
+    pod = by_kind(objs, "Deployment")[0]["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if "secret" in v]
+    assert volume["secret"]["secretName"] == "tide-redis-ca"
+    env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"])
+    ca_file = env["TIDE_REDIS_TLS_CA_FILE"]
+    assert ca_file.startswith(mount["mountPath"] + "/")
+    assert ca_file.rsplit("/", 1)[1] in secrets["tide-redis-ca"]["data"]
