@@ -1,4 +1,5 @@
-# Everything installs itself: a local .venv (CPU torch pinned so no CUDA wheel is pulled) and redis-server.
+# Everything installs itself: a local .venv (CPU torch pinned so no CUDA wheel is pulled), Debian packages
+# (redis-server, debian-handbook, prometheus) and helm/kubectl under .tools/.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -25,6 +26,7 @@ install: $(STAMP)
 
 system:
 	@scripts/ensure-system.sh
+	@scripts/ensure-helm.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

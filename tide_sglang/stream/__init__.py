@@ -1,19 +1,30 @@
-"""Stream: the Redis Streams transport of captured hidden states (engine -> trainer)."""
+"""Stream: the Redis Streams transport of captured hidden states (engine -> trainer).
 
-from tide_sglang.stream.codec import CodecError, decode, encode
-from tide_sglang.stream.connection import RedisUnavailable, connect
-from tide_sglang.stream.reader import ReaderStats, StreamEntry, StreamReader
-from tide_sglang.stream.writer import StreamWriter, WriterStats
+Names are imported lazily, so `tide_sglang.stream.connection` and `.rollout` (all the operator uses) load
+without torch: the operator image carries no torch.
+"""
 
-__all__ = [
-    "CodecError",
-    "ReaderStats",
-    "RedisUnavailable",
-    "StreamEntry",
-    "StreamReader",
-    "StreamWriter",
-    "WriterStats",
-    "connect",
-    "decode",
-    "encode",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "CodecError": "codec",
+    "decode": "codec",
+    "encode": "codec",
+    "RedisUnavailable": "connection",
+    "connect": "connection",
+    "ReaderStats": "reader",
+    "StreamEntry": "reader",
+    "StreamReader": "reader",
+    "StreamWriter": "writer",
+    "WriterStats": "writer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
