@@ -94,7 +94,8 @@ def test_acceptance_counts_the_chain_like_the_engine() -> None:
     steps = 2
     # make the chain succeed sometimes: set the truth to the draft's own first proposal at some rows
     with torch.no_grad():
-        first = draft.to_target_ids(draft.unroll(chunk.hidden[None], tokens[None], chunk.positions[None], 1)[0].argmax(-1))
+        logits = draft.unroll(chunk.hidden[None], tokens[None], chunk.positions[None], 1)[0]
+        first = draft.to_target_ids(logits.argmax(-1))
     tokens[1::2] = first[0, :-1:2]
     got = acceptance(draft, [chunk], steps)
     accepted = []

@@ -1,5 +1,6 @@
 """The trainer against real parts: SmolLM2-135M hidden states, written by StreamWriter into a real redis-server."""
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from tests.helpers import wait_for
 from tide_sglang import keys
 from tide_sglang.bench.traffic import cached_generate, capture, prompts
 from tide_sglang.capture import CaptureBatch
@@ -15,9 +17,11 @@ from tide_sglang.cli import main
 from tide_sglang.draft import DraftRegistry
 from tide_sglang.draft.target import Target, heads_of, load_target
 from tide_sglang.settings import TideSettings
-from tide_sglang.stream import StreamReader, StreamWriter, connect
+from tide_sglang.stream import StreamWriter, connect
 from tide_sglang.trainer import DraftTrainer
+from tide_sglang.trainer import state as ckpt
 from tide_sglang.trainer.cli import train
+from tide_sglang.trainer.reader import CheckpointReader
 
 SMALL = {"train_chunk_len": 16, "train_batch_chunks": 8, "train_ttt_steps": 3, "train_lr": 2e-3,
          "train_draft_vocab_size": 512, "train_vocab_warmup_rows": 300, "train_heldout_fraction": 0.25,
@@ -44,9 +48,10 @@ def _write(settings: TideSettings, batches: list[CaptureBatch]) -> None:
         assert writer.stats.sent_entries == len(batches)
 
 
-def _trainer(settings: TideSettings, registry: Path, smollm2: Target, consumer: str = "t1") -> DraftTrainer:
-    reader = StreamReader(connect(settings), keys.hidden_states(settings.deployment),
-                          keys.dead_letter(settings.deployment), consumer, block_ms=50)
+def _trainer(settings: TideSettings, registry: Path, smollm2: Target, consumer: str = "t1",
+             count: int = 16) -> DraftTrainer:
+    reader = CheckpointReader(connect(settings), keys.hidden_states(settings.deployment),
+                          keys.dead_letter(settings.deployment), consumer, count=count, block_ms=50)
     return DraftTrainer(settings, DraftRegistry(registry, create=True), reader, heads_of(smollm2.model))
 
 
@@ -88,25 +93,28 @@ def test_restarted_trainer_resumes_without_losing_acked_work(settings: TideSetti
     settings = settings.model_copy(update={**SMALL, "train_checkpoint_dir": tmp_path / "ckpt"})
     half = len(traffic) // 2
     _write(settings, traffic[:half])
-    a = _trainer(settings, tmp_path / "reg", smollm2, consumer="pod-a")
+    a = _trainer(settings, tmp_path / "reg", smollm2, consumer="pod-a", count=2)
     _drain(a, sum(b.num_tokens for b in traffic[:half]))
     for _ in range(2):
         a.train_step()
     a.checkpoint()  # acks everything read so far
-    saved_rows = len(a.replay) + len(a.heldout)
     client = connect(settings)
     assert a.reader.pending() == 0
     _write(settings, traffic[half:])
     a.poll()  # read (not acked) ...
+    a.reader.ack = lambda entries: None  # ... written into a checkpoint, but the trainer dies before acking ...
+    a.checkpoint()
+    saved_rows = len(a.replay) + len(a.heldout)
+    a.poll()  # ... and it read more, which no checkpoint holds
     assert a.reader.pending() > 0
     weights = {k: v.clone() for k, v in a.draft.state_dict().items()}
-    del a  # ... then the trainer dies without a checkpoint
+    del a
 
     b = _trainer(settings, tmp_path / "reg", smollm2, consumer="pod-a")
     assert b.state.steps == 2 and len(b.replay) + len(b.heldout) == saved_rows
     for name, t in b.draft.state_dict().items():
         assert torch.equal(t, weights[name]), name
-    _drain(b, sum(b_.num_tokens for b_ in traffic))  # its pending entries are delivered again, then the rest
+    _drain(b, sum(x.num_tokens for x in traffic))  # entries no checkpoint holds are delivered again, then the rest
     assert b.ingested_rows == sum(x.num_tokens for x in traffic)  # nothing lost, nothing counted twice
     b.train_step()  # the restored AdamW state steps on
     b.checkpoint()
@@ -155,28 +163,39 @@ def test_tide_train_help_documents_every_option() -> None:
 
 
 @pytest.mark.slow
-def test_tide_train_service_runs_checkpoints_acks_and_resumes(settings: TideSettings, traffic: list[CaptureBatch],
-                                                               tmp_path: Path) -> None:
-    """The real command twice: it trains, evaluates, publishes through the gate, checkpoints and acks on exit;
-    the second run resumes at the first one's step count."""
-    _write(settings, traffic)
+def test_tide_train_killed_and_restarted_resumes_without_losing_acked_work(
+        settings: TideSettings, traffic: list[CaptureBatch], tmp_path: Path) -> None:
+    """The real command, SIGKILLed while it holds unacked entries, then restarted: it resumes from its last
+    checkpoint, and every captured row is ingested exactly once over the two runs."""
+    cut = 2 * len(traffic) // 3
+    _write(settings, traffic[:cut])
     env = {"PATH": "/usr/bin:/bin", "TIDE_REDIS_URL": settings.redis_url, "TIDE_DEPLOYMENT": "test",
            **{f"TIDE_{k.upper()}": str(v) for k, v in SMALL.items()},
-           "TIDE_TRAIN_EVAL_INTERVAL_STEPS": "6", "TIDE_TRAIN_CHECKPOINT_INTERVAL_S": "5"}
+           "TIDE_TRAIN_EVAL_INTERVAL_STEPS": "6", "TIDE_TRAIN_CHECKPOINT_INTERVAL_S": "3"}
     argv = [sys.executable, "-m", "tide_sglang.cli", "train", "--registry", str(tmp_path / "reg"),
             "--create-registry", "--checkpoint-dir", str(tmp_path / "ckpt"), "--consumer", "pod-0"]
+    client = connect(settings)
+    stream = keys.hidden_states("test")
 
-    def tide_train(max_steps: int) -> str:
-        result = subprocess.run([*argv, "--max-steps", str(max_steps)], capture_output=True, text=True, env=env,
-                                cwd=Path(__file__).parents[1], timeout=240)
-        assert result.returncode == 0, result.stderr[-2000:]
-        return result.stdout
+    first = subprocess.Popen(argv, env=env, cwd=Path(__file__).parents[1], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: any((tmp_path / "ckpt").glob("ckpt-*")), timeout=120, what="a first checkpoint")
+        _write(settings, traffic[cut:])
+        wait_for(lambda: client.xpending(stream, keys.TRAINER_GROUP)["pending"] > 0, timeout=60,
+                 what="the trainer to hold unacked entries")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    steps = ckpt.load_latest(tmp_path / "ckpt")[0].steps
 
-    assert "stopped after 12 steps" in tide_train(12)
+    result = subprocess.run([*argv, "--max-steps", str(steps + 1)], capture_output=True, text=True, env=env,
+                            cwd=Path(__file__).parents[1], timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    total = sum(b.num_tokens for b in traffic)
+    assert f"stopped after {steps + 1} steps; ingested {total} rows" in result.stdout
+    assert client.xpending(stream, keys.TRAINER_GROUP)["pending"] == 0
     registry = DraftRegistry(tmp_path / "reg")
     for version in registry.versions():
         assert registry.verify(version).manifest.metrics.accept_length > 1.0
-    client = connect(settings)
-    assert client.xpending(keys.hidden_states("test"), keys.TRAINER_GROUP)["pending"] == 0
     assert client.xlen(keys.events("test")) == len(registry.versions())
-    assert "stopped after 13 steps" in tide_train(13)  # resumed at 12, one more step

@@ -26,11 +26,12 @@ from tide_sglang.capture import CaptureBatch
 from tide_sglang.draft import DraftConfig, DraftMetrics, DraftRegistry, Eagle3Draft, init_draft, select_vocab
 from tide_sglang.draft.target import TargetHeads, default_aux_layer_ids
 from tide_sglang.settings import TideSettings
-from tide_sglang.stream import StreamEntry, StreamReader
+from tide_sglang.stream import StreamEntry
 from tide_sglang.trainer import distributed
 from tide_sglang.trainer import state as ckpt
 from tide_sglang.trainer.gate import GateDecision, publish_decision
 from tide_sglang.trainer.objective import Acceptance, LossReport, acceptance, ttt_loss
+from tide_sglang.trainer.reader import CheckpointReader
 from tide_sglang.trainer.replay import Chunk, ReplayBuffer, SequenceAssembler, collate
 
 log = logging.getLogger("tide.trainer")
@@ -60,7 +61,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 class DraftTrainer:
-    def __init__(self, settings: TideSettings, registry: DraftRegistry, reader: StreamReader, heads: TargetHeads,
+    def __init__(self, settings: TideSettings, registry: DraftRegistry, reader: CheckpointReader, heads: TargetHeads,
                  *, should_train: Callable[[], bool] | None = None, seed: int = 0,
                  dist: distributed.Dist | None = None) -> None:
         self.s, self.registry, self.reader, self.heads, self.dist = settings, registry, reader, heads, dist
@@ -319,6 +320,7 @@ class DraftTrainer:
         if self.state.parent is None and self._initial is not None:
             tensors.update({f"base.{k}": v for k, v in self._initial.state_dict().items()
                             if k != "embed_tokens.weight"})
+        self.state.contained_ids = [e.id for e in self.pending]
         assert self.checkpoint_dir is not None
         ckpt.save(self.checkpoint_dir, self.state, tensors)
         self.reader.ack(self.pending)
@@ -351,6 +353,8 @@ class DraftTrainer:
         for domain, seen in state.reservoir_seen.items():
             self.replay.domains[domain].seen_old = seen
         self.replay.added_rows = dict(state.domains_trained)
+        if state.contained_ids:  # a trainer killed between writing this checkpoint and acking: ack now, not re-read
+            self.reader.client.xack(self.reader.stream, self.reader.group, *state.contained_ids)
         log.info("resumed at step %d from %s", state.steps, self.checkpoint_dir)
 
     # -- the service loop ---------------------------------------------------------------------------------

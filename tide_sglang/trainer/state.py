@@ -46,6 +46,8 @@ class TrainerState(BaseModel):
     reservoir_seen: dict[str, int] = Field(default_factory=dict)
     chunks: list[ChunkMeta] = Field(default_factory=list)
     optimizer_groups: list[dict[str, Any]] = Field(default_factory=list)
+    contained_ids: list[str] = Field(default_factory=list, description="stream entries this checkpoint holds, "
+                                     "acked right after it is written (again on resume, if the trainer died first)")
 
 
 def pack_chunks(stored: list[tuple[Store, Chunk]]) -> tuple[list[ChunkMeta], dict[str, torch.Tensor]]:
