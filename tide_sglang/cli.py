@@ -48,11 +48,11 @@ def bench(name: str, quick: bool, as_json: bool, out: Path, check: bool) -> None
 
 
 @main.command()
-@click.option("--schedule", default="writing:40,code:40,math:40,french:40", show_default=True,
+@click.option("--schedule", default="writing:24,code:24,math:24,french:24", show_default=True,
               help="Drift schedule: workload:requests,... (workloads: writing, code, math, chat, french, german).")
 @click.option("--batch-size", type=click.IntRange(1, 64), default=2, show_default=True,
               help="Requests per wave (on CPU, speculation pays at small batches).")
-@click.option("--max-new-tokens", type=click.IntRange(1, 1024), default=64, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(1, 1024), default=48, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same prompts and report.")
 @click.option("--target", default="smollm2-135m", show_default=True, help="Target checkpoint dir or smollm2-135m.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Report directory [runs/<timestamp>].")

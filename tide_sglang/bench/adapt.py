@@ -12,6 +12,7 @@ recover after each shift. Absolute numbers count only on a GPU; on CPU read the 
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -54,8 +55,8 @@ SIZES = {
                   offline_steps=20),
     "cpu": Size(workloads=DRIFT, requests=16, batches=[1, 8], max_new_tokens=48, offline_requests=48,
                 offline_steps=300),
-    "gpu": Size(workloads=DRIFT, requests=16, batches=[1, 8, 32, 64], max_new_tokens=64, offline_requests=128,
-                offline_steps=1500),
+    "gpu": Size(workloads=DRIFT, requests=8, batches=[1, 8, 32, 64], max_new_tokens=64, offline_requests=96,
+                offline_steps=600),
 }
 
 
@@ -198,8 +199,11 @@ def run(quick: bool, console: Console) -> BenchReport:
         for batch in size.batches:
             plans = plan_schedule(parse_schedule(size.schedule(batch)), seed=0)
             for arm in ("no-spec", "static", "tide"):
+                t0 = time.monotonic()
                 with console.status(f"batch {batch}: {arm} serving {size.schedule(batch)}"):
                     results.append(_run_arm(arm, target, plans, batch, size, static, workdir, device))
+                console.print(f"batch {batch} {arm}: {time.monotonic() - t0:.0f} s, tokens/s per phase "
+                              + ", ".join(f"{p.tokens_per_s:.0f}" for p in results[-1].phases))
     rows = _ratios(results)
     label = "GPU" if gpu else "CPU"
     console.print(_table(rows, label))

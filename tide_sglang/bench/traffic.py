@@ -32,6 +32,8 @@ def generate(target: Target, texts: list[str], max_new: int, batch: int = 16) ->
     """Greedy chat completions; returns each full sequence (prompt + generated, no padding) as [L] int64."""
     tok = target.tokenizer
     tok.padding_side = "left"
+    if tok.pad_token is None:  # some transformers releases load SmolLM2 without one; padding is masked anyway
+        tok.pad_token = tok.eos_token
     out: list[torch.Tensor] = []
     for i in range(0, len(texts), batch):
         chats = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)

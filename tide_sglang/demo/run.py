@@ -5,6 +5,7 @@ trainer as a separate process, the engine in this one, and a promoter thread sta
 """
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -34,7 +35,12 @@ class DemoOptions(BaseModel):
     out: Path
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM (a CI timeout, `kill`) stops like Ctrl-C: cleanly, with a report
+
+
 def run_demo(options: DemoOptions, console: Console) -> DemoSummary:
+    signal.signal(signal.SIGTERM, _interrupt)
     options.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(options.seed)
     torch.set_num_threads(1)  # the other core is the trainer's

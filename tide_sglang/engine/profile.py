@@ -31,8 +31,9 @@ def profile_engine(target: Target, draft: Eagle3Draft, max_batch: int, max_steps
 
     def draft_step(b: int) -> None:
         cache = draft.new_cache(b, CONTEXT + 8)
-        draft.step(torch.zeros(b, 1, draft.config.hidden_size, device=device), torch.zeros(b, 1, dtype=torch.int64,
-                   device=device), torch.full((b, 1), CONTEXT, device=device), cache)
+        hidden = torch.zeros(b, 1, draft.config.hidden_size, device=device, dtype=draft.fc.weight.dtype)
+        draft.step(hidden, torch.zeros(b, 1, dtype=torch.int64, device=device),
+                   torch.full((b, 1), CONTEXT, device=device), cache)
         _sync(device)
 
     return measure_profile(target_forward, draft_step, token_grid(max_batch, max_steps), batch_grid(max_batch),

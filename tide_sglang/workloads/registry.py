@@ -58,9 +58,10 @@ def load_workload(name: str, limit: int, seed: int = 0) -> list[Prompt]:
         path = SNAPSHOTS / f"{name}-{seed}.json"
         if not path.is_file():
             raise
-        prompts = [Prompt.model_validate(p) for p in json.loads(path.read_text())]
-        if len(prompts) < limit:
-            raise WorkloadUnavailable(f"snapshot {path} holds {len(prompts)} prompts, {limit} asked") from None
+        snap = json.loads(path.read_text())
+        prompts = [Prompt.model_validate(p) for p in snap["prompts"]]
+        if limit > snap["limit"]:  # up to its limit a snapshot holds what the loader gives (all of a small source)
+            raise WorkloadUnavailable(f"snapshot {path} was taken with limit {snap['limit']}, {limit} asked") from None
         return prompts[:limit]
 
 
@@ -68,5 +69,6 @@ def snapshot_workload(name: str, limit: int, seed: int = 0) -> Path:
     """Save the first `limit` prompts of (name, seed) for machines without the source package."""
     SNAPSHOTS.mkdir(parents=True, exist_ok=True)
     path = SNAPSHOTS / f"{name}-{seed}.json"
-    path.write_text(json.dumps([p.model_dump() for p in get_workload(name).load(limit, seed)]) + "\n")
+    prompts = [p.model_dump() for p in get_workload(name).load(limit, seed)]
+    path.write_text(json.dumps({"limit": limit, "prompts": prompts}) + "\n")
     return path
