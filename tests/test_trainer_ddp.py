@@ -12,7 +12,7 @@ from tide_sglang import keys
 from tide_sglang.capture import CaptureBatch
 from tide_sglang.draft import DraftRegistry
 from tide_sglang.settings import TideSettings
-from tide_sglang.stream import connect
+from tide_sglang.stream import StreamReader, connect
 from tide_sglang.stream.server import free_port
 from tide_sglang.trainer import state as ckpt
 
@@ -23,7 +23,6 @@ def _rank(rank: int, port: int, url: str, tmp: str) -> None:
     from tide_sglang.draft.target import load_heads
     from tide_sglang.trainer import DraftTrainer
     from tide_sglang.trainer.distributed import from_env
-    from tide_sglang.trainer.reader import CheckpointReader
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
                       LOCAL_RANK=str(rank))
@@ -32,7 +31,7 @@ def _rank(rank: int, port: int, url: str, tmp: str) -> None:
     assert dist is not None and dist.rank == rank
     settings = TideSettings(redis_url=url, deployment="test", train_checkpoint_dir=Path(tmp) / "ckpt",
                             train_eval_interval_steps=4, **SMALL)
-    reader = CheckpointReader(connect(settings), keys.hidden_states("test"), keys.dead_letter("test"), f"pod-{rank}",
+    reader = StreamReader(connect(settings), keys.hidden_states("test"), keys.dead_letter("test"), f"pod-{rank}",
                           count=4, block_ms=50)
     trainer = DraftTrainer(settings, DraftRegistry(Path(tmp) / "reg", create=True), reader, load_heads(), dist=dist)
     trainer.run(threading.Event(), max_steps=8)

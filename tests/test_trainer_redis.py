@@ -17,11 +17,10 @@ from tide_sglang.cli import main
 from tide_sglang.draft import DraftRegistry
 from tide_sglang.draft.target import Target, heads_of, load_target
 from tide_sglang.settings import TideSettings
-from tide_sglang.stream import StreamWriter, connect
+from tide_sglang.stream import StreamReader, StreamWriter, connect
 from tide_sglang.trainer import DraftTrainer
 from tide_sglang.trainer import state as ckpt
 from tide_sglang.trainer.cli import train
-from tide_sglang.trainer.reader import CheckpointReader
 
 SMALL = {"train_chunk_len": 16, "train_batch_chunks": 8, "train_ttt_steps": 3, "train_lr": 2e-3,
          "train_draft_vocab_size": 512, "train_vocab_warmup_rows": 300, "train_heldout_fraction": 0.25,
@@ -50,7 +49,7 @@ def _write(settings: TideSettings, batches: list[CaptureBatch]) -> None:
 
 def _trainer(settings: TideSettings, registry: Path, smollm2: Target, consumer: str = "t1",
              count: int = 16) -> DraftTrainer:
-    reader = CheckpointReader(connect(settings), keys.hidden_states(settings.deployment),
+    reader = StreamReader(connect(settings), keys.hidden_states(settings.deployment),
                           keys.dead_letter(settings.deployment), consumer, count=count, block_ms=50)
     return DraftTrainer(settings, DraftRegistry(registry, create=True), reader, heads_of(smollm2.model))
 

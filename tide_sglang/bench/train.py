@@ -29,10 +29,9 @@ from tide_sglang.bench.traffic import batched_aux, cached_generate, capture, pro
 from tide_sglang.draft import DraftRegistry, Eagle3Draft
 from tide_sglang.draft.target import Target, heads_of, load_target
 from tide_sglang.settings import TideSettings
-from tide_sglang.stream import StreamWriter, connect
+from tide_sglang.stream import StreamReader, StreamWriter, connect
 from tide_sglang.stream.server import LocalRedis
 from tide_sglang.trainer import Chunk, DraftTrainer, acceptance, collate, ttt_loss
-from tide_sglang.trainer.reader import CheckpointReader
 from tide_sglang.trainer.replay import ReplayBuffer, TrainBatch
 
 
@@ -90,7 +89,7 @@ def _tide(target: Target, url: str, plan: Plan, batches: list, registry: Path) -
         for b in batches:
             writer.submit(b)
         writer.flush(60)
-    reader = CheckpointReader(connect(settings), keys.hidden_states("bench"), keys.dead_letter("bench"), "bench",
+    reader = StreamReader(connect(settings), keys.hidden_states("bench"), keys.dead_letter("bench"), "bench",
                           count=64, block_ms=10)
     trainer = DraftTrainer(settings, DraftRegistry(registry, create=True), reader, heads_of(target.model))
     total = sum(b.num_tokens for b in batches)

@@ -56,7 +56,9 @@ class StreamReader:
         self.consumer, self.group = consumer, group
         self.count, self.block_ms, self.claim_idle_ms = count, block_ms, claim_idle_ms
         self.stats = ReaderStats()
-        self._own_pending = True  # re-read our own pending entries first (resume after a restart)
+        # Resume after a restart: walk our own pending entries once, with a cursor (a caller may ack long after
+        # reading, e.g. at checkpoints, so "pending from 0" would deliver the same entries again and again).
+        self._pending_cursor: str | None = "0"
         self._next_claim = 0.0
         self._ensure_group()
 
@@ -69,11 +71,13 @@ class StreamReader:
 
     def read(self) -> list[StreamEntry]:
         """Up to `count` entries: own pending first, then claimed from dead consumers, then new ones."""
-        if self._own_pending:
-            raw = self._xreadgroup("0", block=None)
+        if self._pending_cursor is not None:
+            raw = self._xreadgroup(self._pending_cursor, block=None)
             if raw:
+                last = raw[-1][0]
+                self._pending_cursor = last.decode() if isinstance(last, bytes) else last
                 return self._decode(raw)
-            self._own_pending = False
+            self._pending_cursor = None
         if time.monotonic() >= self._next_claim:
             self._next_claim = time.monotonic() + self.claim_idle_ms / 2000
             claimed = self._claim()

@@ -70,9 +70,8 @@ def _build(settings: TideSettings, create_registry: bool) -> Any:
     # Heavy imports here, so that `tide train --help` and setting errors answer at once.
     from tide_sglang.draft import DraftRegistry, DraftVerificationError, VocabMismatch
     from tide_sglang.draft.target import load_heads
-    from tide_sglang.stream import RedisUnavailable, connect
+    from tide_sglang.stream import RedisUnavailable, StreamReader, connect
     from tide_sglang.trainer.distributed import from_env
-    from tide_sglang.trainer.reader import CheckpointReader
     from tide_sglang.trainer.service import DraftTrainer, TrainerError
 
     if settings.registry_dir is None:
@@ -86,7 +85,7 @@ def _build(settings: TideSettings, create_registry: bool) -> Any:
         consumer = settings.train_consumer if dist is None else f"{settings.train_consumer}-{dist.rank}"
         client = connect(settings)
         heads = load_heads(settings.target)
-        reader = CheckpointReader(client, keys.hidden_states(settings.deployment),
+        reader = StreamReader(client, keys.hidden_states(settings.deployment),
                                   keys.dead_letter(settings.deployment), consumer, block_ms=200)
         return DraftTrainer(settings, registry, reader, heads, dist=dist)
     except (RedisUnavailable, TrainerError, VocabMismatch, DraftVerificationError, ValueError, OSError) as e:

@@ -26,12 +26,11 @@ from tide_sglang.capture import CaptureBatch
 from tide_sglang.draft import DraftConfig, DraftMetrics, DraftRegistry, Eagle3Draft, init_draft, select_vocab
 from tide_sglang.draft.target import TargetHeads, default_aux_layer_ids
 from tide_sglang.settings import TideSettings
-from tide_sglang.stream import StreamEntry
+from tide_sglang.stream import StreamEntry, StreamReader
 from tide_sglang.trainer import distributed
 from tide_sglang.trainer import state as ckpt
 from tide_sglang.trainer.gate import GateDecision, publish_decision
 from tide_sglang.trainer.objective import Acceptance, LossReport, acceptance, ttt_loss
-from tide_sglang.trainer.reader import CheckpointReader
 from tide_sglang.trainer.replay import Chunk, ReplayBuffer, SequenceAssembler, collate
 
 log = logging.getLogger("tide.trainer")
@@ -61,7 +60,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 class DraftTrainer:
-    def __init__(self, settings: TideSettings, registry: DraftRegistry, reader: CheckpointReader, heads: TargetHeads,
+    def __init__(self, settings: TideSettings, registry: DraftRegistry, reader: StreamReader, heads: TargetHeads,
                  *, should_train: Callable[[], bool] | None = None, seed: int = 0,
                  dist: distributed.Dist | None = None) -> None:
         self.s, self.registry, self.reader, self.heads, self.dist = settings, registry, reader, heads, dist
