@@ -65,4 +65,5 @@ BENCHMARKS = {
     "stream": "tide_sglang.bench.stream",
     "adapt": "tide_sglang.bench.adapt",
     "train": "tide_sglang.bench.train",
+    "control": "tide_sglang.bench.control",
 }

@@ -87,7 +87,7 @@ def _settings(url: str, **train: object) -> TideSettings:
     return TideSettings(redis_url=url, deployment="bench", **train)
 
 
-def _offline_draft(target: Target, plans: list[PhasePlan], size: Size, registry: Path, device: str) -> None:
+def train_offline_draft(target: Target, plans: list[PhasePlan], size: Size, registry: Path, device: str) -> None:
     """Capture the first phase's domain (other prompts) with no speculation, then train a draft on it offline."""
     with LocalRedis() as server:
         settings = _settings(server.url)
@@ -195,7 +195,7 @@ def run(quick: bool, console: Console) -> BenchReport:
         static = workdir / "static"
         with console.status(f"static draft: capture {size.offline_requests} {size.workloads[0]} requests, "
                             f"train {size.offline_steps} steps offline"):
-            _offline_draft(target, offline, size, static, device)
+            train_offline_draft(target, offline, size, static, device)
         for batch in size.batches:
             plans = plan_schedule(parse_schedule(size.schedule(batch)), seed=0)
             for arm in ("no-spec", "static", "tide"):
