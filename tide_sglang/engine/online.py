@@ -86,7 +86,8 @@ def start_trainer(registry: Path, workdir: Path, target: str, settings: TideSett
            "--checkpoint-dir", str(workdir / "trainer"), "--target", target, "--deployment", settings.deployment,
            "--redis-url", settings.redis_url, "--consumer", f"{settings.deployment}-trainer", "--device", device]
     logfile = (workdir / "trainer.log").open("wb")
-    return subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, env={**os.environ, **env})
+    # The preset gives defaults; TIDE_TRAIN_* variables already in the environment win.
+    return subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, env={**env, **os.environ})
 
 
 def stop_trainer(proc: subprocess.Popen[bytes]) -> None:
