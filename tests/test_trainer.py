@@ -152,3 +152,21 @@ def test_checkpoint_chunks_round_trip(tmp_path: Path) -> None:
     back = ckpt.unpack_chunks(loaded.chunks, raw)
     assert loaded.steps == 8 and [(s, c.domain, c.tokens.tolist()) for s, c in back] == [
         ("recent", "a", [1, 1]), ("heldout", "b", [2, 2])]
+
+
+def test_trainer_metrics_are_exposed_under_the_documented_names():
+    from prometheus_client import generate_latest
+
+    from tide_sglang.trainer.metrics import TrainerMetrics
+
+    m = TrainerMetrics("chat")
+    m.step(2.5, 64)
+    m.step(2.0, 32)
+    m.evaluation(candidate=1.9, deployed=1.7, deployed_version=None)
+    m.stream(lag=12, pending=3)
+    text = generate_latest(m.registry).decode()
+    assert 'tide_trainer_loss{deployment="chat"} 2.0' in text
+    assert 'tide_trainer_tokens_total{deployment="chat"} 96.0' in text
+    assert 'tide_trainer_heldout_acceptance{deployment="chat",draft_version="0",model="candidate"} 1.9' in text
+    assert 'tide_stream_lag_entries{deployment="chat"} 12.0' in text
+    assert 'tide_stream_pending_entries{deployment="chat"} 3.0' in text

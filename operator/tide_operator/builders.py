@@ -13,6 +13,7 @@ from tide_operator.models import API_VERSION, DraftVersionSpec, Placement, Redis
 Manifest = dict[str, Any]
 
 REDIS_PORT = 6379
+TRAINER_METRICS_PORT = 9400  # TideSettings.train_metrics_port default
 # Variables the operator sets itself; a pool's `env` may not override them (status.check says so).
 RESERVED_ENV = frozenset({"TIDE_DEPLOYMENT", "TIDE_ROLE", "TIDE_REDIS_URL", "TIDE_REDIS_PASSWORD",
                           "TIDE_REDIS_CLUSTER", "TIDE_TARGET", "TIDE_REGISTRY_DIR", "TIDE_REGISTRY_URL",
@@ -170,6 +171,7 @@ def trainer_deployment(name: str, namespace: str, spec: TideDeploymentSpec) -> M
         "env": [*tide_env(name, namespace, spec), {"name": "TIDE_TRAIN_GATE", "value": tr.gate},
                 *_user_env(tr)],
         "resources": _resources(tr), "volumeMounts": mounts,
+        "ports": [{"name": "metrics", "containerPort": TRAINER_METRICS_PORT}],  # tide train's Prometheus port
     }
     pod = {"containers": [container], "volumes": volumes, **_pod_placement(tr)}
     pod_labels = labels(name, "trainer")
@@ -215,14 +217,15 @@ def redis_service(name: str, namespace: str) -> Manifest:
 
 def pod_monitor(name: str, namespace: str, spec: TideDeploymentSpec) -> Manifest:
     mon = spec.monitoring
-    # Only inference pods export metrics (SGLang's and the plugin's, on the HTTP port); the trainer has none.
-    endpoints = [{"port": "http", "path": "/metrics", "interval": mon.interval}]
+    # Inference pods export SGLang's and the plugin's metrics on `http`; the trainer its own on `metrics`.
+    endpoints = [{"port": port, "path": "/metrics", "interval": mon.interval} for port in ("http", "metrics")]
     meta = _meta(name, namespace, name, "monitoring")
     meta["labels"] |= mon.labels
+    selector = {"matchLabels": {"tide.dev/deployment": name},
+                "matchExpressions": [{"key": "app.kubernetes.io/component", "operator": "In",
+                                      "values": ["inference", "trainer"]}]}
     return {"apiVersion": "monitoring.coreos.com/v1", "kind": "PodMonitor", "metadata": meta,
-            "spec": {"selector": {"matchLabels": {"tide.dev/deployment": name,
-                                                  "app.kubernetes.io/component": "inference"}},
-                     "podMetricsEndpoints": endpoints}}
+            "spec": {"selector": selector, "podMetricsEndpoints": endpoints}}
 
 
 def service_monitor(name: str, namespace: str, spec: TideDeploymentSpec) -> Manifest:

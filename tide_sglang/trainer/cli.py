@@ -60,10 +60,21 @@ def train(create_registry: bool, max_steps: int | None, **overrides: Any) -> Non
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    _serve_metrics(trainer, settings.train_metrics_port)
     trainer.run(stop, max_steps=max_steps)
     state = trainer.state
     click.echo(f"tide train: stopped after {state.steps if state else 0} steps; ingested {trainer.ingested_rows} "
                f"rows; published {trainer.published or 'nothing'}")
+
+
+def _serve_metrics(trainer: Any, port: int) -> None:
+    """Prometheus metrics on the `metrics` container port (rank 0 only under torchrun); a busy port only warns."""
+    if port == 0 or (trainer.dist is not None and trainer.dist.rank != 0):
+        return
+    try:
+        trainer.metrics.serve(port)
+    except OSError as e:
+        log.warning("not serving metrics on port %d: %s", port, e)
 
 
 def _build(settings: TideSettings, create_registry: bool) -> Any:

@@ -17,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+import redis
 import torch
 import xxhash
 from pydantic import BaseModel
@@ -30,6 +31,7 @@ from tide_sglang.stream import StreamEntry, StreamReader
 from tide_sglang.trainer import distributed
 from tide_sglang.trainer import state as ckpt
 from tide_sglang.trainer.gate import GateDecision, publish_decision
+from tide_sglang.trainer.metrics import TrainerMetrics
 from tide_sglang.trainer.objective import Acceptance, LossReport, acceptance, ttt_loss
 from tide_sglang.trainer.replay import Chunk, ReplayBuffer, SequenceAssembler, collate
 
@@ -64,6 +66,8 @@ class DraftTrainer:
                  *, should_train: Callable[[], bool] | None = None, seed: int = 0,
                  dist: distributed.Dist | None = None) -> None:
         self.s, self.registry, self.reader, self.heads, self.dist = settings, registry, reader, heads, dist
+        self.metrics = TrainerMetrics(settings.deployment)
+        self._stream_metrics_at = 0.0
         self.device = resolve_device(settings.train_device)
         if dist is not None and self.device.type == "cuda":
             self.device = torch.device("cuda", dist.local_rank)
@@ -209,6 +213,7 @@ class DraftTrainer:
         self.state.steps += 1
         self.state.trained_rows += report.rows
         self.last_loss = report
+        self.metrics.step(report.loss, report.rows)
         return report
 
     def evaluate(self) -> EvalReport:
@@ -223,6 +228,7 @@ class DraftTrainer:
         self.draft.train()
         decision = publish_decision(cand, base, self.s.train_publish_margin, self.s.train_min_heldout_rows)
         report = EvalReport(candidate=cand, deployed=base, deployed_version=version, decision=decision)
+        self.metrics.evaluation(cand.accept_length, base.accept_length, version)
         log.info("step %d: held-out acceptance %.3f vs deployed %s %.3f over %d rows: %s", self.state.steps,
                  cand.accept_length, version, base.accept_length, cand.rows, decision.reason)
         if decision.publish:
@@ -366,6 +372,7 @@ class DraftTrainer:
         next_checkpoint = time.monotonic() + self.s.train_checkpoint_interval_s
         while True:
             self.poll()
+            self._stream_metrics()
             ready = self.draft is not None and len(self.replay) > 0 and self.should_train()
             running = not stop.is_set()
             if self.dist is not None:
@@ -381,6 +388,15 @@ class DraftTrainer:
                 next_checkpoint = time.monotonic() + self.s.train_checkpoint_interval_s
         if self.checkpoint_dir is not None:
             self.checkpoint()
+
+    def _stream_metrics(self, every_s: float = 5.0) -> None:
+        if time.monotonic() - self._stream_metrics_at < every_s:
+            return
+        self._stream_metrics_at = time.monotonic()
+        try:
+            self.metrics.stream(self.reader.lag(), self.reader.pending())
+        except redis.RedisError as e:
+            log.warning("cannot read the stream's lag: %s", e)
 
     def _train_slice(self, stop: threading.Event, max_steps: int | None, slice_s: float) -> None:
         assert self.state is not None

@@ -1,0 +1,39 @@
+"""The trainer's Prometheus metrics (names fixed by docs/metrics.md and read by the training dashboard).
+
+Each trainer owns its registry (several trainers can live in one test process); `tide train` serves it on
+TIDE_TRAIN_METRICS_PORT, the container port named `metrics`.
+"""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+
+class TrainerMetrics:
+    def __init__(self, deployment: str, registry: CollectorRegistry | None = None) -> None:
+        self.deployment = deployment
+        self.registry = registry or CollectorRegistry()
+        r, d = self.registry, ("deployment",)
+        self.loss = Gauge("tide_trainer_loss", "Training-time-test loss of the last step", d, registry=r)
+        self.tokens = Counter("tide_trainer_tokens", "Captured tokens trained on", d, registry=r)
+        self.heldout = Gauge("tide_trainer_heldout_acceptance", "Held-out acceptance length of the candidate "
+                             "and the deployed draft", (*d, "draft_version", "model"), registry=r)
+        self.lag = Gauge("tide_stream_lag_entries", "Stream entries not yet delivered to the trainers", d,
+                         registry=r)
+        self.pending = Gauge("tide_stream_pending_entries", "Entries delivered and not yet acknowledged", d,
+                             registry=r)
+
+    def step(self, loss: float, rows: int) -> None:
+        self.loss.labels(self.deployment).set(loss)
+        self.tokens.labels(self.deployment).inc(rows)
+
+    def evaluation(self, candidate: float, deployed: float, deployed_version: int | None) -> None:
+        version = str(deployed_version if deployed_version is not None else 0)
+        self.heldout.labels(self.deployment, version, "deployed").set(deployed)
+        self.heldout.labels(self.deployment, version, "candidate").set(candidate)
+
+    def stream(self, lag: int | None, pending: int) -> None:
+        if lag is not None:
+            self.lag.labels(self.deployment).set(lag)
+        self.pending.labels(self.deployment).set(pending)
+
+    def serve(self, port: int) -> None:
+        start_http_server(port, registry=self.registry)
