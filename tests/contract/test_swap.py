@@ -15,11 +15,12 @@ from tests.contract.drafts import CONFIG, draft, registry_with, sglang_eagle3
 from tests.helpers import wait_for
 from tide_sglang import keys
 from tide_sglang.draft.registry import WEIGHTS
-from tide_sglang.plugin.metrics import AcceptanceStats, PluginMetrics
+from tide_sglang.plugin.metrics import PluginMetrics
 from tide_sglang.plugin.runtime import Runtime
 from tide_sglang.plugin.swap import baseline_from_dir, never_loaded
 from tide_sglang.plugin.swapper import DraftHandle, Swapper
 from tide_sglang.settings import TideSettings
+from tide_sglang.stream.rollout import StatsReporter
 
 
 @pytest.fixture
@@ -38,7 +39,8 @@ def setup(tmp_path: Path, target_dir: Path, redis_server, monkeypatch):
     handle = DraftHandle(load_weights=model.load_weights, param_names=[n for n, _ in model.named_parameters()],
                          shared=set(), hot_token_ids=[model.hot_token_id], pin=False)
     swapper = Swapper(registry, baseline_from_dir(registry.path(1)), handle, 1, role="canary", deployment="test",
-                      client=lambda: client, metrics=metrics, stats=AcceptanceStats("test", lambda: client))
+                      client=lambda: client, metrics=metrics,
+                      stats=StatsReporter(lambda: client, "test", interval_s=None))
     return registry, model, swapper, settings, metrics, client
 
 

@@ -19,10 +19,11 @@ from pydantic import BaseModel, ConfigDict
 
 from tide_sglang.capture import CaptureBatch
 from tide_sglang.plugin import rows
-from tide_sglang.plugin.metrics import AcceptanceStats, PluginMetrics
+from tide_sglang.plugin.metrics import PluginMetrics
 from tide_sglang.plugin.ring import PinnedRing, Slot
 from tide_sglang.settings import TideSettings
 from tide_sglang.stream import StreamWriter
+from tide_sglang.stream.rollout import StatsReporter
 
 log = logging.getLogger("tide.plugin.capture")
 
@@ -51,7 +52,7 @@ class Pending(BaseModel):
 
 class Capturer:
     def __init__(self, settings: TideSettings, writer: StreamWriter, metrics: PluginMetrics,
-                 stats: AcceptanceStats, aux_layers: int, device: str) -> None:
+                 stats: StatsReporter, aux_layers: int, device: str) -> None:
         self.settings, self.writer, self.metrics, self.stats = settings, writer, metrics, stats
         self.aux_layers = aux_layers
         cuda = device.startswith("cuda") and torch.cuda.is_available()
@@ -218,7 +219,9 @@ class Capturer:
         seq = ints[2, :bs].tolist()
         committed = p.committed or [False] * bs
         done = [i for i in range(bs) if committed[i]]
-        self.stats.add(p.version, tokens=sum(accept[i] for i in done), verify_steps=len(done),
+        # tokens: draft tokens verified (nd - 1 per request; row 0 is the last committed token), as the operator
+        # and the reference engine count them; accept lengths include the bonus token.
+        self.stats.add(p.version, tokens=(p.nd - 1) * len(done), verify_steps=len(done),
                        accepted=sum(accept[i] - 1 for i in done))
         chosen = p.stats or []
         keep = rows.keep_requests([accept[i] for i in chosen], p.nd, [committed[i] for i in chosen],

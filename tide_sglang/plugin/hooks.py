@@ -19,13 +19,14 @@ from tide_sglang import keys
 from tide_sglang.draft.registry import MANIFEST, DraftRegistry, Manifest
 from tide_sglang.plugin import targets
 from tide_sglang.plugin.capture import Capturer
-from tide_sglang.plugin.metrics import AcceptanceStats, PluginMetrics
+from tide_sglang.plugin.metrics import PluginMetrics
 from tide_sglang.plugin.runtime import Runtime
 from tide_sglang.plugin.speculation import StepDecider, StepTable
 from tide_sglang.plugin.swap import SwapRefused, baseline_from_dir
 from tide_sglang.plugin.swapper import DraftHandle, Swapper
 from tide_sglang.settings import TideSettings
 from tide_sglang.stream import StreamWriter, connect
+from tide_sglang.stream.rollout import StatsReporter
 
 log = logging.getLogger("tide.plugin")
 
@@ -91,7 +92,7 @@ def build_runtime(settings: TideSettings, draft_worker: Any) -> Runtime:
     metrics = _metrics.get(settings.deployment) or _metrics.setdefault(settings.deployment,
                                                                        PluginMetrics(settings.deployment))
     client = connect(settings, check=False)  # lazy: connects on first command, from a background thread
-    stats = AcceptanceStats(settings.deployment, lambda: client)
+    stats = StatsReporter(lambda: client, settings.deployment, interval_s=None)  # flushed by the writer thread
     capturer = None
     if draft_worker is not None and _is_publisher():
         writer = StreamWriter(lambda: connect(settings, check=False), keys.hidden_states(settings.deployment),
@@ -111,7 +112,7 @@ def _aux_layers(model: Any) -> int:
     return int(getattr(getattr(model, "model", None), "num_aux_hidden_states", 3))
 
 
-def _swapper(settings: TideSettings, draft_worker: Any, metrics: PluginMetrics, stats: AcceptanceStats | None,
+def _swapper(settings: TideSettings, draft_worker: Any, metrics: PluginMetrics, stats: StatsReporter | None,
              client: Any) -> Swapper | None:
     if settings.registry_dir is None or draft_worker is None:
         return None

@@ -6,15 +6,8 @@ Labels: deployment and draft_version (DESIGN.md, "Fixed names").
 """
 
 import logging
-import threading
-import time
-from collections import defaultdict
-from collections.abc import Callable
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
-
-from tide_sglang import keys
-from tide_sglang.stream.connection import Client
 
 log = logging.getLogger("tide.plugin.metrics")
 
@@ -42,44 +35,3 @@ class PluginMetrics:
 
     def labels(self, version: int) -> dict[str, str]:
         return {"deployment": self.deployment, "draft_version": str(version)}
-
-
-class AcceptanceStats:
-    """Adds engine counts to `tide:{<deployment>}:stats:<version>` (tokens, accepted, verify_steps,
-    swap_failures, updated). Counts accumulate in memory and are flushed by a background thread's call."""
-
-    FIELDS = ("tokens", "accepted", "verify_steps", "swap_failures")
-
-    def __init__(self, deployment: str, client: Callable[[], Client]) -> None:
-        self.deployment = deployment
-        self._client = client
-        self._lock = threading.Lock()
-        self._pending: dict[int, dict[str, int]] = defaultdict(lambda: dict.fromkeys(self.FIELDS, 0))
-
-    def add(self, version: int, **counts: int) -> None:
-        with self._lock:
-            entry = self._pending[version]
-            for name, value in counts.items():
-                entry[name] += value
-
-    def flush(self) -> bool:
-        """Write what accumulated; on a Redis error keep it for the next flush. False when nothing was written."""
-        with self._lock:
-            pending, self._pending = self._pending, defaultdict(lambda: dict.fromkeys(self.FIELDS, 0))
-        if not pending:
-            return False
-        try:
-            pipe = self._client().pipeline(transaction=False)
-            for version, counts in pending.items():
-                key = keys.stats(self.deployment, version)
-                for name, value in counts.items():
-                    if value:
-                        pipe.hincrby(key, name, value)
-                pipe.hset(key, "updated", f"{time.time():.3f}")
-            pipe.execute()
-            return True
-        except Exception as e:  # any Redis failure: the counts are re-queued, serving goes on
-            log.warning("could not write acceptance stats (kept for the next flush): %s", e)
-            for version, counts in pending.items():
-                self.add(version, **counts)
-            return False

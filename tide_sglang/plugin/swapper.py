@@ -10,9 +10,10 @@ from pydantic import BaseModel, ConfigDict
 
 from tide_sglang import keys
 from tide_sglang.draft.registry import DraftRegistry, DraftVerificationError
-from tide_sglang.plugin.metrics import AcceptanceStats, PluginMetrics
+from tide_sglang.plugin.metrics import PluginMetrics
 from tide_sglang.plugin.swap import Baseline, SwapPlan, SwapRefused, apply_swap, desired_version, plan_swap, uncovered
 from tide_sglang.stream.connection import Client
+from tide_sglang.stream.rollout import StatsReporter
 
 log = logging.getLogger("tide.plugin.swap")
 
@@ -32,7 +33,7 @@ class DraftHandle(BaseModel):
 class Swapper:
     def __init__(self, registry: DraftRegistry, baseline: Baseline, handle: DraftHandle, version: int, *,
                  role: str, deployment: str, client: Callable[[], Client], metrics: PluginMetrics,
-                 stats: AcceptanceStats | None, allow_vocab_change: bool = False) -> None:
+                 stats: StatsReporter | None, allow_vocab_change: bool = False) -> None:
         self.registry, self.baseline, self.handle = registry, baseline, handle
         self.current = version
         self.role, self.deployment, self._client = role, deployment, client

@@ -7,15 +7,18 @@ Acceptance rate = accepted / tokens; acceptance length = 1 + accepted / verify_s
 """
 
 import logging
+import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Literal
 
 import redis
 from pydantic import BaseModel, ConfigDict
+from redis.exceptions import RedisClusterException
 
 from tide_sglang import keys
-from tide_sglang.stream.connection import Client
+from tide_sglang.stream.connection import Client, RedisUnavailable
 
 log = logging.getLogger("tide.stream.rollout")
 
@@ -52,10 +55,17 @@ def write_control(client: Client, deployment: str, state: ControlState) -> None:
 
 
 class StatsReporter:
-    """Adds per-version counts to Redis at most every `interval_s`; a Redis failure keeps them for the next try."""
+    """Adds per-version counts to Redis; a Redis failure keeps them for the next flush, never raises.
 
-    def __init__(self, client: Client, deployment: str, interval_s: float = 1.0) -> None:
-        self.client, self.deployment, self.interval_s = client, deployment, interval_s
+    `add` flushes by itself at most every `interval_s` (None: only explicit `flush()` calls, e.g. from the SGLang
+    plugin's background thread). Thread-safe: the scheduler thread adds while another thread flushes.
+    `client` may be a callable returning the client (created lazily in the process that flushes)."""
+
+    def __init__(self, client: Client | Callable[[], Client], deployment: str,
+                 interval_s: float | None = 1.0) -> None:
+        self._client = client if callable(client) and not isinstance(client, Client) else (lambda: client)
+        self.deployment, self.interval_s = deployment, interval_s
+        self._lock = threading.Lock()
         self._pending: dict[int, dict[str, int]] = defaultdict(lambda: dict.fromkeys(FIELDS, 0))
         self._last = 0.0
 
@@ -63,24 +73,33 @@ class StatsReporter:
         unknown = set(counts) - set(FIELDS)
         if unknown:
             raise ValueError(f"unknown stats fields {sorted(unknown)}; known: {FIELDS}")
-        for name, n in counts.items():
-            self._pending[version][name] += n
-        if time.monotonic() - self._last >= self.interval_s:
+        with self._lock:
+            for name, n in counts.items():
+                self._pending[version][name] += n
+        if self.interval_s is not None and time.monotonic() - self._last >= self.interval_s:
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self) -> bool:
+        """Write what accumulated; False when nothing was written (nothing pending, or Redis failed)."""
         self._last = time.monotonic()
-        if not self._pending:
-            return
-        pipe = self.client.pipeline()
-        for version, counts in self._pending.items():
-            key = keys.stats(self.deployment, version)
-            for name, n in counts.items():
-                if n:
-                    pipe.hincrby(key, name, n)
-            pipe.hset(key, "updated", f"{time.time():.3f}")
+        with self._lock:
+            pending, self._pending = self._pending, defaultdict(lambda: dict.fromkeys(FIELDS, 0))
+        if not pending:
+            return False
         try:
+            pipe = self._client().pipeline()
+            for version, counts in pending.items():
+                key = keys.stats(self.deployment, version)
+                for name, n in counts.items():
+                    if n:
+                        pipe.hincrby(key, name, n)
+                pipe.hset(key, "updated", f"{time.time():.3f}")
             pipe.execute()
-            self._pending.clear()
-        except redis.RedisError as e:
+            return True
+        except (redis.RedisError, RedisClusterException, RedisUnavailable, OSError) as e:
             log.warning("could not add acceptance stats to Redis (kept for the next flush): %s", e)
+            with self._lock:
+                for version, counts in pending.items():
+                    for name, n in counts.items():
+                        self._pending[version][name] += n
+            return False
