@@ -84,6 +84,7 @@ def test_agreement_and_control_hash() -> None:
     assert agreed_version(torch.tensor([6, -7])) is None  # ranks at 6 and 7: nobody copies
     assert desired_version({b"stable": b"3", b"canary": b"4"}, "canary") == 4
     assert desired_version({"stable": "x"}, "stable") is None and desired_version({}, "canary") is None
+    assert desired_version({b"stable": b"3"}, "canary") == 3  # no canary running: canary pods serve stable
     assert choose_steps(4, [0, 1, 3]) == 3 and choose_steps(0, [1, 2]) == 1
 
 

@@ -19,6 +19,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from safetensors import safe_open
 
+from tide_sglang.stream.rollout import ControlState, Role
+
 MAPS = ("d2t", "t2d")  # vocabulary maps: d2t feeds hot_token_id, t2d is unused by SGLang
 
 
@@ -130,11 +132,7 @@ def agreed_version(reduced: torch.Tensor) -> int | None:
     return low if low == high else None
 
 
-def desired_version(ctl: dict, role: str) -> int | None:
-    """The version the control hash names for `role` (`stable` or `canary`), None when absent or invalid."""
-    raw = ctl.get(role, ctl.get(role.encode()))
-    try:
-        value = int(raw)
-    except (TypeError, ValueError):
-        return None
-    return value if value > 0 else None
+def desired_version(ctl: dict, role: Role) -> int | None:
+    """The version the control hash names for `role` (canary pods fall back to `stable`, as the reference engine
+    does), None when absent or invalid. Version 0 (the initial draft) is not reloaded in place."""
+    return ControlState.parse(ctl).for_role(role) or None

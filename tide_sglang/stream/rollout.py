@@ -32,15 +32,20 @@ class ControlState(BaseModel):
     stable: int | None = None
     canary: int | None = None
 
+    @classmethod
+    def parse(cls, raw: dict) -> "ControlState":
+        """From the hash as Redis returns it (bytes or str); a missing or non-numeric field means no version."""
+        fields = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else str(v))
+                  for k, v in raw.items()}
+        return cls(**{f: int(fields[f]) for f in ("stable", "canary") if fields.get(f, "").isdigit()})
+
     def for_role(self, role: Role) -> int | None:
         """Canary pods fall back to stable when no canary runs."""
         return self.canary if role == "canary" and self.canary is not None else self.stable
 
 
 def read_control(client: Client, deployment: str) -> ControlState:
-    raw = client.hgetall(keys.control(deployment))
-    fields = {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
-    return ControlState(**{f: int(fields[f]) for f in ("stable", "canary") if fields.get(f) not in (None, b"", "")})
+    return ControlState.parse(client.hgetall(keys.control(deployment)))
 
 
 def write_control(client: Client, deployment: str, state: ControlState) -> None:
