@@ -10,10 +10,9 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from tide_sglang import keys
 from tide_sglang.engine.serve import StepRecord
-from tide_sglang.keys import TRAINER_GROUP
 from tide_sglang.stream import StreamWriter
+from tide_sglang.stream.reader import group_lag
 from tide_sglang.workloads import PhasePlan
 
 WINDOW_S = 5.0
@@ -50,10 +49,9 @@ class LiveView:
 
     def _stream_lag(self) -> int | None:
         try:
-            groups = self.client.xinfo_groups(keys.hidden_states("demo"))
+            return group_lag(self.client, self.writer.stream)
         except redis.RedisError:
             return None
-        return next((g.get("lag") for g in groups if g["name"] in (TRAINER_GROUP, TRAINER_GROUP.encode())), None)
 
     def _render(self) -> Table:
         table = Table(title="TIDE demo — online draft adaptation", show_header=False, min_width=60)

@@ -39,6 +39,14 @@ class ReaderStats(BaseModel):
     trimmed_unread: int = 0  # entries trimmed by MAXLEN while pending: the stream budget was too small
 
 
+def group_lag(client: Client, stream: str, group: str = TRAINER_GROUP) -> int | None:
+    """Entries in the stream not yet delivered to the group (None when Redis cannot tell)."""
+    for g in client.xinfo_groups(stream):
+        if g["name"] in (group, group.encode()):
+            return g.get("lag")
+    return None
+
+
 class StreamReader:
     def __init__(
         self,
@@ -93,11 +101,7 @@ class StreamReader:
         return int(self.client.xpending(self.stream, self.group)["pending"])
 
     def lag(self) -> int | None:
-        """Entries in the stream not yet delivered to the group (None when Redis cannot tell)."""
-        for g in self.client.xinfo_groups(self.stream):
-            if g["name"] in (self.group, self.group.encode()):
-                return g.get("lag")
-        return None
+        return group_lag(self.client, self.stream, self.group)
 
     def _xreadgroup(self, start: str, block: int | None) -> list[tuple[bytes, dict[bytes, bytes] | None]]:
         reply = self.client.xreadgroup(self.group, self.consumer, {self.stream: start}, count=self.count, block=block)
