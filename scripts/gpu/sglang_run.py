@@ -1,0 +1,435 @@
+"""Checks of the TIDE plugin inside a real SGLang server on a GPU (issue: run the plugin on the H100).
+
+Run on the GPU machine after scripts/gpu/setup-sglang.sh (source $TIDE_GPU_HOME/env.sh first):
+
+    python3 scripts/gpu/sglang_run.py --out $OUT [--phases truth,swap,control,throughput] [--no-cuda-graph]
+
+Each phase starts `tide serve` (SmolLM2-135M target, the older of the two carried registry versions as draft,
+a local redis-server) and checks one thing against SGLang itself; every figure goes to OUT/sglang-run.json and
+each server's log to OUT/server-<name>.log. A phase that fails is recorded and the next one still runs.
+
+- truth: the rows TIDE captured to the stream equal SGLang's own `--enable-return-hidden-states` output for the
+  same requests (prefill and decode rows, bit for bit, and the emitted tokens).
+- swap: a newer registry version is published while 48 requests are in flight: no request fails, the plugin's
+  `tide_draft_version` moves, and SGLang's `/weights_checker` checksums of the draft equal the new version's
+  tensors; then a corrupt version is refused and serving goes on. Acceptance per version from the stats hash.
+- control: with TIDE_CONTROL_PROFILE set, the steps SGLang runs per batch-size slot follow TIDE's controller.
+- throughput: decode tokens/s with the plugin (capture on) and without it (SGLANG_PLUGINS excludes it), same
+  server arguments, alternated `--repeats` times.
+"""
+
+import argparse
+import concurrent.futures as cf
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+import torch
+
+from tide_sglang import keys
+from tide_sglang.draft.target import resolve
+from tide_sglang.stream import codec, connect
+from tide_sglang.stream.server import LocalRedis, free_port
+from tide_sglang.workloads.registry import load_workload
+
+DEPLOYMENT = "gpu"
+HOME = Path(os.environ.get("TIDE_GPU_HOME", "/root/tide"))
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Server:
+    """`tide serve` (or plain SGLang with `plugin=False`) in its own process group, log to OUT."""
+
+    def __init__(self, name: str, out: Path, args: list[str], env: dict[str, str], plugin: bool = True):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = out / f"server-{name}.log"
+        base = [sys.executable, "-c", "from tide_sglang.cli import main; main()", "serve",
+                "--host", "127.0.0.1", "--port", str(self.port), *args]
+        env = {**os.environ, **env}
+        if not plugin:
+            dry = subprocess.run([*base, "--tide-dry-run"], env=env, capture_output=True, text=True, check=True)
+            base = dry.stdout.split()
+            env["SGLANG_PLUGINS"] = "none"  # SGLang's allow-list: load no plugin, TIDE's included
+        self.command = base
+        self.proc = subprocess.Popen(base, env=env, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.started = time.time()
+
+    def wait_ready(self, timeout: float = 420) -> float:
+        while time.time() - self.started < timeout:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; tail:\n{self.tail()}")
+            try:
+                if requests.get(f"{self.url}/health_generate", timeout=5).status_code == 200:
+                    return time.time() - self.started
+            except requests.RequestException:
+                pass
+            time.sleep(2)
+        raise TimeoutError(f"server not ready after {timeout} s; tail:\n{self.tail()}")
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def generate(self, input_ids: list[int], max_new_tokens: int, rid: str | None = None, **extra: Any) -> dict:
+        body = {"input_ids": input_ids, "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens,
+                                                            "ignore_eos": True}, **extra}
+        if rid is not None:
+            body["rid"] = rid
+        r = requests.post(f"{self.url}/generate", json=body, timeout=300)
+        r.raise_for_status()
+        return r.json()
+
+    def metrics(self) -> dict[str, float]:
+        text = requests.get(f"{self.url}/metrics", timeout=10).text
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            m = re.match(r"^(tide_[a-z_]+|sglang:spec_accept_length)(\{[^}]*\})? ([-0-9.e+naninf]+)$", line)
+            if m:
+                out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+        return out
+
+    def draft_checksums(self) -> dict[str, str]:
+        r = requests.post(f"{self.url}/weights_checker", json={"action": "checksum"}, timeout=60)
+        found: dict[str, str] = {}
+
+        def walk(node: Any) -> None:
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    if k == "checksums" and isinstance(v, dict):
+                        found.update({n[len("draft."):]: h for n, h in v.items() if n.startswith("draft.")})
+                    else:
+                        walk(v)
+            elif isinstance(node, list):
+                for v in node:
+                    walk(v)
+
+        walk(r.json())
+        return found
+
+
+_POOL: list[list[int]] = []
+
+
+def prompts(tokenizer: Any, n: int, offset: int = 0) -> list[list[int]]:
+    """`n` chat-templated prompts, interleaving writing, code, math and chat (snapshots of seed 0), from `offset`."""
+    if not _POOL:
+        by_domain = [load_workload(name, 256, 0) for name in ("writing", "code", "math", "chat")]
+        for group in itertools.zip_longest(*by_domain):
+            for p in filter(None, group):
+                ids = tokenizer.apply_chat_template([{"role": "user", "content": p.text}],
+                                                    add_generation_prompt=True, tokenize=True)
+                _POOL.append(list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids))
+    return [_POOL[(offset + i) % len(_POOL)][:768] for i in range(n)]
+
+
+def run_many(server: Server, ids: list[list[int]], max_new_tokens: int, concurrency: int,
+             **extra: Any) -> tuple[list[dict | Exception], float]:
+    start = time.perf_counter()
+    with cf.ThreadPoolExecutor(concurrency) as pool:
+        futures = [pool.submit(server.generate, x, max_new_tokens, f"r{i}-{time.time_ns()}", **extra)
+                   for i, x in enumerate(ids)]
+        results: list[dict | Exception] = []
+        for f in futures:
+            try:
+                results.append(f.result())
+            except Exception as e:  # recorded: the swap check counts failed requests
+                results.append(e)
+    return results, time.perf_counter() - start
+
+
+def captured_rows(client: Any) -> dict[str, dict[int, tuple[torch.Tensor, int]]]:
+    """rid -> position -> (aux hidden row, emitted token), from every entry of the hidden-state stream."""
+    rows: dict[str, dict[int, tuple[torch.Tensor, int]]] = {}
+    for _, fields in client.xrange(keys.hidden_states(DEPLOYMENT)):
+        batch = codec.decode(fields)
+        for r in range(batch.num_tokens):
+            rid = batch.rids[int(batch.req_index[r])]
+            rows.setdefault(rid, {})[int(batch.positions[r])] = (batch.hidden[r], int(batch.token_ids[r]))
+    return rows
+
+
+def phase_truth(server: Server, tok: Any, client: Any) -> dict:
+    ids = prompts(tok, 8)
+    client.delete(keys.hidden_states(DEPLOYMENT))
+    results, _ = run_many(server, ids, 48, 8, return_hidden_states=True)
+    time.sleep(3)  # the finisher thread and the writer flush asynchronously
+    got = captured_rows(client)
+    compared = mismatched = missing = token_errors = 0
+    max_diff = 0.0
+    for x, res in zip(ids, results, strict=True):
+        if isinstance(res, Exception):
+            raise res
+        rid, meta = res["meta_info"]["id"], res["meta_info"]
+        hs = meta.get("hidden_states") or []
+        prompt_len = len(x)
+        truth = {}  # position -> row, from SGLang's own output
+        if hs and isinstance(hs[0], list) and hs[0] and isinstance(hs[0][0], list):
+            truth.update(enumerate(hs[0]))  # prefill rows of the whole prompt (radix cache off)
+            decode = hs[1:]
+        else:
+            decode = hs
+        truth.update({prompt_len + j: row for j, row in enumerate(decode)})
+        outputs = res.get("output_ids") or []
+        mine = got.get(rid, {})
+        for pos, row in truth.items():
+            if pos not in mine:
+                missing += 1
+                continue
+            hidden, token = mine[pos]
+            diff = (hidden.float() - torch.tensor(row, dtype=torch.float32)).abs().max().item()
+            max_diff = max(max_diff, diff)
+            compared += 1
+            mismatched += diff > 0
+            j = pos - prompt_len + 1
+            if 0 <= j < len(outputs) and outputs[j] != token:
+                token_errors += 1
+    return {"requests": len(ids), "rows_compared": compared, "rows_mismatched": mismatched,
+            "rows_missing_in_capture": missing, "max_abs_diff": max_diff, "token_mismatches": token_errors,
+            "captured_rids": len(got), "ok": compared > 0 and mismatched == 0 and token_errors == 0}
+
+
+def registry_checksums(version_dir: Path) -> dict[str, str]:
+    """SGLang's checksum (weight_checker: tensor_hash on the GPU) of each registry tensor, by SGLang's name."""
+    from safetensors.torch import load_file
+    from sglang.srt.managers.mm_utils import tensor_hash
+
+    t = {k: v.cuda() for k, v in load_file(version_dir / "model.safetensors").items()}
+    fused = {"midlayer.self_attn.qkv_proj.weight": ["q_proj", "k_proj", "v_proj"],
+             "midlayer.mlp.gate_up_proj.weight": ["gate_proj", "up_proj"]}
+    for name, parts in fused.items():
+        prefix = name.rsplit(".", 2)[0]
+        names = [f"{prefix}.{p}.weight" for p in parts]
+        if all(n in t for n in names):
+            t[name] = torch.cat([t.pop(n) for n in names])
+    return {n: f"{tensor_hash(v):016x}" for n, v in t.items()}
+
+
+def metric(m: dict[str, float], name: str) -> float | None:
+    vals = [v for k, v in m.items() if k.startswith(name)]
+    return sum(vals) if vals else None
+
+
+def phase_swap(server: Server, tok: Any, client: Any, registry: Path) -> dict:
+    old, new = sorted(int(p.name[1:]) for p in registry.glob("v0*"))[-2:]
+    before = server.draft_checksums()
+    ids = prompts(tok, 48, offset=8)
+    with cf.ThreadPoolExecutor(1) as pool:
+        t0 = time.time()
+        fut = pool.submit(run_many, server, ids, 192, 48)
+        time.sleep(1.5)
+        client.hset(keys.control(DEPLOYMENT), mapping={"stable": new})
+        swapped_after = time.time() - t0
+        results, wall = fut.result()
+    failed = [repr(r) for r in results if isinstance(r, Exception)]
+    deadline = time.time() + 30
+    while time.time() < deadline and metric(server.metrics(), "tide_draft_version") != new:
+        time.sleep(0.5)
+    m = server.metrics()
+    after = server.draft_checksums()
+    expected = registry_checksums(registry / f"v{new:06d}")
+    names = {n: next((e for e in expected if n == e or n == f"model.{e}"), None) for n in after}
+    matched = sorted(n for n, e in names.items() if e is not None and expected[e] == after[n])
+    unmatched = sorted(n for n, e in names.items() if e is not None and expected[e] != after[n])
+    changed = sorted(n for n in after if before.get(n) != after[n])
+    # A corrupt version: same manifest, one flipped byte in the weights. Refused; serving goes on.
+    bad = new + 1
+    shutil.copytree(registry / f"v{new:06d}", registry / f"v{bad:06d}")
+    manifest = json.loads((registry / f"v{bad:06d}" / "manifest.json").read_text())
+    manifest["version"], manifest["parent"] = bad, new
+    (registry / f"v{bad:06d}" / "manifest.json").write_text(json.dumps(manifest))
+    weights = registry / f"v{bad:06d}" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    failures_before = metric(m, "tide_draft_swap_failures_total") or 0.0
+    client.hset(keys.control(DEPLOYMENT), mapping={"stable": bad})
+    time.sleep(3)
+    after_bad, _ = run_many(server, prompts(tok, 8, offset=56), 32, 8)
+    m2 = server.metrics()
+    stats = {v: {k.decode(): float(x) for k, x in client.hgetall(keys.stats(DEPLOYMENT, v)).items()}
+             for v in (old, new, bad)}
+    client.hset(keys.control(DEPLOYMENT), mapping={"stable": new})
+    return {
+        "old": old, "new": new, "requests_in_flight": len(ids), "failed_requests": failed, "wall_s": wall,
+        "swap_written_after_s": round(swapped_after, 2), "tide_draft_version": metric(m, "tide_draft_version"),
+        "swap_seconds_sum": metric(m, "tide_draft_swap_seconds_sum"),
+        "draft_params_changed": len(changed), "draft_params": len(after),
+        "checksums_equal_registry": matched, "checksums_differ_registry": unmatched,
+        "corrupt_version": bad, "version_after_corrupt": metric(m2, "tide_draft_version"),
+        "swap_failures_added": (metric(m2, "tide_draft_swap_failures_total") or 0.0) - failures_before,
+        "requests_failed_after_corrupt": sum(isinstance(r, Exception) for r in after_bad),
+        "acceptance_by_version": {v: (s.get("accepted", 0) / s["verify_steps"]) if s.get("verify_steps") else None
+                                  for v, s in stats.items()},
+        "stats": stats,
+        "ok": not failed and metric(m, "tide_draft_version") == new and bool(matched) and not unmatched
+        and metric(m2, "tide_draft_version") == new and not any(isinstance(r, Exception) for r in after_bad),
+    }
+
+
+def phase_control(server: Server, tok: Any) -> dict:
+    """Batch 1 then batch 48: the steps SGLang runs per slot (its accept lengths) against TIDE's decisions."""
+    out: dict[str, Any] = {}
+    for bs in (1, 48):
+        ids = prompts(tok, bs if bs > 1 else 4, offset=64)
+        results, wall = run_many(server, ids, 128, bs)
+        ok = [r for r in results if not isinstance(r, Exception)]
+        verify = sum(r["meta_info"].get("spec_verify_ct", 0) for r in ok)
+        tokens = sum(r["meta_info"]["completion_tokens"] for r in ok)
+        out[f"batch_{bs}"] = {"tokens_per_s": tokens / wall, "spec_verify_ct": verify,
+                              "accept_length": tokens / verify if verify else None,
+                              "failed": len(results) - len(ok)}
+    m = server.metrics()
+    out["tide_speculation_steps"] = {k: v for k, v in m.items() if k.startswith("tide_speculation_steps")}
+    out["controller_metrics"] = {k: v for k, v in m.items() if k.startswith("tide_control")}
+    return out
+
+
+def throughput(server: Server, ids: list[list[int]], concurrency: int, max_new: int) -> dict:
+    run_many(server, ids[:concurrency], 16, concurrency)  # warm-up
+    results, wall = run_many(server, ids, max_new, concurrency)
+    ok = [r for r in results if not isinstance(r, Exception)]
+    tokens = sum(r["meta_info"]["completion_tokens"] for r in ok)
+    return {"tokens_per_s": tokens / wall, "tokens": tokens, "wall_s": wall, "failed": len(results) - len(ok)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--phases", default="truth,swap,throughput")
+    ap.add_argument("--no-cuda-graph", action="store_true")
+    ap.add_argument("--repeats", type=int, default=2, help="throughput: on/off pairs")
+    ap.add_argument("--concurrency", default="8,64")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--control-profile", type=Path, default=None)
+    ap.add_argument("--sglang-arg", action="append", default=[], help="extra SGLang argument (repeatable)")
+    a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    phases = a.phases.split(",")
+    model = resolve("smollm2-135m")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    registry = HOME / "registry"
+    old = sorted(registry.glob("v0*"))[-2]
+    redis = LocalRedis().start()
+    client = connect_url(redis.url)
+    env = {"TIDE_DEPLOYMENT": DEPLOYMENT, "TIDE_REDIS_URL": redis.url, "TIDE_ROLE": "stable",
+           "TIDE_REGISTRY_DIR": str(registry), "TIDE_SWAP_POLL_S": "0.5", "TIDE_STATS_FLUSH_S": "1",
+           "TIDE_SYNC_INTERVAL_BATCHES": "4", "TIDE_CAPTURE_RING_SLOTS": "16"}
+    args = ["--model-path", str(model), "--dtype", "bfloat16", "--attention-backend", "triton",
+            "--sampling-backend", "pytorch", "--grammar-backend", "none", "--speculative-draft-model-path", str(old),
+            "--speculative-num-steps", "3", "--speculative-num-draft-tokens", "4", "--mem-fraction-static", "0.3",
+            "--cuda-graph-max-bs", "64", "--tide-candidate-steps", "1,3", *a.sglang_arg]
+    if a.no_cuda_graph:
+        args.append("--disable-cuda-graph")
+    report: dict[str, Any] = {"args": args, "device": torch.cuda.get_device_name(0), "phases": {}}
+
+    def save() -> None:
+        (a.out / "sglang-run.json").write_text(json.dumps(report, indent=1, default=str))
+
+    def run_phase(name: str, fn: Any) -> None:
+        log(f"phase {name}")
+        try:
+            report["phases"][name] = fn()
+            log(f"phase {name}: {json.dumps(report['phases'][name], default=str)[:1500]}")
+        except Exception as e:  # recorded, next phase still runs
+            report["phases"][name] = {"error": f"{type(e).__name__}: {e}"}
+            log(f"phase {name} FAILED: {e}")
+        save()
+
+    if "truth" in phases or "swap" in phases:
+        client.delete(keys.control(DEPLOYMENT))
+        server = Server("main", a.out, [*args, "--enable-return-hidden-states", "--disable-radix-cache"], env)
+        try:
+            report["startup_s"] = server.wait_ready()
+            log(f"server ready in {report['startup_s']:.0f} s")
+            if "truth" in phases:
+                run_phase("truth", lambda: phase_truth(server, tok, client))
+            if "swap" in phases:
+                run_phase("swap", lambda: phase_swap(server, tok, client, registry))
+        except Exception as e:
+            report["phases"]["main_server"] = {"error": str(e)}
+            log(f"main server FAILED: {e}")
+        finally:
+            server.stop()
+            save()
+    if "control" in phases:
+        client.delete(keys.control(DEPLOYMENT))
+        profile = a.control_profile or HOME / "profile.json"
+        server = Server("control", a.out, args, {**env, "TIDE_CONTROL_PROFILE": str(profile)})
+        try:
+            server.wait_ready()
+            run_phase("control", lambda: phase_control(server, tok))
+        except Exception as e:
+            report["phases"]["control"] = {"error": str(e)}
+        finally:
+            server.stop()
+            save()
+    if "throughput" in phases:
+        client.delete(keys.control(DEPLOYMENT))
+        ids = prompts(tok, 128, offset=128)
+        rows: list[dict] = []
+        for rep in range(a.repeats):
+            for plugin in (True, False):
+                name = f"tput-{'on' if plugin else 'off'}-{rep}"
+                server = Server(name, a.out, args, env, plugin=plugin)
+                try:
+                    server.wait_ready()
+                    for c in (int(x) for x in a.concurrency.split(",")):
+                        row = {"plugin": plugin, "repeat": rep, "concurrency": c,
+                               **throughput(server, ids, c, a.max_new_tokens)}
+                        rows.append(row)
+                        log(json.dumps(row))
+                    if plugin:
+                        m = server.metrics()
+                        rows[-1]["captured_tokens"] = metric(m, "tide_captured_tokens_total")
+                        rows[-1]["capture_drops"] = metric(m, "tide_capture_drops_total")
+                except Exception as e:
+                    rows.append({"plugin": plugin, "repeat": rep, "error": str(e)})
+                finally:
+                    server.stop()
+                report["phases"]["throughput"] = {"rows": rows}
+                save()
+        summary = {}
+        for c in {r["concurrency"] for r in rows if "concurrency" in r}:
+            on = [r["tokens_per_s"] for r in rows if r.get("concurrency") == c and r["plugin"]]
+            off = [r["tokens_per_s"] for r in rows if r.get("concurrency") == c and not r["plugin"]]
+            if on and off:
+                summary[c] = {"on": sum(on) / len(on), "off": sum(off) / len(off),
+                              "loss_pct": 100 * (1 - sum(on) / len(on) / (sum(off) / len(off)))}
+        report["phases"]["throughput"]["summary"] = summary
+        save()
+    redis.close()
+    log("done")
+
+
+def connect_url(url: str) -> Any:
+    from tide_sglang.settings import TideSettings
+
+    return connect(TideSettings(redis_url=url, deployment=DEPLOYMENT))
+
+
+if __name__ == "__main__":
+    main()
