@@ -6,12 +6,23 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from prometheus_client import CollectorRegistry
 
 from tide_sglang.cli import main
+from tide_sglang.control import Profile, SpeculationController
 from tide_sglang.plugin import rows
 from tide_sglang.plugin.cli import serve_argv
-from tide_sglang.plugin.speculation import choose_steps
+from tide_sglang.plugin.metrics import PluginMetrics
+from tide_sglang.plugin.runtime import Runtime
+from tide_sglang.plugin.speculation import (
+    ProfileError,
+    acceptance_sample,
+    candidate_steps,
+    choose_steps,
+    load_profile,
+)
 from tide_sglang.plugin.swap import Baseline, SwapRefused, agreed_version, desired_version, plan_swap, sglang_name
+from tide_sglang.settings import TideSettings
 
 
 def test_decode_rows_take_the_accepted_prefix_of_each_kept_request() -> None:
@@ -104,3 +115,56 @@ def test_tide_serve_without_sglang_says_so(monkeypatch) -> None:
     monkeypatch.setattr("tide_sglang.plugin.versions.installed", lambda: "0.5.30")
     result = CliRunner().invoke(main, ["serve", "--model-path", "m"])
     assert result.exit_code == 1 and "0.5.30 is not supported" in result.output
+
+
+def test_controller_candidates_and_acceptance_of_committed_requests() -> None:
+    assert candidate_steps({1: [1, 3], 64: [0, 1], 128: [0]}) == [0, 1, 3]  # every slot's steps, and 0
+    # correct drafts per request (accept_len - 1); the third request finished in the previous batch
+    assert acceptance_sample([0, 2, 3, 1], [True, True, False, True]) == (3, 3)
+    assert acceptance_sample([], []) == (0, 0)
+
+
+def test_a_bad_cost_profile_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
+    bad = tmp_path / "profile.json"
+    bad.write_text('{"target": []}')
+    for path in (tmp_path / "missing.json", bad):
+        with pytest.raises(ProfileError, match=f"TIDE_CONTROL_PROFILE={path}"):
+            load_profile(path)
+    monkeypatch.setattr("tide_sglang.plugin.versions.installed", lambda: "0.5.23")
+    monkeypatch.setenv("TIDE_CONTROL_PROFILE", str(bad))
+    result = CliRunner().invoke(main, ["serve", "--tide-dry-run", "--model-path", "m"])  # before SGLang starts
+    assert result.exit_code == 1 and f"TIDE_CONTROL_PROFILE={bad} is not a usable cost profile" in result.output
+
+
+# A draft step costs 0.8 target decode steps at batch 1: speculation pays only at high acceptance.
+EXPENSIVE_DRAFT = Profile.roofline(0.010, 1e-4, 0.008)
+
+
+def test_runtime_builds_the_controller_at_the_first_sync_and_low_acceptance_turns_speculation_off() -> None:
+    settings = TideSettings(sync_interval_batches=2, control_prior_acceptance=0.95)
+    built: list[list[int]] = []
+
+    def make(candidates: list[int]) -> SpeculationController:
+        built.append(candidates)
+        return SpeculationController(EXPENSIVE_DRAFT, settings, candidates=candidates, registry=CollectorRegistry())
+
+    rt = Runtime(settings, PluginMetrics("unit", registry=CollectorRegistry()), None, None, None, lambda t: None, make)
+    slots = {1: [0, 1, 3], 128: [0, 1, 3]}
+    rt.sync(slots)  # batch 1: no agreement yet, but the controller exists (observations may start)
+    assert built == [[0, 1, 3]] and rt.controller is not None and rt.steps is not None and rt.steps.table is None
+    rt.sync(slots)
+    assert rt.steps.table == {1: 3, 128: 0}  # the prior 0.95 pays at batch 1 only
+    # one verify at 3 steps, 4 committed requests accept 1 draft token in all (the 5th finished before)
+    rt.observe([0, 1, 0, 0, 3], [True, True, True, True, False], draft_steps=3)
+    for _ in range(2):
+        rt.sync(slots)
+    assert rt.steps.table == {1: 0, 128: 0} and built == [[0, 1, 3]]
+    assert rt.controller.acceptance() < 0.3
+
+
+def test_without_adaptive_slots_the_controller_stays_off() -> None:
+    rt = Runtime(TideSettings(), PluginMetrics("unit", registry=CollectorRegistry()), None, None, None,
+                 lambda t: None, lambda c: pytest.fail("built without candidates"))
+    rt.sync(None)
+    rt.observe([1], [True], draft_steps=3)
+    assert rt.controller is None and rt.steps is None and rt.make_controller is None

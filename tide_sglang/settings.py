@@ -68,6 +68,9 @@ class TideSettings(BaseSettings):
     train_metrics_port: int = Field(9400, ge=0, le=65535, description="Prometheus port of tide train (0: off)")
 
     # Speculation controller (tide_sglang/control, docs/controller.md).
+    control_profile: Path | None = Field(
+        None, description="JSON cost profile (control.Profile); when set, `tide serve` runs TIDE's controller for "
+        "the speculation steps")
     control_max_steps: int = Field(5, ge=1, le=16, description="k: the policy picks draft steps in 0..k")
     control_prior_acceptance: float = Field(
         0.7, ge=0, le=1, description="per-token acceptance assumed for a version not yet measured"

@@ -31,6 +31,12 @@ ATTR = "_tide_capture"  # set on SGLang's GenerationBatchResult between verify a
 STALE_S = 5.0  # a verify result not processed this long after its verify is taken as never committed
 
 
+def committed(reqs: list[Any]) -> list[bool]:
+    """Which requests of a decode result commit it: under overlap scheduling a request that finished or was
+    retracted ran once more, and SGLang discards those rows."""
+    return [not (r.finished() or r.is_retracted) for r in reqs]
+
+
 class Pending(BaseModel):
     """One batch's rows on their way to the host; `committed` is filled in when its result is processed."""
 
@@ -106,7 +112,7 @@ class Capturer:
         if pending is None:
             return
         self._awaiting.pop(pending.slot.index, None)
-        pending.committed = [not (r.finished() or r.is_retracted) for r in pending.reqs]
+        pending.committed = committed(pending.reqs)
         self._hand_over(pending)
 
     def on_prefill(self, batch: Any, hidden: torch.Tensor, next_token_ids: torch.Tensor) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from tide_sglang.plugin import versions
+from tide_sglang.plugin.speculation import ProfileError, load_profile
 from tide_sglang.settings import TideSettings
 
 # Batch-size slots of SGLang's adaptive config: each gets every candidate, so TIDE's decision can differ by size.
@@ -67,7 +68,12 @@ def serve(tide_candidate_steps: str, tide_dry_run: bool, sglang_args: tuple[str,
         versions.check(versions.installed())
     except versions.UnsupportedSGLang as e:
         raise click.ClickException(str(e)) from None
-    settings = TideSettings()  # fail here, before SGLang starts, on a bad TIDE_* variable
+    settings = TideSettings()  # fail here, before SGLang starts, on a bad TIDE_* variable or cost profile
+    if settings.control_profile is not None:
+        try:
+            load_profile(settings.control_profile)
+        except ProfileError as e:
+            raise click.ClickException(str(e)) from None
     argv = list(sglang_args)
     draft = None
     if settings.registry_dir is not None and not _has(argv, "--speculative-draft-model-path"):

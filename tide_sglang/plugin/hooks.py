@@ -1,7 +1,9 @@
 """The hook functions on SGLang's targets (targets.py) and the per-process runtime they share. Imports SGLang.
 
-Capture hooks never fail a batch: an error is logged and counted as a drop. The sync hook is not guarded: a copy
-that fails after all ranks agreed would leave ranks serving different drafts, so it stops the engine instead.
+Capture and observation hooks never fail a batch: an error is logged (and, on the publishing rank, counted as a
+drop). The sync hook is not guarded: a copy that fails after all ranks agreed would leave ranks serving different
+drafts, so it stops the engine instead; it also builds the runtime, so a bad TIDE_CONTROL_PROFILE stops the engine
+at its first batch instead of serving without the controller.
 """
 
 import functools
@@ -16,12 +18,13 @@ import torch.distributed as dist
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from tide_sglang import keys
+from tide_sglang.control import SpeculationController
 from tide_sglang.draft.registry import MANIFEST, DraftRegistry, Manifest
 from tide_sglang.plugin import targets
-from tide_sglang.plugin.capture import Capturer
+from tide_sglang.plugin.capture import Capturer, committed
 from tide_sglang.plugin.metrics import PluginMetrics
-from tide_sglang.plugin.runtime import Runtime
-from tide_sglang.plugin.speculation import StepDecider, StepTable
+from tide_sglang.plugin.runtime import ControllerFactory, Runtime
+from tide_sglang.plugin.speculation import StepDecider, StepTable, load_profile
 from tide_sglang.plugin.swap import SwapRefused, baseline_from_dir
 from tide_sglang.plugin.swapper import DraftHandle, Swapper
 from tide_sglang.settings import TideSettings
@@ -33,6 +36,7 @@ log = logging.getLogger("tide.plugin")
 _runtime: Runtime | None = None
 _decider: StepDecider | None = None
 _metrics: dict[str, PluginMetrics] = {}  # Prometheus metrics exist once per process (a rebuilt runtime reuses them)
+COMMITTED = "_tide_committed"  # set on SGLang's GenerationBatchResult from before to after its processing
 
 
 class PluginPatchError(RuntimeError):
@@ -104,7 +108,19 @@ def build_runtime(settings: TideSettings, draft_worker: Any) -> Runtime:
     if swapper is not None and capturer is not None:
         capturer.version = swapper.current
     steps = StepTable(_decider) if _decider is not None else None
-    return Runtime(settings, metrics, capturer, swapper, steps, _all_reduce_min)
+    return Runtime(settings, metrics, capturer, swapper, steps, _all_reduce_min, _controller(settings))
+
+
+def _controller(settings: TideSettings) -> ControllerFactory | None:
+    """TIDE's controller when TIDE_CONTROL_PROFILE is set and no decider was installed; the profile is read now,
+    so a bad file fails here. registry=None: SGLang's scheduler runs Prometheus in multiprocess mode."""
+    if settings.control_profile is None:
+        return None
+    if _decider is not None:
+        log.warning("a step decider was installed with set_step_decider: TIDE_CONTROL_PROFILE is ignored")
+        return None
+    profile = load_profile(settings.control_profile)
+    return lambda candidates: SpeculationController(profile, settings, candidates=candidates, registry=None)
 
 
 def _aux_layers(model: Any) -> int:
@@ -176,8 +192,23 @@ def before_prefill(draft_worker: Any, batch: Any, target_hidden_states: torch.Te
 
 @_guarded
 def before_commit(processor: Any, batch: Any, result: Any, *args: Any, **kwargs: Any) -> None:
-    if _runtime is not None and _runtime.capturer is not None:
+    if _runtime is None:
+        return
+    if _runtime.capturer is not None:
         _runtime.capturer.on_commit(batch, result)
+    if _runtime.controller is not None:  # decided before SGLang's processing marks this batch's finishes
+        setattr(result, COMMITTED, committed(batch.reqs))
+
+
+@_guarded
+def after_commit(_: Any, processor: Any, batch: Any, result: Any, *args: Any, **kwargs: Any) -> None:
+    """Every rank: SGLang has waited for the result's device-to-host copy (`copy_done`) and turned the accept
+    lengths into the host list `num_correct_drafts_per_req_cpu`, so reading them adds no GPU sync. The verify ran
+    `speculative_num_draft_tokens - 1` draft steps (adaptive speculation runs topk 1: a chain)."""
+    mask = result.__dict__.pop(COMMITTED, None)
+    correct, nd = result.num_correct_drafts_per_req_cpu, result.speculative_num_draft_tokens
+    if _runtime is not None and mask is not None and correct is not None and nd is not None:
+        _runtime.observe(correct, mask, nd - 1)
 
 
 def before_forward(worker: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
@@ -205,6 +236,7 @@ HOOKS: tuple[tuple[targets.Target, Callable[..., Any]], ...] = (
     (targets.VERIFY, after_verify),
     (targets.PREFILL, before_prefill),
     (targets.COMMIT, before_commit),
+    (targets.COMMITTED, after_commit),
     (targets.FORWARD, before_forward),
     (targets.STEPS, around_steps),
 )

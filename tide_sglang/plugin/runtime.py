@@ -1,13 +1,14 @@
 """The plugin's state in one scheduler process, and the sync point where TP ranks agree between batches."""
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
+from tide_sglang.control import SpeculationController
 from tide_sglang.plugin.capture import Capturer
 from tide_sglang.plugin.metrics import PluginMetrics
-from tide_sglang.plugin.speculation import StepTable
+from tide_sglang.plugin.speculation import StepTable, acceptance_sample, candidate_steps
 from tide_sglang.plugin.swap import agreed_version
 from tide_sglang.plugin.swapper import Swapper
 from tide_sglang.settings import TideSettings
@@ -15,23 +16,34 @@ from tide_sglang.settings import TideSettings
 log = logging.getLogger("tide.plugin")
 
 AllReduceMin = Callable[[torch.Tensor], None]
+ControllerFactory = Callable[[list[int]], SpeculationController]  # candidate steps -> controller
 
 
 class Runtime:
     """`capturer` only on the publishing rank (attention-TP rank 0 of the last pipeline stage); `swapper` on every
-    rank hosting the draft when a registry is configured; `steps` when a decider was installed."""
+    rank hosting the draft when a registry is configured; `steps` when a decider was installed, or from the first
+    sync on when `controller` (a factory: the candidate steps are known only once SGLang's adaptive slots exist)
+    builds TIDE's SpeculationController."""
 
     def __init__(self, settings: TideSettings, metrics: PluginMetrics, capturer: Capturer | None,
-                 swapper: Swapper | None, steps: StepTable | None, all_reduce_min: AllReduceMin) -> None:
+                 swapper: Swapper | None, steps: StepTable | None, all_reduce_min: AllReduceMin,
+                 controller: ControllerFactory | None = None) -> None:
         self.settings, self.metrics = settings, metrics
         self.capturer, self.swapper, self.steps = capturer, swapper, steps
         self.all_reduce_min = all_reduce_min
+        self.make_controller = controller
+        self.controller: SpeculationController | None = None
         self.batches = 0
+
+    def version(self) -> int:
+        return self.swapper.current if self.swapper is not None else 0
 
     def sync(self, slots: dict[int, list[int]] | None) -> None:
         """Called before every batch on every rank of the group; every `sync_interval_batches` batches the ranks
         exchange [version, -version, step proposals...] in one all-reduce MIN and act on the result."""
         self.batches += 1
+        if self.make_controller is not None:
+            self._start_controller(slots)
         if self.batches % self.settings.sync_interval_batches or (self.swapper is None and self.steps is None):
             return
         local = self.swapper.local_version() if self.swapper is not None else 0
@@ -44,9 +56,27 @@ class Runtime:
                 self.capturer.version = agreed  # rows captured from now on come from the new draft
         if proposals:
             table = self.steps.agree(slots, vector[2:].tolist())
-            version = self.swapper.current if self.swapper is not None else 0
+            version = self.version()
             for bs, steps in table.items():
                 self.metrics.steps.labels(**self.metrics.labels(version), batch_size=str(bs)).set(steps)
+
+    def _start_controller(self, slots: dict[int, list[int]] | None) -> None:
+        make, self.make_controller = self.make_controller, None
+        if not slots:
+            log.warning("TIDE_CONTROL_PROFILE is set, but SGLang runs without adaptive speculation "
+                        "(--speculative-adaptive): TIDE's controller is off, the draft steps stay fixed")
+            return
+        self.controller = make(candidate_steps(slots))
+        self.steps = StepTable(self.controller.steps_for_batch)
+        log.info("TIDE's speculation controller chooses among %s draft steps", self.controller.policy.candidates)
+
+    def observe(self, correct_drafts: Sequence[int], committed: Sequence[bool], draft_steps: int) -> None:
+        """A decode verify whose result SGLang processed, on every rank (each sees the same accept lengths, so
+        every rank's controller proposes the same steps): the committed requests' acceptance at `draft_steps`."""
+        if self.controller is None:
+            return
+        accepted, steps = acceptance_sample(correct_drafts, committed)
+        self.controller.observe(self.version(), accepted_tokens=accepted, steps=steps, draft_steps=draft_steps)
 
     def close(self) -> None:
         if self.swapper is not None:

@@ -3,17 +3,48 @@
 SGLang's adaptive mode routes a batch size to a slot (a batch-size bucket) whose candidate steps have CUDA graphs.
 At each sync point every rank asks the decider for each slot, rounds down to a candidate, and the ranks take the
 element-wise MIN, so all of them run the same steps for the same batch. Between sync points the table is fixed.
+
+The decider is either installed by an embedding (`hooks.set_step_decider`) or TIDE's `SpeculationController`,
+built from the cost profile `TIDE_CONTROL_PROFILE` once the slots are known, and fed the acceptance of every
+committed decode verify on every rank (the same data on every rank, so the ranks propose the same table).
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from tide_sglang.control.profile import Profile
 
 StepDecider = Callable[[int], int]  # batch size -> draft steps (0: no speculation), e.g. SpeculationController
+
+
+class ProfileError(ValueError):
+    """TIDE_CONTROL_PROFILE names a file that cannot be read or is not a cost profile."""
+
+
+def load_profile(path: Path) -> Profile:
+    """The controller's cost profile; a bad file is an error at start, never a silent fall back to SGLang's steps."""
+    try:
+        return Profile.load(path)
+    except (OSError, ValueError) as e:  # pydantic's ValidationError is a ValueError
+        raise ProfileError(f"TIDE_CONTROL_PROFILE={path} is not a usable cost profile: {e}") from e
 
 
 def choose_steps(decision: int, candidates: list[int]) -> int:
     """The largest candidate not above the decision (only candidates have runtime states), else the smallest."""
     below = [c for c in candidates if c <= decision]
     return max(below) if below else min(candidates)
+
+
+def candidate_steps(slots: dict[int, list[int]]) -> list[int]:
+    """Every step count some slot can run, and 0: the controller's candidates (each slot then rounds down)."""
+    return sorted({0, *(g for steps in slots.values() for g in steps)})
+
+
+def acceptance_sample(correct_drafts: Sequence[int], committed: Sequence[bool]) -> tuple[int, int]:
+    """(accepted draft tokens, request verify steps) of one verify's committed requests. `correct_drafts` per
+    request is accept_len - 1: the bonus token is not a draft token (SGLang's `num_correct_drafts_per_req_cpu`)."""
+    kept = [c for c, ok in zip(correct_drafts, committed, strict=True) if ok]
+    return sum(kept), len(kept)
 
 
 class StepTable:

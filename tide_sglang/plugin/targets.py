@@ -22,12 +22,15 @@ VERIFY = Target(f"{_EAGLE}.EAGLEWorkerV2.verify", "AFTER", ("self", "batch"),
 PREFILL = Target(f"{_EAGLE}.EagleDraftWorker._draft_extend_for_prefill", "BEFORE",
                  ("self", "batch", "target_hidden_states", "next_token_ids"),
                  "capture: prompt rows, from the target's full hidden states of an extend")
-COMMIT = Target("sglang.srt.managers.scheduler_components.batch_result_processor."
-                "SchedulerBatchResultProcessor.process_batch_result_decode", "BEFORE", ("self", "batch", "result"),
-                "capture: which requests commit this result (overlap scheduling re-runs finished ones)")
+_DECODE_RESULT = ("sglang.srt.managers.scheduler_components.batch_result_processor."
+                  "SchedulerBatchResultProcessor.process_batch_result_decode")
+COMMIT = Target(_DECODE_RESULT, "BEFORE", ("self", "batch", "result"),
+                "capture and control: which requests commit this result (overlap scheduling re-runs finished ones)")
+COMMITTED = Target(_DECODE_RESULT, "AFTER", ("self", "batch", "result"),
+                   "control: the committed requests' acceptance, once SGLang waited for the accept lengths' copy")
 FORWARD = Target(f"{_EAGLE}.EAGLEWorkerV2.forward_batch_generation", "BEFORE", ("self", "batch"),
                  "between batches: ranks agree on a staged draft version and on the step table")
 STEPS = Target("sglang.srt.speculative.adaptive_spec_params.AdaptiveSpeculativeParams.get_steps_for_batch",
                "AROUND", ("self", "batch_size"), "speculation control: the agreed TIDE decision overrides steps")
 
-ALL = (VERIFY, PREFILL, COMMIT, FORWARD, STEPS)
+ALL = (VERIFY, PREFILL, COMMIT, COMMITTED, FORWARD, STEPS)
