@@ -18,10 +18,14 @@ mkdir -p .cache && rm -rf .cache/workloads && cp -r "$P/workloads" .cache/worklo
 # A writable registry (the run publishes a corrupt version into it on purpose).
 [ -d "$HOME_DIR/registry" ] || cp -r "$P/registry" "$HOME_DIR/registry"
 nvcc_dir=$(dirname "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)")
+# deep_gemm's extension dlopens libnvrtc.so.13, which only torch's nvidia wheels hold.
+nvrtc_dir=$(python3 -c 'import glob, os, sys
+hits = glob.glob(sys.prefix + "/lib/python3*/site-packages/nvidia/**/libnvrtc.so.1*", recursive=True)
+print(os.path.dirname(hits[0]) if hits else "")')
 cat > "$HOME_DIR/env.sh" <<ENV
 export PYTHONPATH=$P/site:$PWD
 export PATH=$P/redis:$nvcc_dir:\$PATH
-export LD_LIBRARY_PATH=$P/redis:\${LD_LIBRARY_PATH:-}
+export LD_LIBRARY_PATH=$P/redis:$nvrtc_dir:\${LD_LIBRARY_PATH:-}
 export CUDA_HOME=\${CUDA_HOME:-$(dirname "$nvcc_dir")}
 export TIDE_GPU_HOME=$HOME_DIR HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export SGLANG_CACHE_DIR=$HOME_DIR/cache XDG_CACHE_HOME=$HOME_DIR/cache
@@ -29,7 +33,7 @@ ENV
 . "$HOME_DIR/env.sh"
 redis-server --version
 python3 - <<'PY'
-import importlib.metadata as md, torch, sgl_kernel, sglang, transformers
+import importlib.metadata as md, torch, sgl_kernel, sglang, transformers, deep_gemm
 from tide_sglang.draft.target import resolve
 print("torch", torch.__version__, "sglang", sglang.__version__, "sglang-kernel", md.version("sglang-kernel"),
       "transformers", transformers.__version__, torch.cuda.get_device_name(0))
