@@ -301,6 +301,9 @@ def phase_control(server: Server, tok: Any) -> dict:
                               "accept_length": tokens / verify if verify else None,
                               "failed": len(results) - len(ok)}
     m = server.metrics()
+    text = server.log_path.read_text(errors="replace")
+    # What SGLang itself ran: its adaptive runtime logs every switch of draft steps.
+    out["sglang_step_switches"] = re.findall(r"Switch adaptive runtime state: steps (\d+) -> (\d+)", text)[-40:]
     out["tide_speculation_steps"] = {k: v for k, v in m.items() if k.startswith("tide_speculation_steps")}
     out["controller_metrics"] = {k: v for k, v in m.items() if k.startswith("tide_control")}
     return out
