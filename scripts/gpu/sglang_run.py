@@ -327,6 +327,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--control-profile", type=Path, default=None)
     ap.add_argument("--sglang-arg", action="append", default=[], help="extra SGLang argument (repeatable)")
+    ap.add_argument("--throughput-arg", action="append", default=[], help="extra SGLang argument, throughput only")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     phases = a.phases.split(",")
@@ -397,7 +398,7 @@ def main() -> None:
         for rep in range(a.repeats):
             for plugin in (True, False):
                 name = f"tput-{'on' if plugin else 'off'}-{rep}"
-                server = Server(name, a.out, args, env, plugin=plugin)
+                server = Server(name, a.out, [*args, *a.throughput_arg], env, plugin=plugin)
                 try:
                     server.wait_ready()
                     for c in (int(x) for x in a.concurrency.split(",")):
