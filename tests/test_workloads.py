@@ -28,6 +28,7 @@ from tide_sglang.workloads import (
     plan_schedule,
     sharegpt,
 )
+from tide_sglang.workloads import registry as workload_registry
 from tide_sglang.workloads.prompt import import_source, package_file, pip_hint
 
 # --- loaders, on the real installed data ---------------------------------------------------------------
@@ -257,9 +258,10 @@ def test_missing_module_names_package_and_install_command() -> None:
     ],
 )
 def test_each_loader_reports_its_missing_package(
-    monkeypatch: pytest.MonkeyPatch, module: object, constant: str, workload: str, command: str
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, module: object, constant: str, workload: str, command: str
 ) -> None:
     monkeypatch.setattr(module, constant, "tide_no_such_module")
+    monkeypatch.setattr(workload_registry, "SNAPSHOTS", tmp_path)  # no snapshot fallback (scripts/gpu writes them)
     with pytest.raises(WorkloadUnavailable, match=f"install it with: {command}$"):
         load_workload(workload, 3)
 
