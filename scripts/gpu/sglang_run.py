@@ -223,7 +223,8 @@ def registry_checksums(version_dir: Path) -> dict[str, str]:
         names = [f"{prefix}.{p}.weight" for p in parts]
         if all(n in t for n in names):
             t[name] = torch.cat([t.pop(n) for n in names])
-    return {n: f"{tensor_hash(v):016x}" for n, v in t.items()}
+    # SGLang's LlamaForCausalLMEagle3.load_weights maps the checkpoint's "midlayer" to its "layers.0".
+    return {n.replace("midlayer.", "layers.0."): f"{tensor_hash(v):016x}" for n, v in t.items()}
 
 
 def metric(m: dict[str, float], name: str) -> float | None:
