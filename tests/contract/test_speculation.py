@@ -120,3 +120,23 @@ def test_a_bad_profile_stops_the_engine_at_its_first_batch(params: AdaptiveSpecu
     monkeypatch.setattr(hooks, "_is_publisher", lambda: False)  # no capture: only the profile is under test
     with pytest.raises(ProfileError, match="TIDE_CONTROL_PROFILE="):
         hooks.before_forward(worker, None)  # unguarded: the scheduler stops instead of serving without control
+
+
+def test_sglang_ema_does_not_switch_a_slot_tide_decides(params: AdaptiveSpeculativeParams) -> None:
+    """Seen on the H100: SGLang's own EMA switched steps after each verify and TIDE's table switched them back
+    before the next batch. Once TIDE decides a slot, SGLang's update leaves it alone; other slots keep theirs."""
+    slots = {bs: list(slot.candidate_steps) for bs, slot in params._slots.items()}
+    rt = Runtime(TideSettings(sync_interval_batches=1), PluginMetrics("test", registry=CollectorRegistry()), None,
+                 None, StepTable(lambda bs: 3), lambda t: None)
+    zero_acceptance = [0] * 8
+    try:
+        hooks.use_runtime(rt)
+        rt.sync(slots)
+        before = params._route(8).current_steps
+        assert all(params.on_verify_complete(zero_acceptance, 8) is None for _ in range(200))
+        assert params._route(8).current_steps == before and params.get_steps_for_batch(8) == 3
+        hooks.use_runtime(None)  # without TIDE's table, SGLang's EMA drops the steps of zero acceptance
+        assert any(params.on_verify_complete(zero_acceptance, 8) is not None for _ in range(200))
+        assert params._route(8).current_steps < before
+    finally:
+        hooks.use_runtime(None)

@@ -222,14 +222,28 @@ def before_forward(worker: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
     get_runtime(draft_worker).sync(slots)
 
 
-def around_steps(original: Callable[..., int], params: Any, batch_size: int, *args: Any, **kwargs: Any) -> int:
-    default = original(params, batch_size, *args, **kwargs)
+def _agreed_steps(params: Any, batch_size: int) -> int | None:
+    """TIDE's agreed steps for the slot SGLang routes `batch_size` to; None before an agreement."""
     if _runtime is None or _runtime.steps is None:
-        return default
+        return None
     slot = params._route(batch_size)
     key = next((bs for bs, s in params._slots.items() if s is slot), None)
-    agreed = None if key is None else _runtime.steps.steps(key)
+    return None if key is None else _runtime.steps.steps(key)
+
+
+def around_steps(original: Callable[..., int], params: Any, batch_size: int, *args: Any, **kwargs: Any) -> int:
+    default = original(params, batch_size, *args, **kwargs)
+    agreed = _agreed_steps(params, batch_size)
     return default if agreed is None else agreed
+
+
+def around_adaptive_update(original: Callable[..., int | None], params: Any, num_correct_drafts_per_req: Any,
+                           batch_size: int, *args: Any, **kwargs: Any) -> int | None:
+    """Once TIDE decides a slot, SGLang's own EMA must not switch it: its switch after a verify would only be
+    undone before the next batch (`get_steps_for_batch`), rebuilding the runtime state twice per verify."""
+    if _agreed_steps(params, batch_size) is not None:
+        return None
+    return original(params, num_correct_drafts_per_req, batch_size, *args, **kwargs)
 
 
 HOOKS: tuple[tuple[targets.Target, Callable[..., Any]], ...] = (
@@ -239,6 +253,7 @@ HOOKS: tuple[tuple[targets.Target, Callable[..., Any]], ...] = (
     (targets.COMMITTED, after_commit),
     (targets.FORWARD, before_forward),
     (targets.STEPS, around_steps),
+    (targets.ADAPTIVE_UPDATE, around_adaptive_update),
 )
 
 

@@ -32,5 +32,9 @@ FORWARD = Target(f"{_EAGLE}.EAGLEWorkerV2.forward_batch_generation", "BEFORE", (
                  "between batches: ranks agree on a staged draft version and on the step table")
 STEPS = Target("sglang.srt.speculative.adaptive_spec_params.AdaptiveSpeculativeParams.get_steps_for_batch",
                "AROUND", ("self", "batch_size"), "speculation control: the agreed TIDE decision overrides steps")
+ADAPTIVE_UPDATE = Target(
+    "sglang.srt.speculative.adaptive_spec_params.AdaptiveSpeculativeParams.on_verify_complete", "AROUND",
+    ("self", "num_correct_drafts_per_req", "batch_size"),
+    "speculation control: SGLang's own acceptance EMA stops switching a slot that TIDE decides")
 
-ALL = (VERIFY, PREFILL, COMMIT, COMMITTED, FORWARD, STEPS)
+ALL = (VERIFY, PREFILL, COMMIT, COMMITTED, FORWARD, STEPS, ADAPTIVE_UPDATE)
