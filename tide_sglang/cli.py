@@ -29,12 +29,20 @@ def main(verbose: int) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/bench"), show_default=True,
               help="Directory for the JSON report.")
 @click.option("--check", is_flag=True, help="Exit with status 1 when a goal is missed.")
-def bench(name: str, quick: bool, as_json: bool, out: Path, check: bool) -> None:
+@click.option("-p", "--param", "params", multiple=True, metavar="NAME=VALUE",
+              help="A benchmark's own parameter (repeatable; e.g. `tide bench capture -p work_us=3000`).")
+def bench(name: str, quick: bool, as_json: bool, out: Path, check: bool, params: tuple[str, ...]) -> None:
     """Run benchmark NAME: a side-by-side comparison in one run; prints figures and goals, writes JSON."""
     # With --json, progress and tables go to stderr so stdout holds exactly one JSON object.
     console = Console(stderr=as_json)
     module = importlib.import_module(BENCHMARKS[name])
-    report: BenchReport = module.run(quick=quick, console=console)
+    overrides = {}
+    for item in params:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--param")
+        overrides[key] = json.loads(value) if value[:1].isdigit() or value[:1] in "-[{" else value
+    report: BenchReport = module.run(quick=quick, console=console, **overrides)
     path = report.write(out)
     if as_json:
         click.echo(json.dumps(report.model_dump()))

@@ -66,4 +66,5 @@ BENCHMARKS = {
     "adapt": "tide_sglang.bench.adapt",
     "train": "tide_sglang.bench.train",
     "control": "tide_sglang.bench.control",
+    "capture": "tide_sglang.bench.capture",
 }
