@@ -11,11 +11,11 @@ import logging
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import xxhash
-from pydantic import BaseModel, ConfigDict
 
 from tide_sglang.capture import CaptureBatch
 from tide_sglang.plugin import rows
@@ -37,10 +37,10 @@ def committed(reqs: list[Any]) -> list[bool]:
     return [not (r.finished() or r.is_retracted) for r in reqs]
 
 
-class Pending(BaseModel):
-    """One batch's rows on their way to the host; `committed` is filled in when its result is processed."""
-
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+@dataclass(slots=True)
+class Pending:
+    """One batch's rows on their way to the host; `committed` is filled in when its result is processed.
+    A plain slotted dataclass: one is built per batch on the scheduler thread, where validation would cost."""
 
     kind: Literal["decode", "prefill"]
     slot: Slot
@@ -86,17 +86,17 @@ class Capturer:
             return
         bs = len(reqs)
         chosen = [i for i, r in enumerate(reqs) if self.sampled(r.rid)]
-        idx = (torch.tensor(chosen, dtype=torch.long).unsqueeze(1) * nd + torch.arange(nd)).flatten()
-        slot = self._acquire(max(len(idx), bs), hidden.shape[1], hidden.dtype)
+        n = len(chosen) * nd
+        slot = self._acquire(max(n, bs), hidden.shape[1], hidden.dtype)
         if slot is None:
             return self.drop("ring_full")
-        if len(chosen) == bs:
+        if len(chosen) == bs:  # every request sampled (the default): no index tensor to build
             picked = hidden[: bs * nd].clone()
             ids = result.next_token_ids[: bs * nd].to(torch.int64, copy=True)
         else:
+            idx = (torch.tensor(chosen, dtype=torch.long).unsqueeze(1) * nd + torch.arange(nd)).flatten()
             dev_idx = idx.to(hidden.device, non_blocking=True)
             picked, ids = hidden.index_select(0, dev_idx), result.next_token_ids.index_select(0, dev_idx).long()
-        n = len(idx)
         event = self._to_host([(slot.hidden[:n], picked), (slot.ints[0, :n], ids),
                                (slot.ints[1, :bs], result.accept_lens.to(torch.int64, copy=True)),
                                (slot.ints[2, :bs], batch.seq_lens.to(torch.int64, copy=True))])

@@ -216,10 +216,19 @@ def before_forward(worker: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
     if draft_worker is None:  # this pipeline stage hosts no draft: nothing to swap or steer
         return
     controller = worker.adaptive_controller
-    slots = None
-    if controller is not None:
-        slots = {bs: list(slot.candidate_steps) for bs, slot in controller.params._slots.items()}
-    get_runtime(draft_worker).sync(slots)
+    get_runtime(draft_worker).sync(None if controller is None else _slots(controller.params))
+
+
+_slots_of: tuple[Any, dict[int, list[int]]] | None = None  # (SGLang's adaptive params, their slots), built once
+
+
+def _slots(params: Any) -> dict[int, list[int]]:
+    """{batch size: candidate steps} of SGLang's adaptive slots; they are fixed at startup, so the dict is built
+    once per params object instead of before every batch."""
+    global _slots_of
+    if _slots_of is None or _slots_of[0] is not params:
+        _slots_of = (params, {bs: list(slot.candidate_steps) for bs, slot in params._slots.items()})
+    return _slots_of[1]
 
 
 def _agreed_steps(params: Any, batch_size: int) -> int | None:
