@@ -25,3 +25,10 @@ def test_bench_capture_quick_json(tmp_path: Path):
         assert r["sched_capture_us"] > 0 and r["finisher_cpu_us"] >= 0 and r["writer_cpu_us"] >= 0, r
     assert set(figures["ratio_capture_over_alone"]) == {"8", "48"}
     assert list(tmp_path.glob("capture-*.json")), "the JSON report is written"
+
+
+def test_an_unknown_bench_parameter_is_a_usage_error(tmp_path: Path):
+    out = subprocess.run([sys.executable, "-m", "tide_sglang.cli", "bench", "capture", "--out", str(tmp_path),
+                          "-p", "nope=1"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "capture has no parameter nope (it takes: " in out.stderr
+    assert not list(tmp_path.glob("*.json")), "nothing ran"

@@ -1,6 +1,7 @@
 """`tide`: the command line. Each stage adds its own command module; this file only wires them."""
 
 import importlib
+import inspect
 import json
 import logging
 import sys
@@ -42,6 +43,11 @@ def bench(name: str, quick: bool, as_json: bool, out: Path, check: bool, params:
         if not sep:
             raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--param")
         overrides[key] = json.loads(value) if value[:1].isdigit() or value[:1] in "-[{" else value
+    accepted = [p for p in inspect.signature(module.run).parameters if p not in ("quick", "console")]
+    unknown = sorted(set(overrides) - set(accepted))
+    if unknown:
+        raise click.BadParameter(f"{name} has no parameter {', '.join(unknown)} (it takes: "
+                                 f"{', '.join(accepted) or 'none'})", param_hint="--param")
     report: BenchReport = module.run(quick=quick, console=console, **overrides)
     path = report.write(out)
     if as_json:
