@@ -233,12 +233,11 @@ def _arms(p: Params, console: Console) -> tuple[list[Arm], float]:
     return arms, spin
 
 
-def run(quick: bool, console: Console, **overrides: Any) -> BenchReport:
-    """`overrides`: any of work_us, wait_us, waits, seconds, reps (`tide bench capture -p work_us=3000`)."""
-    unknown = set(overrides) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown parameters {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    p = Params(**{**DEFAULTS, **(QUICK if quick else {}), **overrides})
+def run(quick: bool, console: Console, *, work_us: float | None = None, wait_us: float | None = None,
+        waits: int | None = None, seconds: float | None = None, reps: int | None = None) -> BenchReport:
+    """Parameters left None take DEFAULTS (QUICK's under --quick); `tide bench capture -p work_us=3000`."""
+    given = {"work_us": work_us, "wait_us": wait_us, "waits": waits, "seconds": seconds, "reps": reps}
+    p = Params(**{**DEFAULTS, **(QUICK if quick else {}), **{k: v for k, v in given.items() if v is not None}})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
