@@ -31,10 +31,13 @@ system:
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# SGLang contract tests run in their own venv: sglang==0.5.23 --no-deps on CPU torch (scripts/sglang-contract-env.sh).
+# SGLang contract tests run in their own venvs, one per end of the supported range: sglang --no-deps on CPU torch
+# (scripts/sglang-contract-env.sh). .venv-sglang holds 0.5.23, .venv-sglang-0.5.17 holds 0.5.17.
 contract: system
 	scripts/sglang-contract-env.sh
+	SGLANG_VERSION=0.5.17 scripts/sglang-contract-env.sh
 	.venv-sglang/bin/pytest tests/contract
+	.venv-sglang-0.5.17/bin/pytest tests/contract
 
 test: $(STAMP) system lint contract
 	$(BIN)/pytest
@@ -43,4 +46,4 @@ demo: $(STAMP) system
 	$(BIN)/tide demo
 
 clean:
-	rm -rf $(VENV) .venv-sglang .pytest_cache .ruff_cache runs
+	rm -rf $(VENV) .venv-sglang .venv-sglang-0.5.17 .pytest_cache .ruff_cache runs

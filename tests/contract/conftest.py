@@ -1,7 +1,10 @@
-"""SGLang contract tests: the plugin against the real sglang 0.5.23 modules, on CPU.
+"""SGLang contract tests: the plugin against the real sglang modules, on CPU, for the oldest and the newest
+supported release (0.5.17 and 0.5.23).
 
-They run inside .venv-sglang (scripts/sglang-contract-env.sh builds it; run `.venv-sglang/bin/pytest
-tests/contract`). In an environment without SGLang (the main .venv) they are not collected.
+They run inside .venv-sglang (0.5.23) and .venv-sglang-0.5.17 (scripts/sglang-contract-env.sh builds them; run
+`.venv-sglang/bin/pytest tests/contract`, or `make contract` for both). In an environment without SGLang (the
+main .venv) they are not collected. Where the two releases differ, the fixtures that build SGLang objects adapt
+(each difference is commented where it is handled); the tests' assertions are the same for both.
 """
 
 import importlib.util
@@ -50,9 +53,39 @@ def target_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def sglang_model_context(server_args) -> Iterator[None]:
     """SGLang's process context for building modules outside a scheduler: the published config bags, and the
     single-process ranks a launcher would stamp (there is no process group on a CPU test machine)."""
-    from sglang.srt.runtime_context import create_context, get_parallel, use_context
+    import sglang.srt.runtime_context as rc
 
     pp = types.SimpleNamespace(is_last_rank=True, is_first_rank=True, world_size=1, rank_in_group=0)
-    with use_context(create_context(server_args, role="scheduler")), \
-            get_parallel().override(pp_group=pp, tp_rank=0, attn_tp_rank=0):
+    with _published(rc, server_args, pp), rc.get_parallel().override(pp_group=pp, tp_rank=0, attn_tp_rank=0):
         yield
+
+
+# 0.5.17 reads the tensor-parallel width live from `parallel_state` (which asserts the process group exists);
+# 0.5.23 derives it from the context's config, so only 0.5.17 needs it forced.
+_WIDTHS_0_5_17 = {"tp_size": 1}
+
+
+@contextmanager
+def _published(rc: types.ModuleType, server_args, pp: types.SimpleNamespace) -> Iterator[None]:
+    """The config bags of `server_args`, as a scheduler process sees them, for the duration of the block.
+
+    0.5.23: `create_context` builds a model-owned context and `use_context` activates it, restoring the
+    previous one on exit. 0.5.17 has neither: its only way is the process-wide `publish(server_args,
+    role=...)`, undone by `reset_context()` (a test process has nothing published before). 0.5.17's
+    `LlamaForCausalLMEagle3` also reads the pipeline group from `parallel_state.get_pp_group()` rather than
+    `get_parallel().pp_group`, so the override does not reach it: the group is set there too."""
+    if hasattr(rc, "create_context"):
+        with rc.use_context(rc.create_context(server_args, role="scheduler")):
+            yield
+        return
+    from sglang.srt.distributed import parallel_state
+
+    previous_pp = parallel_state._PP
+    rc.publish(server_args, role="scheduler")
+    parallel_state._PP = pp
+    try:
+        with rc.get_parallel().override(**_WIDTHS_0_5_17):
+            yield
+    finally:
+        parallel_state._PP = previous_pp
+        rc.reset_context()

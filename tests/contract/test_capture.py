@@ -50,7 +50,10 @@ def eagle_worker() -> eagle.EAGLEWorkerV2:
     worker = object.__new__(eagle.EAGLEWorkerV2)  # __init__ builds the draft model runner on a GPU
     worker.__dict__.update(_target_worker=None, _draft_worker=draft_worker(), req_to_token_pool=None,
                            token_to_kv_pool_allocator=None, plan_stream=None, plan_stream_ctx=None, topk=1,
-                           speculative_num_draft_tokens=ND, device="cpu")
+                           speculative_num_draft_tokens=ND, device="cpu",
+                           # 0.5.17's verify also passes num_steps=self.speculative_num_steps to run_eagle_verify
+                           # (0.5.23 no longer does); both set it in __init__ from the server args.
+                           speculative_num_steps=ND - 1)
     return worker
 
 
