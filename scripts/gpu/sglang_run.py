@@ -15,7 +15,8 @@ each server's log to OUT/server-<name>.log. A phase that fails is recorded and t
   tensors; then a corrupt version is refused and serving goes on. Acceptance per version from the stats hash.
 - control: with TIDE_CONTROL_PROFILE set, the steps SGLang runs per batch-size slot follow TIDE's controller.
 - throughput: decode tokens/s with the plugin (capture on) and without it (SGLANG_PLUGINS excludes it), same
-  server arguments, alternated `--repeats` times.
+  server arguments, alternated `--repeats` times: SGLang's own decode throughput at a steady batch (its "Decode
+  batch" log lines, read back by `decode_log`) and the client's wall-clock tokens/s, prefill included.
 """
 
 import argparse
@@ -310,12 +311,31 @@ def phase_control(server: Server, tok: Any) -> dict:
     return out
 
 
+_DECODE_LOG = re.compile(r"Decode batch, #running-req: (\d+),.* accept len: ([\d.]+),.* gen throughput \(token/s\): "
+                         r"([\d.]+)")
+
+
+def decode_log(text: str, running: int) -> dict[str, float | int | None]:
+    """SGLang's own decode throughput: the mean of its "Decode batch" log lines (one per log interval) at a steady
+    batch of `running` requests. Prefill and client overheads stay out of it, so it is the figure to compare."""
+    rows = [(float(t), float(a)) for n, a, t in _DECODE_LOG.findall(text) if int(n) == running]
+    if not rows:
+        return {"decode_tokens_per_s": None, "accept_length": None, "log_intervals": 0}
+    return {"decode_tokens_per_s": sum(t for t, _ in rows) / len(rows),
+            "accept_length": sum(a for _, a in rows) / len(rows), "log_intervals": len(rows)}
+
+
 def throughput(server: Server, ids: list[list[int]], concurrency: int, max_new: int) -> dict:
     run_many(server, ids[:concurrency], 16, concurrency)  # warm-up
+    offset = server.log_path.stat().st_size
     results, wall = run_many(server, ids, max_new, concurrency)
     ok = [r for r in results if not isinstance(r, Exception)]
     tokens = sum(r["meta_info"]["completion_tokens"] for r in ok)
-    return {"tokens_per_s": tokens / wall, "tokens": tokens, "wall_s": wall, "failed": len(results) - len(ok)}
+    with server.log_path.open(errors="replace") as f:
+        f.seek(offset)
+        steady = decode_log(f.read(), concurrency)
+    return {"tokens_per_s": tokens / wall, "tokens": tokens, "wall_s": wall, "failed": len(results) - len(ok),
+            **steady}
 
 
 def main() -> None:
@@ -417,13 +437,15 @@ def main() -> None:
                     server.stop()
                 report["phases"]["throughput"] = {"rows": rows}
                 save()
-        summary = {}
+        summary: dict[int, dict[str, dict[str, float]]] = {}
         for c in {r["concurrency"] for r in rows if "concurrency" in r}:
-            on = [r["tokens_per_s"] for r in rows if r.get("concurrency") == c and r["plugin"]]
-            off = [r["tokens_per_s"] for r in rows if r.get("concurrency") == c and not r["plugin"]]
-            if on and off:
-                summary[c] = {"on": sum(on) / len(on), "off": sum(off) / len(off),
-                              "loss_pct": 100 * (1 - sum(on) / len(on) / (sum(off) / len(off)))}
+            for figure in ("decode_tokens_per_s", "tokens_per_s"):
+                on = [r[figure] for r in rows if r.get("concurrency") == c and r["plugin"] and r.get(figure)]
+                off = [r[figure] for r in rows if r.get("concurrency") == c and not r["plugin"] and r.get(figure)]
+                if on and off:
+                    mean_on, mean_off = sum(on) / len(on), sum(off) / len(off)
+                    summary.setdefault(c, {})[figure] = {"on": mean_on, "off": mean_off,
+                                                         "loss_pct": 100 * (1 - mean_on / mean_off)}
         report["phases"]["throughput"]["summary"] = summary
         save()
     redis.close()
