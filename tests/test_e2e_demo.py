@@ -11,7 +11,10 @@ from pathlib import Path
 
 def test_demo_publishes_swaps_and_beats_the_cold_start(tmp_path: Path):
     out = tmp_path / "run"
-    env = {**os.environ, "TIDE_TRAIN_VOCAB_WARMUP_ROWS": "800", "TIDE_TRAIN_MIN_HELDOUT_ROWS": "32"}
+    # Probes every 4 off decisions: an early, weak version is measured over ~40 probes, not ~12. With 12, all of
+    # them accepting nothing happened once in CI (a flaky acceptance of exactly 1.0), although the draft was fine.
+    env = {**os.environ, "TIDE_TRAIN_VOCAB_WARMUP_ROWS": "800", "TIDE_TRAIN_MIN_HELDOUT_ROWS": "32",
+           "TIDE_CONTROL_PROBE_INTERVAL": "4"}
     env.pop("TIDE_REDIS_URL", None)
     proc = subprocess.run(
         [sys.executable, "-m", "tide_sglang.cli", "demo", "--schedule", "writing:24", "--batch-size", "2",

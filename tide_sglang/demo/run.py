@@ -46,9 +46,11 @@ def run_demo(options: DemoOptions, console: Console) -> DemoSummary:
     torch.set_num_threads(1)  # the other core is the trainer's
     plans = plan_schedule(parse_schedule(options.schedule), seed=options.seed)
     server = None if "TIDE_REDIS_URL" in os.environ else LocalRedis().start()
-    # Probe every 16 decisions while off: a fresh version gets measured within seconds, not minutes.
+    # Probe every 16 decisions while off (unless TIDE_CONTROL_PROBE_INTERVAL says otherwise): a fresh version gets
+    # measured within seconds, not minutes.
+    probes = {} if "TIDE_CONTROL_PROBE_INTERVAL" in os.environ else {"control_probe_interval": 16}
     settings = TideSettings(redis_url=os.environ.get("TIDE_REDIS_URL") or server.url,  # type: ignore[union-attr]
-                            deployment=DEPLOYMENT, control_probe_interval=16)
+                            deployment=DEPLOYMENT, **probes)
     client = connect(settings)
     registry = options.out / "registry"
     trainer = start_trainer(registry, options.out, options.target, settings, device="cpu", env=CPU_TRAINER_ENV)
