@@ -82,12 +82,14 @@ class Reconciler:
             if route.canary is not None:  # the canary is judged against the stable version of its baseline
                 wanted |= {route.canary, (versions[route.canary].baseline or Baseline()).version}
             stats = redis_io.read_stats(client, name, wanted)
-            if not problems:
-                for v, st in rollout.step(spec.draft, spec.rollout, versions, stats, now()).items():
-                    self._set_version_status(td, v, versions.get(v), st)
-                    versions[v] = st
-            route = rollout.routing(versions)
+            changed = {} if problems else rollout.step(spec.draft, spec.rollout, versions, stats, now())
+            # Engines first, then the DraftVersions: a version reads Canary or Promoted only once the control
+            # hash routes it (Redis down: neither changes, and the next pass decides again).
+            route = rollout.routing({**versions, **changed})
             redis_io.write_control(client, name, route.stable, route.canary)
+            for v, st in changed.items():
+                self._set_version_status(td, v, versions.get(v), st)
+                versions[v] = st
             return cursor, stats, problems
         except redis_io.Unavailable as e:
             self._redis.clear()
