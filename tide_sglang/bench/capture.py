@@ -41,16 +41,15 @@ ND = 4  # rows per request in a verify output: 3 draft steps + 1
 WIDTH = 3 * 576  # K*H: SmolLM2-135M, 3 aux layers, bf16
 BATCH_SIZES = (8, 48)
 ACCEPT = ((1, 0.82), (2, 0.16), (3, 0.015), (4, 0.005))  # accept length (bonus included) -> share: mean ~1.2
-DEFAULTS = {"work_us": 4000.0, "wait_us": 3000.0, "waits": 4, "seconds": 3.0, "reps": 3}
 QUICK = {"seconds": 0.4, "reps": 1}
 
 
 class Params(BaseModel):
-    work_us: float  # pure-Python work per batch (holds the GIL)
-    wait_us: float  # GIL-released waiting per batch, split into `waits` sleeps
-    waits: int
-    seconds: float  # per timed run
-    reps: int  # alone/with pairs per batch size, interleaved; the median ratio is reported
+    work_us: float = 4000.0  # pure-Python work per batch (holds the GIL)
+    wait_us: float = 3000.0  # GIL-released waiting per batch, split into `waits` sleeps
+    waits: int = 4
+    seconds: float = 3.0  # per timed run
+    reps: int = 3  # alone/with pairs per batch size, interleaved; the median ratio is reported
 
 
 class Arm(BaseModel):
@@ -235,9 +234,9 @@ def _arms(p: Params, console: Console) -> tuple[list[Arm], float]:
 
 def run(quick: bool, console: Console, *, work_us: float | None = None, wait_us: float | None = None,
         waits: int | None = None, seconds: float | None = None, reps: int | None = None) -> BenchReport:
-    """Parameters left None take DEFAULTS (QUICK's under --quick); `tide bench capture -p work_us=3000`."""
+    """Parameters left None take Params' defaults (QUICK's under --quick); `tide bench capture -p work_us=3000`."""
     given = {"work_us": work_us, "wait_us": wait_us, "waits": waits, "seconds": seconds, "reps": reps}
-    p = Params(**{**DEFAULTS, **(QUICK if quick else {}), **{k: v for k, v in given.items() if v is not None}})
+    p = Params(**{**(QUICK if quick else {}), **{k: v for k, v in given.items() if v is not None}})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
