@@ -35,6 +35,7 @@ from typing import Any
 
 import requests
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from tide_sglang import keys
 from tide_sglang.draft.target import resolve
@@ -103,13 +104,11 @@ class Server:
         return r.json()
 
     def metrics(self) -> dict[str, float]:
+        """TIDE's samples and SGLang's accept length, keyed `name{label="value",...}`."""
         text = requests.get(f"{self.url}/metrics", timeout=10).text
-        out: dict[str, float] = {}
-        for line in text.splitlines():
-            m = re.match(r"^(tide_[a-z_]+|sglang:spec_accept_length)(\{[^}]*\})? ([-0-9.e+naninf]+)$", line)
-            if m:
-                out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
-        return out
+        return {s.name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items())) + "}": s.value
+                for family in text_string_to_metric_families(text) for s in family.samples
+                if s.name.startswith(("tide_", "sglang:spec_accept_length"))}
 
     def draft_checksums(self) -> dict[str, str]:
         r = requests.post(f"{self.url}/weights_checker", json={"action": "checksum"}, timeout=60)
