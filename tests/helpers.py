@@ -17,7 +17,9 @@ def make_batch(n: int = 8, hidden: int = 16, k: int = 3, requests: int = 2, seed
         req_index=req,
         positions=torch.arange(n) + 10,
         token_ids=torch.randint(0, 49152, (n,), generator=g),
+        is_prompt=torch.arange(n) < n // 2,
         hidden=torch.randn(n, k * hidden, generator=g).to(dtype),
+        vocab_size=49152,
         aux_layers=k,
         draft_version=version,
     )

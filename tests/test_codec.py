@@ -1,5 +1,6 @@
 import struct
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -8,7 +9,7 @@ from pydantic import ValidationError
 
 from tests.helpers import make_batch
 from tide_sglang.capture import CaptureBatch
-from tide_sglang.stream.codec import _PREFIX, CodecError, EntryMeta, _checksum, decode, encode
+from tide_sglang.stream.codec import _PREFIX, FORMAT_VERSION, CodecError, EntryMeta, _checksum, decode, encode
 
 
 def _bytes(fields: dict) -> dict[bytes, bytes]:
@@ -23,16 +24,18 @@ def _bytes(fields: dict) -> dict[bytes, bytes]:
     requests=st.integers(1, 5),
     dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]),
     version=st.integers(0, 2**31),
-    domain=st.one_of(st.none(), st.text(max_size=20)),
+    domains=st.one_of(st.none(), st.lists(st.text(max_size=64), min_size=5, max_size=5)),
     seed=st.integers(0, 1000),
 )
-def test_round_trip(n, hidden, k, requests, dtype, version, domain, seed):
-    b = make_batch(n, hidden, k, requests, seed, dtype, version).model_copy(update={"domain": domain})
+def test_round_trip(n, hidden, k, requests, dtype, version, domains, seed):
+    b = make_batch(n, hidden, k, requests, seed, dtype, version)
+    b = CaptureBatch(**{**b.__dict__, "domains": None if domains is None else domains[:requests]})
     d = decode(_bytes(encode(b)))
-    assert d.rids == b.rids and d.aux_layers == k and d.draft_version == version and d.domain == domain
+    assert d.rids == b.rids and d.aux_layers == k and d.draft_version == version and d.domains == b.domains
+    assert d.vocab_size == b.vocab_size
     assert d.hidden.dtype == dtype and d.hidden.shape == (n, k * hidden)
     assert torch.equal(d.hidden.view(torch.uint8), b.hidden.view(torch.uint8))  # bit-exact, NaNs included
-    for name in ("req_index", "positions", "token_ids"):
+    for name in ("req_index", "positions", "token_ids", "is_prompt"):
         assert torch.equal(getattr(d, name), getattr(b, name))
 
 
@@ -79,9 +82,54 @@ def test_shape_lie_rejected_even_with_valid_checksum():
     fields = _bytes(encode(make_batch(n=4, hidden=8, k=1)))
     meta = EntryMeta.model_validate_json(fields[b"h"][_PREFIX.size :]).model_copy(update={"width": 9})
     raw = meta.model_dump_json(exclude_none=True).encode()
-    fields[b"h"] = _PREFIX.pack(b"TIDE", 1, _checksum(raw, fields[b"i"], fields[b"x"]), len(raw)) + raw
+    fields[b"h"] = _repack(raw, fields)
     with pytest.raises(CodecError, match=r"hidden section is 64 bytes, expected 72 for \[4, 9\]"):
         decode(fields)
+
+
+def _repack(meta: bytes, fields: dict[bytes, bytes], version: int = FORMAT_VERSION) -> bytes:
+    return _PREFIX.pack(b"TIDE", version, _checksum(meta, fields[b"i"], fields[b"x"]), len(meta)) + meta
+
+
+def test_a_format_1_entry_is_refused_naming_both_versions():
+    fields = _bytes(encode(make_batch()))
+    with pytest.raises(CodecError, match="format version 1 is not supported: this reader reads format 2"):
+        decode({**fields, b"h": _repack(fields[b"h"][_PREFIX.size :], fields, version=1)})
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("token_ids", 49152, r"token_ids must be in \[0, 49152\)"),
+    ("token_ids", -1, r"token_ids must be in \[0, 49152\)"),
+    ("positions", -1, "positions must be in >= 0"),
+    ("req_index", 2, r"req_index must be in \[0, 2\)"),
+])
+def test_out_of_bounds_ids_are_refused_before_use(field, value, message):
+    b = make_batch(n=4, requests=2)
+    bad = getattr(b, field).clone()
+    bad[1] = value
+    with pytest.raises(ValidationError, match=message):
+        CaptureBatch(**{**b.__dict__, field: bad})
+    # the same lie written by a buggy producer, checksum intact: the decoder refuses it naming the field
+    fields = _bytes(encode(b))
+    ints = np.frombuffer(fields[b"i"], dtype="<i4", count=12).copy()
+    ints[{"req_index": 0, "positions": 4, "token_ids": 8}[field] + 1] = value
+    index = ints.tobytes() + fields[b"i"][48:]
+    meta = fields[b"h"][_PREFIX.size :]
+    forged = {**fields, b"i": index}
+    with pytest.raises(CodecError, match=message):
+        decode({**forged, b"h": _repack(meta, forged)})
+
+
+def test_prompt_flags_must_be_bool_and_domains_one_per_request():
+    b = make_batch(n=4, requests=2)
+    with pytest.raises(ValidationError, match="is_prompt must be a bool tensor"):
+        CaptureBatch(**{**b.__dict__, "is_prompt": torch.zeros(4, dtype=torch.int64)})
+    with pytest.raises(ValidationError, match="domains has 1 values for 2 requests"):
+        CaptureBatch(**{**b.__dict__, "domains": ["writing"]})
+    with pytest.raises(ValidationError, match="at most 64 characters"):
+        CaptureBatch(**{**b.__dict__, "domains": ["x" * 65, "code"]})
+    with pytest.raises(ValidationError, match="vocab_size"):
+        CaptureBatch(**{**b.__dict__, "vocab_size": 0})
 
 
 def test_capture_batch_rejects_inconsistent_shapes():

@@ -100,13 +100,20 @@ def test_capture_reaches_the_stream(target, prompt_ids, reference, settings):
     writer.close()
     reader = StreamReader(connect(settings), stream, keys.dead_letter(settings.deployment), "t", block_ms=50)
     rows: dict[str, dict[int, int]] = {}
+    prompt: dict[str, dict[int, bool]] = {}
     while entries := reader.read():
         for e in entries:
             b = e.batch
-            assert b.domain == "test" and b.aux_layers == 3 and b.hidden_size == target.hidden_size
-            for r, p, tok in zip(b.req_index.tolist(), b.positions.tolist(), b.token_ids.tolist(), strict=True):
+            assert b.domains == ["test"] * len(b.rids) and b.aux_layers == 3 and b.hidden_size == target.hidden_size
+            assert b.vocab_size == target.vocab_size
+            for r, p, tok, first in zip(b.req_index.tolist(), b.positions.tolist(), b.token_ids.tolist(),
+                                        b.is_prompt.tolist(), strict=True):
                 rows.setdefault(b.rids[r], {})[p] = tok
+                prompt.setdefault(b.rids[r], {})[p] = first
         reader.ack(entries)
+    for i, ids in enumerate(prompt_ids):  # prompt rows are flagged, generated rows are not
+        flags = prompt[f"req-{i}"]
+        assert [flags[p] for p in sorted(flags)] == [p < len(ids) for p in sorted(flags)]
     # Every request: each prompt row and each generated row exactly once, token = what came next in the text.
     for i, (ids, ref) in enumerate(zip(prompt_ids, reference, strict=True)):
         text = ids + ref

@@ -20,13 +20,14 @@ from tide_sglang.trainer import (
 from tide_sglang.trainer import state as ckpt
 
 
-def step_batch(rows: dict[str, list[int]], width: int = 6, domain: str | None = None) -> CaptureBatch:
+def step_batch(rows: dict[str, list[int]], width: int = 6, domains: list[str] | None = None) -> CaptureBatch:
     """One verify step: request rid -> positions of its accepted rows (token = 1000 + position, hidden = position)."""
     rids = list(rows)
     req = torch.cat([torch.full((len(p),), i) for i, p in enumerate(rows.values())])
     pos = torch.cat([torch.tensor(p) for p in rows.values()])
-    return CaptureBatch(rids=rids, req_index=req, positions=pos, token_ids=pos + 1000,
-                        hidden=pos[:, None].float().expand(-1, width).contiguous(), aux_layers=3, domain=domain)
+    return CaptureBatch(rids=rids, req_index=req, positions=pos, token_ids=pos + 1000, is_prompt=pos < 2,
+                        hidden=pos[:, None].float().expand(-1, width).contiguous(), vocab_size=2048, aux_layers=3,
+                        domains=domains)
 
 
 def test_assembler_stitches_requests_across_entries_and_cuts_chunks() -> None:
@@ -39,6 +40,13 @@ def test_assembler_stitches_requests_across_entries_and_cuts_chunks() -> None:
     # a gap in b's positions closes its sequence; on flush, b's lone row after the gap is too short to keep
     assert [c.positions.tolist() for c in asm.add(step_batch({"b": [12], "a": [9]}))] == [[7, 8, 9]]
     assert [c.positions.tolist() for c in asm.flush()] == [[8, 9]] and asm.open_rows == 0
+
+
+def test_assembler_tags_each_request_with_its_own_domain() -> None:
+    asm = SequenceAssembler(chunk_len=2)
+    done = asm.add(step_batch({"a": [0, 1], "b": [5, 6]}, domains=["writing", "french"]))
+    done += asm.add(step_batch({"c": [0, 1]}))  # untagged
+    assert [(c.rid, c.domain) for c in done] == [("a", "writing"), ("b", "french"), ("c", "default")]
 
 
 def test_assembler_closes_least_recent_requests_beyond_max_open() -> None:

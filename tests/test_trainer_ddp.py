@@ -50,7 +50,8 @@ def test_two_ranks_train_one_draft_with_ddp(settings: TideSettings, tmp_path: Pa
         batches.append(CaptureBatch(rids=rids, req_index=torch.arange(n) // 8,
                                     positions=(torch.arange(n) % 8) + 8 * (step % 4),
                                     token_ids=torch.randint(0, 600, (n,), generator=g),
-                                    hidden=torch.randn(n, 3 * 576, generator=g).bfloat16()))
+                                    is_prompt=torch.zeros(n, dtype=torch.bool),
+                                    hidden=torch.randn(n, 3 * 576, generator=g).bfloat16(), vocab_size=49152))
     _write(settings, batches)
     mp.start_processes(_rank, args=(free_port(), settings.redis_url, str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from tests.helpers import wait_for
 from tide_sglang import keys
-from tide_sglang.bench.traffic import cached_generate, capture, prompts
+from tide_sglang.bench.traffic import cached_generate, capture, prompt_lengths, prompts
 from tide_sglang.capture import CaptureBatch
 from tide_sglang.cli import main
 from tide_sglang.draft import DraftRegistry
@@ -35,8 +35,10 @@ def smollm2() -> Target:
 @pytest.fixture(scope="module")
 def traffic(smollm2: Target) -> list[CaptureBatch]:
     """24 greedy SmolLM2 completions (cached on disk after the first run), cut into verify-step entries."""
-    sequences = cached_generate(smollm2, prompts(24), max_new=40)
-    return capture(smollm2, sequences, [f"req-{i}" for i in range(len(sequences))], rows_per_step=4)
+    texts = prompts(24)
+    sequences = cached_generate(smollm2, texts, max_new=40)
+    return capture(smollm2, sequences, [f"req-{i}" for i in range(len(sequences))], prompt_lengths(smollm2, texts),
+                   rows_per_step=4)
 
 
 def _write(settings: TideSettings, batches: list[CaptureBatch]) -> None:

@@ -28,6 +28,7 @@ from tide_sglang.stream import StreamReader, connect
 from tide_sglang.stream.server import LocalRedis
 
 K, H, ND = 3, 32, 4
+VOCAB = 2048  # the target's vocabulary size, as SGLang's target ModelConfig reports it
 
 
 @pytest.fixture
@@ -43,7 +44,8 @@ def tide_env(redis_server: LocalRedis, monkeypatch) -> Iterator[LocalRedis]:
 
 def draft_worker() -> types.SimpleNamespace:
     return types.SimpleNamespace(draft_runner=types.SimpleNamespace(
-        model=types.SimpleNamespace(model=types.SimpleNamespace(num_aux_hidden_states=K))), device="cpu")
+        model=types.SimpleNamespace(model=types.SimpleNamespace(num_aux_hidden_states=K))), device="cpu",
+        target_worker=types.SimpleNamespace(model_config=types.SimpleNamespace(vocab_size=VOCAB)))
 
 
 def eagle_worker() -> eagle.EAGLEWorkerV2:
@@ -97,6 +99,7 @@ def test_verify_capture_emits_exactly_accepted_rows_of_committed_requests(tide_e
     assert got.token_ids.tolist() == next_ids[rows].tolist()
     assert torch.equal(got.hidden, hidden[rows]) and got.aux_layers == K
     assert got.acceptance == [0.0, 2.0, 1.0]
+    assert not got.is_prompt.any() and got.vocab_size == VOCAB  # accepted decode rows: generated
     wait_for(lambda: b"tokens" in redis.Redis.from_url(tide_env.url).hgetall(keys.stats("test", 0)),
              what="stats flush")
     stats = redis.Redis.from_url(tide_env.url).hgetall(keys.stats("test", 0))
@@ -117,6 +120,7 @@ def test_prefill_capture_emits_prompt_rows_and_leaves_out_a_chunks_last_row(tide
     assert got.positions.tolist() == [0, 1, 2, 5]
     assert got.token_ids.tolist() == [12, 13, 99, 15]  # next prompt token, then the sampled one
     assert torch.equal(got.hidden, hidden[[0, 1, 2, 3]])
+    assert got.is_prompt.all() and got.vocab_size == VOCAB
 
 
 def test_no_rows_when_every_request_was_retracted(tide_env, monkeypatch) -> None:

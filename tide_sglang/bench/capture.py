@@ -39,6 +39,7 @@ from tide_sglang.stream.server import LocalRedis
 
 ND = 4  # rows per request in a verify output: 3 draft steps + 1
 WIDTH = 3 * 576  # K*H: SmolLM2-135M, 3 aux layers, bf16
+VOCAB = 49_152  # SmolLM2-135M's vocabulary
 BATCH_SIZES = (8, 48)
 ACCEPT = ((1, 0.82), (2, 0.16), (3, 0.015), (4, 0.005))  # accept length (bonus included) -> share: mean ~1.2
 QUICK = {"seconds": 0.4, "reps": 1}
@@ -91,7 +92,7 @@ def _batches(bs: int, count: int, seed: int) -> list[tuple[Any, dict[str, Any]]]
         batch = types.SimpleNamespace(reqs=reqs, seq_lens=torch.arange(bs, dtype=torch.int64) * 7 + 100 + c)
         fields = {
             "hidden": torch.randn(bs * ND, WIDTH, generator=g).to(torch.bfloat16),
-            "next_token_ids": torch.randint(0, 49_152, (bs * ND,), generator=g, dtype=torch.int64),
+            "next_token_ids": torch.randint(0, VOCAB, (bs * ND,), generator=g, dtype=torch.int64),
             "accept_lens": torch.tensor(rng.choices(lens, weights, k=bs), dtype=torch.int32),
         }
         out.append((batch, fields))
@@ -181,7 +182,7 @@ def _arm(p: Params, bs: int, spin: float, server: LocalRedis) -> Arm:
         writer = StreamWriter(lambda: connect(settings, check=False), stream, budget_bytes=256 << 20,
                               queue_entries=settings.stream_queue_entries)
         stats = StatsReporter(lambda: connect(settings, check=False), "bench", interval_s=None)
-        capturer = Capturer(settings, writer, metrics, stats, aux_layers=3, device="cpu")
+        capturer = Capturer(settings, writer, metrics, stats, aux_layers=3, device="cpu", vocab_size=VOCAB)
         scheduler_loop(p, spin, min(0.2, p.seconds), work, capturer)  # warm up: connection, ring buffers
         writer.flush()
         a = scheduler_loop(p, spin, p.seconds, work, None)

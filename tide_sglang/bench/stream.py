@@ -64,7 +64,9 @@ def _batch(hidden: int, seed: int) -> CaptureBatch:
         req_index=torch.arange(n) // (n // 8),
         positions=torch.arange(n) + 100,
         token_ids=torch.randint(0, 128_000, (n,), generator=g),
+        is_prompt=torch.zeros(n, dtype=torch.bool),
         hidden=torch.randn(n, 3 * hidden, generator=g).to(torch.bfloat16),
+        vocab_size=128_256,  # Llama 3's
     )
 
 

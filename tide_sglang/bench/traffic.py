@@ -36,15 +36,23 @@ def generate(target: Target, texts: list[str], max_new: int, batch: int = 16) ->
         tok.pad_token = tok.eos_token
     out: list[torch.Tensor] = []
     for i in range(0, len(texts), batch):
-        chats = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
-                 for t in texts[i : i + batch]]
-        enc = tok(chats, return_tensors="pt", padding=True)
+        enc = tok(_chats(target, texts[i : i + batch]), return_tensors="pt", padding=True)
         gen = target.model.generate(**enc, max_new_tokens=max_new, do_sample=False,
                                     pad_token_id=tok.pad_token_id or tok.eos_token_id)
         for row, mask in zip(gen, enc.attention_mask, strict=True):
             seq = row[int((mask == 0).sum()) :]  # drop left padding
             out.append(seq[seq != tok.pad_token_id] if tok.pad_token_id is not None else seq)
     return out
+
+
+def _chats(target: Target, texts: list[str]) -> list[str]:
+    return [target.tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                                 add_generation_prompt=True) for t in texts]
+
+
+def prompt_lengths(target: Target, texts: list[str]) -> list[int]:
+    """Tokens of each chat prompt, as `generate` feeds them: a sequence's rows below this are prompt rows."""
+    return [len(ids) for ids in target.tokenizer(_chats(target, texts))["input_ids"]]
 
 
 def cached_generate(target: Target, texts: list[str], max_new: int) -> list[torch.Tensor]:
@@ -75,15 +83,18 @@ def batched_aux(target: Target, sequences: list[torch.Tensor], batch: int = 16) 
     return out
 
 
-def capture(target: Target, sequences: list[torch.Tensor], rids: list[str], *, rows_per_step: int = 4,
-            domain: str | None = None, dtype: torch.dtype = torch.bfloat16) -> list[CaptureBatch]:
-    """One full target forward per sequence, then its rows cut into verify steps, interleaved across requests."""
+def capture(target: Target, sequences: list[torch.Tensor], rids: list[str], prompt_lens: list[int], *,
+            rows_per_step: int = 4, domain: str | None = None,
+            dtype: torch.dtype = torch.bfloat16) -> list[CaptureBatch]:
+    """One full target forward per sequence, then its rows cut into a prefill step (the prompt rows) and verify
+    steps of `rows_per_step` generated rows, interleaved across requests."""
     aux = batched_aux(target, sequences)
     per_request = []
-    for a, seq in zip(aux, sequences, strict=True):
+    for a, seq, p in zip(aux, sequences, prompt_lens, strict=True):
         n = seq.numel() - 1  # the last token has no successor yet
-        per_request.append((a[:n].to(dtype), seq[1:], torch.arange(n)))
-    step_rows = [_steps(tokens.numel(), rows_per_step) for _, tokens, _ in per_request]
+        positions = torch.arange(n)
+        per_request.append((a[:n].to(dtype), seq[1:], positions, positions < p))
+    step_rows = [_steps(r[1].numel(), rows_per_step, p) for r, p in zip(per_request, prompt_lens, strict=True)]
     batches = []
     for step in range(max(len(s) for s in step_rows)):
         live = [k for k in range(len(sequences)) if step < len(step_rows[k])]
@@ -92,11 +103,13 @@ def capture(target: Target, sequences: list[torch.Tensor], rids: list[str], *, r
             rids=[rids[k] for k in live],
             req_index=torch.cat([torch.full((p[1].numel(),), i) for i, p in enumerate(parts)]),
             positions=torch.cat([p[2] for p in parts]), token_ids=torch.cat([p[1] for p in parts]),
-            hidden=torch.cat([p[0] for p in parts]), aux_layers=len(target.aux_layer_ids), domain=domain))
+            is_prompt=torch.cat([p[3] for p in parts]), hidden=torch.cat([p[0] for p in parts]),
+            vocab_size=target.vocab_size, aux_layers=len(target.aux_layer_ids),
+            domains=None if domain is None else [domain] * len(live)))
     return batches
 
 
-def _steps(rows: int, rows_per_step: int) -> list[slice]:
-    """A first large step (like a prefill), then decode steps of `rows_per_step` accepted rows."""
-    first = max(1, rows // 2)
+def _steps(rows: int, rows_per_step: int, prompt_len: int) -> list[slice]:
+    """The prompt rows in one step (the prefill), then decode steps of `rows_per_step` accepted rows."""
+    first = min(max(1, prompt_len), rows)
     return [slice(0, first)] + [slice(s, s + rows_per_step) for s in range(first, rows, rows_per_step)]

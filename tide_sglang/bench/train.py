@@ -25,7 +25,7 @@ from rich.table import Table
 
 from tide_sglang import keys
 from tide_sglang.bench import BenchReport, goal
-from tide_sglang.bench.traffic import batched_aux, cached_generate, capture, prompts
+from tide_sglang.bench.traffic import batched_aux, cached_generate, capture, prompt_lengths, prompts
 from tide_sglang.draft import DraftRegistry, Eagle3Draft
 from tide_sglang.draft.target import Target, heads_of, load_target
 from tide_sglang.settings import TideSettings
@@ -208,9 +208,10 @@ def run(quick: bool, console: Console) -> BenchReport:
     plan = QUICK if quick else FULL
     target = load_target()
     console.print(f"generating {plan.requests} SmolLM2 completions (cached after the first run) ...")
-    sequences = cached_generate(target, prompts(plan.requests), plan.max_new)
+    texts = prompts(plan.requests)
+    sequences = cached_generate(target, texts, plan.max_new)
     rids = [f"req-{i}" for i in range(len(sequences))]
-    batches = capture(target, sequences, rids, rows_per_step=4)
+    batches = capture(target, sequences, rids, prompt_lengths(target, texts), rows_per_step=4)
     with LocalRedis() as server, tempfile.TemporaryDirectory() as tmp:
         tide_way, trainer, init = _tide(target, server.url, plan, batches, Path(tmp))
         chunks, heldout, by_rid = trainer.replay.chunks(), list(trainer.heldout), dict(zip(rids, sequences,

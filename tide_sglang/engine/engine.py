@@ -139,7 +139,7 @@ class SpecEngine:
         rows = _Rows(aux=aux, tokens=emitted, positions=positions.masked_fill(mask == 0, -1))
         wave.pending.append(rows)
         if self.capture_prefill:
-            self._capture(wave, rows, acceptance=None)
+            self._capture(wave, rows, acceptance=None, prompt=True)
         wave.bonus = first
         self._commit(wave, first[:, None], torch.zeros(b, dtype=torch.int64, device=self.device))
         self._finish_rows(wave)
@@ -159,7 +159,7 @@ class SpecEngine:
         kept = self._commit(wave, argmax, accepted)  # [B] <= accepted + 1: EOS or the budget may cut a request
         rows = _Rows(aux=aux, tokens=argmax, positions=positions.masked_fill(~committed_rows(kept - 1, g + 1), -1))
         wave.pending.append(rows)
-        self._capture(wave, rows, acceptance=accepted)
+        self._capture(wave, rows, acceptance=accepted, prompt=False)
         wave.bonus = argmax.gather(1, accepted[:, None]).squeeze(1)
         wave.next_pos = wave.next_pos + accepted + 1
         acc = int(accepted.sum())
@@ -219,8 +219,9 @@ class SpecEngine:
             c = wave.draft_cache
             c.k, c.v, c.filled = c.k[idx], c.v[idx], c.filled[idx]
 
-    def _capture(self, wave: _Wave, rows: _Rows, acceptance: torch.Tensor | None) -> None:
-        """Send the committed rows of live requests, in bf16 as SGLang serves, to the stream."""
+    def _capture(self, wave: _Wave, rows: _Rows, acceptance: torch.Tensor | None, prompt: bool) -> None:
+        """Send the committed rows of live requests, in bf16 as SGLang serves, to the stream; `prompt`: the rows
+        are the prefill's (prompt tokens), else a verify step's accepted (generated) tokens."""
         if self.writer is None:
             return
         committed = rows.positions >= 0  # [B, T]
@@ -232,10 +233,12 @@ class SpecEngine:
             req_index=b_idx.cpu(),
             positions=rows.positions[b_idx, t_idx].cpu(),
             token_ids=rows.tokens[b_idx, t_idx].cpu(),
+            is_prompt=torch.full((len(b_idx),), prompt),
             hidden=rows.aux[b_idx, t_idx].to(torch.bfloat16).cpu(),
+            vocab_size=self.target.vocab_size,
             aux_layers=len(self.target.aux_layer_ids),
             draft_version=self.draft_version,
-            domain=wave.domain,
+            domains=None if wave.domain is None else [wave.domain] * len(wave.rows),
             acceptance=None if acceptance is None else [float(a) for a in acceptance.tolist()],
         )
         self.writer.submit(batch)

@@ -58,9 +58,9 @@ class Pending:
 
 class Capturer:
     def __init__(self, settings: TideSettings, writer: StreamWriter, metrics: PluginMetrics,
-                 stats: StatsReporter, aux_layers: int, device: str) -> None:
+                 stats: StatsReporter, aux_layers: int, device: str, vocab_size: int) -> None:
         self.settings, self.writer, self.metrics, self.stats = settings, writer, metrics, stats
-        self.aux_layers = aux_layers
+        self.aux_layers, self.vocab_size = aux_layers, vocab_size
         cuda = device.startswith("cuda") and torch.cuda.is_available()
         self.ring = PinnedRing(settings.capture_ring_slots, settings.capture_ring_rows, pin=cuda)
         self.stream = torch.cuda.Stream(device=device) if cuda else None
@@ -242,5 +242,7 @@ class Capturer:
             return None
         return CaptureBatch(rids=rids, req_index=req, positions=pos,
                             token_ids=p.slot.ints[0].index_select(0, slot_rows),
+                            is_prompt=torch.full((len(slot_rows),), p.kind == "prefill"),
                             hidden=p.slot.hidden.index_select(0, slot_rows),  # a copy: the slot is reused
-                            aux_layers=self.aux_layers, draft_version=p.version, acceptance=acceptance)
+                            vocab_size=self.vocab_size, aux_layers=self.aux_layers, draft_version=p.version,
+                            acceptance=acceptance)

@@ -103,7 +103,7 @@ def build_runtime(settings: TideSettings, draft_worker: Any) -> Runtime:
                               budget_bytes=settings.stream_budget_mib << 20,
                               queue_entries=settings.stream_queue_entries)
         capturer = Capturer(settings, writer, metrics, stats, _aux_layers(draft_worker.draft_runner.model),
-                            str(draft_worker.device))
+                            str(draft_worker.device), int(draft_worker.target_worker.model_config.vocab_size))
     swapper = _swapper(settings, draft_worker, metrics, stats if capturer is not None else None, client)
     if swapper is not None and capturer is not None:
         capturer.version = swapper.current

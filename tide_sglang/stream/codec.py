@@ -2,9 +2,12 @@
 
 An entry is three Redis stream fields, so the large tensor goes to the socket without being copied:
   h: b"TIDE" | u16 format version | u64 xxh3 checksum | u32 meta length | meta JSON
-  i: int32 req_index[n] | int32 positions[n] | int32 token_ids[n]
+  i: int32 req_index[n] | int32 positions[n] | int32 token_ids[n] | uint8 is_prompt[n] (0 or 1)
   x: hidden[n, K*H] raw little-endian bytes (bf16 / fp16 / fp32)
-The checksum covers meta, i and x, so any flipped bit in an entry is caught before a trainer uses it.
+The checksum covers meta, i and x, so any flipped bit in an entry is caught before a trainer uses it. The meta
+carries the target's vocabulary size, so the decoded batch is bound-checked (token ids, positions, request
+indices) by `CaptureBatch`'s validator before it is returned.
+Format 1 (no vocabulary size, one domain per batch, no prompt flags) is refused with a `CodecError`.
 """
 
 import struct
@@ -18,9 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tide_sglang.capture import CaptureBatch
 
 MAGIC = b"TIDE"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _PREFIX = struct.Struct("<4sHQI")  # magic, version, checksum, meta length
 _INDEX_DTYPE = np.dtype("<i4")
+_INDEX_BYTES = 3 * _INDEX_DTYPE.itemsize + 1  # per row: three int32 and one uint8 flag
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -41,7 +45,8 @@ class EntryMeta(BaseModel):
     dtype: str
     rids: list[str]
     draft_version: int = Field(ge=0)
-    domain: str | None = None
+    vocab_size: int = Field(ge=1)
+    domains: list[str] | None = None
     acceptance: list[float] | None = None
 
 
@@ -64,12 +69,14 @@ def encode(batch: CaptureBatch) -> Fields:
         dtype=_DTYPE_NAMES[hidden.dtype],
         rids=batch.rids,
         draft_version=batch.draft_version,
-        domain=batch.domain,
+        vocab_size=batch.vocab_size,
+        domains=batch.domains,
         acceptance=batch.acceptance,
     ).model_dump_json(exclude_none=True).encode()
-    index = np.stack(
+    ints = np.stack(
         [t.numpy().astype(_INDEX_DTYPE, copy=False) for t in (batch.req_index, batch.positions, batch.token_ids)]
-    ).tobytes()
+    )
+    index = ints.tobytes() + batch.is_prompt.numpy().astype(np.uint8).tobytes()
     raw = memoryview(hidden.contiguous().reshape(-1).view(torch.uint8).numpy())
     prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, _checksum(meta, index, raw), len(meta))
     return {b"h": prefix + meta, b"i": index, b"x": raw}
@@ -90,7 +97,8 @@ def decode(fields: dict[bytes, bytes]) -> CaptureBatch:
     if magic != MAGIC:
         raise CodecError(f"bad magic {magic!r}: not a TIDE capture entry")
     if version != FORMAT_VERSION:
-        raise CodecError(f"entry format version {version} is not supported (this reader knows {FORMAT_VERSION})")
+        raise CodecError(f"entry format version {version} is not supported: this reader reads format "
+                         f"{FORMAT_VERSION} only (upgrade the older side so both run the same TIDE release)")
     meta_bytes = head[_PREFIX.size :]
     if len(meta_bytes) != meta_len:
         raise CodecError(f"header meta is {len(meta_bytes)} bytes, the prefix says {meta_len}")
@@ -107,24 +115,28 @@ def _batch(meta: EntryMeta, index: bytes, raw: bytes) -> CaptureBatch:
     dtype = DTYPES.get(meta.dtype)
     if dtype is None:
         raise CodecError(f"dtype {meta.dtype!r} is not one of {sorted(DTYPES)}")
-    if len(index) != 3 * 4 * meta.n:
-        raise CodecError(f"index section is {len(index)} bytes, expected {12 * meta.n} for n={meta.n}")
+    if len(index) != _INDEX_BYTES * meta.n:
+        raise CodecError(f"index section is {len(index)} bytes, expected {_INDEX_BYTES * meta.n} for n={meta.n}")
     expected = meta.n * meta.width * dtype.itemsize
     if len(raw) != expected:
         raise CodecError(f"hidden section is {len(raw)} bytes, expected {expected} for [{meta.n}, {meta.width}]")
-    ints = torch.from_numpy(np.frombuffer(index, dtype=_INDEX_DTYPE).reshape(3, meta.n).astype(np.int64))
-    if meta.n and (int(ints[0].min()) < 0 or int(ints[0].max()) >= len(meta.rids)):
-        raise CodecError(f"req_index out of range for {len(meta.rids)} request ids")
+    ints = torch.from_numpy(np.frombuffer(index, dtype=_INDEX_DTYPE, count=3 * meta.n).reshape(3, meta.n)
+                            .astype(np.int64))
+    flags = np.frombuffer(index, dtype=np.uint8, offset=3 * _INDEX_DTYPE.itemsize * meta.n)
+    if meta.n and int(flags.max()) > 1:
+        raise CodecError(f"is_prompt flags must be 0 or 1, got {int(flags.max())}")
     try:
         return CaptureBatch(
             rids=meta.rids,
             req_index=ints[0],
             positions=ints[1],
             token_ids=ints[2],
+            is_prompt=torch.from_numpy(flags.astype(np.bool_)),
             hidden=_frombuffer(raw, dtype).view(meta.n, meta.width),
             aux_layers=meta.aux_layers,
             draft_version=meta.draft_version,
-            domain=meta.domain,
+            vocab_size=meta.vocab_size,
+            domains=meta.domains,
             acceptance=meta.acceptance,
         )
     except ValidationError as e:

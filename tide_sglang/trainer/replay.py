@@ -13,7 +13,7 @@ from collections import OrderedDict, deque
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from tide_sglang.capture import CaptureBatch
+from tide_sglang.capture import DEFAULT_DOMAIN, CaptureBatch
 
 
 class Chunk(BaseModel):
@@ -25,7 +25,7 @@ class Chunk(BaseModel):
     tokens: torch.Tensor = Field(description="[T] int64")
     positions: torch.Tensor = Field(description="[T] int64, consecutive")
     rid: str = Field("", description="the request the rows came from")
-    domain: str = ""
+    domain: str = DEFAULT_DOMAIN
 
     @property
     def length(self) -> int:
@@ -71,7 +71,7 @@ class SequenceAssembler:
         req = batch.req_index[order]
         for i in torch.unique_consecutive(req).tolist():
             rows = order[req == i]  # [r] this request's rows, in position order
-            done += self._extend(batch.rids[i], batch.domain or "", batch, rows)
+            done += self._extend(batch.rids[i], batch.domain_of(i), batch, rows)
         while len(self._open) > self.max_open:  # requests that finished long ago
             done += self._close(next(iter(self._open)))
         return done
