@@ -92,13 +92,14 @@ def test_lossless_when_drafts_are_accepted(target, prompt_ids, reference, steps)
 
 
 def test_capture_reaches_the_stream(target, prompt_ids, reference, settings):
-    stream = keys.hidden_states(settings.deployment)
+    stream = keys.hidden_states(settings.namespace, settings.deployment)
     writer = StreamWriter(lambda: connect(settings, check=False), stream)
     oracle = OracleDraft([p + r for p, r in zip(prompt_ids, reference, strict=True)], target.hidden_size)
     engine = SpecEngine(target, draft=oracle, controller=FixedSteps(2), writer=writer)  # type: ignore[arg-type]
     engine.generate(prompt_ids, NEW, domain="test")
     writer.close()
-    reader = StreamReader(connect(settings), stream, keys.dead_letter(settings.deployment), "t", block_ms=50)
+    reader = StreamReader(connect(settings), stream, keys.dead_letter(settings.namespace, settings.deployment), "t",
+                          block_ms=50)
     rows: dict[str, dict[int, int]] = {}
     prompt: dict[str, dict[int, bool]] = {}
     while entries := reader.read():
@@ -126,11 +127,12 @@ def test_capture_hidden_states_are_the_targets(target, prompt_ids, settings):
     """The streamed aux states equal a fresh full forward of the same text (bf16 rounding aside)."""
     from tide_sglang.draft.target import aux_hidden_states
 
-    stream = keys.hidden_states(settings.deployment)
+    stream = keys.hidden_states(settings.namespace, settings.deployment)
     writer = StreamWriter(lambda: connect(settings, check=False), stream)
     out = SpecEngine(target, controller=FixedSteps(0), writer=writer).generate(prompt_ids[:1], 6)
     writer.close()
-    reader = StreamReader(connect(settings), stream, keys.dead_letter(settings.deployment), "t", block_ms=50)
+    reader = StreamReader(connect(settings), stream, keys.dead_letter(settings.namespace, settings.deployment), "t",
+                          block_ms=50)
     got = {}
     while entries := reader.read():
         for e in entries:

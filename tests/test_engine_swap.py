@@ -2,7 +2,6 @@
 keep serving, report per-version stats where the operator reads them."""
 
 import pytest
-import redis
 import torch
 
 from tide_sglang import keys
@@ -10,8 +9,8 @@ from tide_sglang.draft import DraftConfig, DraftRegistry, init_draft, select_voc
 from tide_sglang.draft.target import Target, heads_of, load_target
 from tide_sglang.engine import FixedSteps, SpecEngine
 from tide_sglang.engine.swap import DraftFollower
+from tide_sglang.rollout import ControlState, StatsReporter, write_control
 from tide_sglang.stream import connect
-from tide_sglang.stream.rollout import ControlState, StatsReporter, read_control, write_control
 
 
 @pytest.fixture(scope="module")
@@ -37,61 +36,30 @@ def test_follow_swap_refuse_and_keep_serving(target, settings, tmp_path):
     data[-100] ^= 0xFF  # a flipped byte on the PVC
     weights.write_bytes(bytes(data))
 
-    reporter = StatsReporter(client, settings.deployment, interval_s=0)
+    ns, dep = settings.namespace, settings.deployment
+    reporter = StatsReporter(client, ns, dep, interval_s=0)
     heads = heads_of(target.model)
-    follower = DraftFollower(client, registry, settings.deployment, "stable", heads.embed, reporter=reporter,
-                             poll_s=0)
+    follower = DraftFollower(client, registry, ns, dep, "pod-a", heads.embed, reporter=reporter, poll_s=0)
     assert follower.poll() is None  # no control key yet: nothing to load
 
-    write_control(client, settings.deployment, ControlState(stable=v1))
+    write_control(client, ns, dep, ControlState(stable=v1))
     first = follower.poll()
     assert first is not None and first.version == v1 == follower.version and first.draft is not None
     engine = SpecEngine(target, draft=first.draft, draft_version=v1, controller=FixedSteps(2))
 
-    write_control(client, settings.deployment, ControlState(stable=v1, canary=v2))
+    write_control(client, ns, dep, ControlState(stable=v1, canary=v2, canary_pods=("pod-c",)))
     assert follower.poll() is None  # stable pods do not follow the canary
-    canary = DraftFollower(client, registry, settings.deployment, "canary", heads.embed, reporter=reporter, poll_s=0)
+    canary = DraftFollower(client, registry, ns, dep, "pod-c", heads.embed, reporter=reporter, poll_s=0)
     assert canary.poll() is None and v2 in canary.refused
     assert "sha256" in canary.refused[v2]
-    assert int(client.hget(keys.stats(settings.deployment, v2), "swap_failures")) == 1
+    assert int(client.hget(keys.stats(ns, dep, v2), "swap_failures")) == 1
     assert canary.poll() is None  # refused once, never retried in a loop
-    assert int(client.hget(keys.stats(settings.deployment, v2), "swap_failures")) == 1
+    assert int(client.hget(keys.stats(ns, dep, v2), "swap_failures")) == 1
 
     ids = [target.tokenizer("The capital of France is").input_ids]
     out = engine.generate(ids, 6)  # still serving on v1
     assert len(out[0]) == 6 and engine.draft_version == v1
 
-    write_control(client, settings.deployment, ControlState(stable=0))  # the operator rolls back to the initial
+    write_control(client, ns, dep, ControlState(stable=0))  # the operator rolls back to the initial
     back = follower.poll()
     assert back is not None and back.version == 0 and back.draft is None  # cold start: no draft at all
-
-
-def test_stats_reporter_adds_and_survives_redis_down(redis_server, settings):
-    client = connect(settings)
-    reporter = StatsReporter(client, settings.deployment, interval_s=3600)
-    reporter.add(3, tokens=30, accepted=12, verify_steps=10)
-    reporter.add(3, tokens=3, accepted=1, verify_steps=1)
-    reporter.flush()
-    got = client.hgetall(keys.stats(settings.deployment, 3))
-    assert (int(got[b"tokens"]), int(got[b"accepted"]), int(got[b"verify_steps"])) == (33, 13, 11)
-    assert float(got[b"updated"]) > 0
-    with pytest.raises(ValueError, match="unknown stats fields"):
-        reporter.add(3, tokenz=1)
-
-    redis_server.stop()
-    reporter.add(3, tokens=5, accepted=5, verify_steps=5)
-    reporter.flush()  # logged, kept for later: never raises into the engine
-    redis_server.start()
-    reporter.flush()
-    got = redis.Redis.from_url(redis_server.url).hgetall(keys.stats(settings.deployment, 3))
-    assert int(got[b"tokens"]) == 5  # the restarted (non-persistent) server got the counts kept meanwhile
-
-
-def test_control_state_roles(settings):
-    client = connect(settings)
-    assert read_control(client, settings.deployment) == ControlState()
-    write_control(client, settings.deployment, ControlState(stable=4, canary=5))
-    state = read_control(client, settings.deployment)
-    assert (state.for_role("stable"), state.for_role("canary")) == (4, 5)
-    write_control(client, settings.deployment, ControlState(stable=4))
-    assert read_control(client, settings.deployment).for_role("canary") == 4

@@ -6,5 +6,6 @@ import sys
 
 def test_operator_imports_without_torch():
     # The operator image carries no torch: importing the operator must not pull it in through tide_sglang.
-    code = "import sys, tide_operator.handlers, tide_operator.redis_io; sys.exit('torch' in sys.modules)"
+    code = ("import sys, tide_operator.handlers, tide_operator.redis_io, tide_sglang.rollout; "
+            "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -45,17 +45,17 @@ def r(redis_server: LocalRedis) -> redis.Redis:
 
 
 def control(r: redis.Redis) -> dict[str, str]:
-    return r.hgetall(keys.control(NAME))
+    return r.hgetall(keys.control("default", NAME))
 
 
 def publish(r: redis.Redis, version: int, parent: int) -> None:
     """What the trainer does after DraftRegistry.publish."""
-    r.xadd(keys.events(NAME), {"version": version, "parent": parent, "metrics": json.dumps({"acc": 0.7})})
+    r.xadd(keys.events("default", NAME), {"version": version, "parent": parent, "metrics": json.dumps({"acc": 0.7})})
 
 
 def report(r: redis.Redis, version: int, tokens: int, accepted: int, swap_failures: int = 0) -> None:
     """What engines do for the version that drafted the tokens."""
-    key = keys.stats(NAME, version)
+    key = keys.stats("default", NAME, version)
     r.hincrby(key, "tokens", tokens)
     r.hincrby(key, "accepted", accepted)
     r.hincrby(key, "verify_steps", tokens // 4)

@@ -8,10 +8,10 @@ from tide_operator import redis_io
 from tide_operator.models import Counters
 
 from tide_sglang import keys
-from tide_sglang.stream.rollout import StatsReporter, read_control
+from tide_sglang.rollout import StatsReporter, read_control
 from tide_sglang.stream.server import LocalRedis
 
-DEP = "chat"
+NS, DEP = "team-a", "chat"
 
 
 @pytest.fixture
@@ -39,37 +39,37 @@ def test_parse_event(fields: dict, expected: tuple | None) -> None:
 
 
 def test_events_are_read_after_the_cursor_and_bad_entries_skipped(client: redis.Redis) -> None:
-    stream = keys.events(DEP)
+    stream = keys.events(NS, DEP)
     first = client.xadd(stream, {"version": 1, "parent": "", "metrics": json.dumps({"a": 1})}).decode()
     client.xadd(stream, {"garbage": "yes"})
     client.xadd(stream, {"version": 2, "parent": 1, "metrics": "{}"})
-    entries = redis_io.read_events(client, DEP, "0-0")
+    entries = redis_io.read_events(client, NS, DEP, "0-0")
     assert [e.version if e else None for _, e in entries] == [1, None, 2]
-    after = redis_io.read_events(client, DEP, first)
+    after = redis_io.read_events(client, NS, DEP, first)
     assert [e.version if e else None for _, e in after] == [None, 2]
-    assert redis_io.read_events(client, DEP, entries[-1][0]) == []
+    assert redis_io.read_events(client, NS, DEP, entries[-1][0]) == []
 
 
 def test_stats_read_what_the_engines_report(client: redis.Redis) -> None:
-    reporter = StatsReporter(client, DEP, interval_s=3600)  # the engines' own writer
+    reporter = StatsReporter(client, NS, DEP, interval_s=3600)  # the engines' own writer
     reporter.add(2, tokens=100, accepted=70, verify_steps=30)
     reporter.add(3, tokens=10, accepted=2, swap_failures=1)
     reporter.flush()
-    stats = redis_io.read_stats(client, DEP, [2, 3, 4])
+    stats = redis_io.read_stats(client, NS, DEP, [2, 3, 4])
     assert stats[2] == Counters(tokens=100, accepted=70, verify_steps=30)
     assert stats[3].swap_failures == 1 and stats[3].acceptance == 0.2
     assert stats[4] == Counters()
 
 
 def test_control_hash_as_the_engines_read_it(client: redis.Redis) -> None:
-    client.hset(keys.control(DEP), "train", "1")  # written by the engines' training trigger: kept
-    redis_io.write_control(client, DEP, 1, 2)
-    assert read_control(client, DEP).for_role("canary") == 2
-    redis_io.write_control(client, DEP, 2, None)
-    state = read_control(client, DEP)
-    assert (state.stable, state.canary, state.for_role("canary")) == (2, None, 2)
-    assert client.hget(keys.control(DEP), "train") == b"1"
-    redis_io.forget(client, DEP, [1, 2])
+    client.hset(keys.control(NS, DEP), "train", "1")  # written by the engines' training trigger: kept
+    redis_io.write_control(client, NS, DEP, 1, 2)
+    assert read_control(client, NS, DEP).canary == 2
+    redis_io.write_control(client, NS, DEP, 2, None)
+    state = read_control(client, NS, DEP)
+    assert (state.stable, state.canary, state.version_for("any-pod")) == (2, None, 2)
+    assert client.hget(keys.control(NS, DEP), "train") == b"1"
+    redis_io.forget(client, NS, DEP, [1, 2])
     assert client.keys("*") == []
 
 

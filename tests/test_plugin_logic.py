@@ -22,6 +22,7 @@ from tide_sglang.plugin.speculation import (
     load_profile,
 )
 from tide_sglang.plugin.swap import Baseline, SwapRefused, agreed_version, desired_version, plan_swap, sglang_name
+from tide_sglang.rollout import ControlState
 from tide_sglang.settings import TideSettings
 
 
@@ -93,9 +94,9 @@ def test_sglang_name_mapping(name: str, param: str) -> None:
 def test_agreement_and_control_hash() -> None:
     assert agreed_version(torch.tensor([7, -7])) == 7
     assert agreed_version(torch.tensor([6, -7])) is None  # ranks at 6 and 7: nobody copies
-    assert desired_version({b"stable": b"3", b"canary": b"4"}, "canary") == 4
-    assert desired_version({"stable": "x"}, "stable") is None and desired_version({}, "canary") is None
-    assert desired_version({b"stable": b"3"}, "canary") == 3  # no canary running: canary pods serve stable
+    state = ControlState(stable=3, canary=4, canary_pods=("pod-a",))
+    assert desired_version(state, "pod-a") == 4 and desired_version(state, "pod-b") == 3
+    assert desired_version(None, "pod-a") is None  # no control state yet: keep serving
     assert choose_steps(4, [0, 1, 3]) == 3 and choose_steps(0, [1, 2]) == 1
 
 

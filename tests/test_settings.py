@@ -49,7 +49,10 @@ def test_redacted_hides_password():
 
 
 def test_keys_are_hash_tagged_and_validated():
-    assert keys.hidden_states("chat") == "tide:{chat}:hs"
-    assert keys.stats("chat", 7) == "tide:{chat}:stats:7"
+    assert keys.hidden_states("default", "chat") == "tide:{default/chat}:hs"
+    assert keys.stats("team-a", "chat", 7) == "tide:{team-a/chat}:stats:7"
+    assert keys.pods("team-a", "chat") == "tide:{team-a/chat}:pods"
     with pytest.raises(ValueError, match="invalid deployment name"):
-        keys.control("Bad_Name")
+        keys.control("default", "Bad_Name")
+    with pytest.raises(ValueError, match="invalid namespace"):
+        keys.control("team.a", "chat")  # a namespace is a DNS label: no dots

@@ -19,16 +19,15 @@ def cluster() -> Iterator[LocalRedisCluster]:
 
 def test_one_deployment_lives_on_one_slot(cluster):
     client = connect(TideSettings(redis_url=cluster.url, redis_cluster=True))
-    slots = {client.keyslot(k) for k in (keys.hidden_states("a"), keys.dead_letter("a"), keys.control("a"),
-                                         keys.events("a"), keys.stats("a", 3))}
+    slots = {client.keyslot(k) for k in (*keys.all_fixed("default", "a"), keys.stats("default", "a", 3))}
     assert len(slots) == 1
-    assert client.keyslot(keys.hidden_states("a")) != client.keyslot(keys.hidden_states("b"))
+    assert client.keyslot(keys.hidden_states("default", "a")) != client.keyslot(keys.hidden_states("default", "b"))
 
 
 @pytest.mark.parametrize("deployment", ["alpha", "beta", "gamma"])  # hash tags spread over the three nodes
 def test_write_read_ack_on_cluster(cluster, deployment):
     settings = TideSettings(redis_url=cluster.url, redis_cluster=True, deployment=deployment)
-    stream, dead = keys.hidden_states(deployment), keys.dead_letter(deployment)
+    stream, dead = keys.hidden_states("default", deployment), keys.dead_letter("default", deployment)
     with StreamWriter(lambda: connect(settings, check=False), stream, queue_entries=64) as w:
         for i in range(30):
             assert w.submit(make_batch(seed=i, version=i))

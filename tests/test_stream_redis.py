@@ -14,7 +14,7 @@ from tide_sglang.settings import TideSettings
 from tide_sglang.stream import StreamReader, StreamWriter, connect, decode
 from tide_sglang.stream.server import LocalRedis
 
-STREAM, DEAD = keys.hidden_states("test"), keys.dead_letter("test")
+STREAM, DEAD = keys.hidden_states("default", "test"), keys.dead_letter("default", "test")
 
 
 def _writer(settings: TideSettings, **kw) -> StreamWriter:

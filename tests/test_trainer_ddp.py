@@ -31,8 +31,8 @@ def _rank(rank: int, port: int, url: str, tmp: str) -> None:
     assert dist is not None and dist.rank == rank
     settings = TideSettings(redis_url=url, deployment="test", train_checkpoint_dir=Path(tmp) / "ckpt",
                             train_eval_interval_steps=4, **SMALL)
-    reader = StreamReader(connect(settings), keys.hidden_states("test"), keys.dead_letter("test"), f"pod-{rank}",
-                          count=4, block_ms=50)
+    reader = StreamReader(connect(settings), keys.hidden_states("default", "test"),
+                          keys.dead_letter("default", "test"), f"pod-{rank}", count=4, block_ms=50)
     trainer = DraftTrainer(settings, DraftRegistry(Path(tmp) / "reg", create=True), reader, load_heads(), dist=dist)
     trainer.run(threading.Event(), max_steps=8)
     save_file({k: v.contiguous() for k, v in trainer.draft.state_dict().items() if k != "embed_tokens.weight"},
@@ -64,6 +64,6 @@ def test_two_ranks_train_one_draft_with_ddp(settings: TideSettings, tmp_path: Pa
         state, _ = ckpt.load_latest(tmp_path / "ckpt" / f"rank-{r}")
         assert state.steps == 8 and state.trained_rows > 0
     client = connect(settings)
-    consumers = {c["name"].decode(): c["pending"] for c in client.xinfo_consumers(keys.hidden_states("test"),
+    consumers = {c["name"].decode(): c["pending"] for c in client.xinfo_consumers(keys.hidden_states("default", "test"),
                                                                                    keys.TRAINER_GROUP)}
     assert set(consumers) == {"pod-0", "pod-1"} and sum(consumers.values()) == 0

@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from tests.helpers import wait_for
-from tide_sglang import keys
+from tide_sglang import keys, rollout
 from tide_sglang.bench.traffic import cached_generate, capture, prompt_lengths, prompts
 from tide_sglang.capture import CaptureBatch
 from tide_sglang.cli import main
@@ -42,7 +42,7 @@ def traffic(smollm2: Target) -> list[CaptureBatch]:
 
 
 def _write(settings: TideSettings, batches: list[CaptureBatch]) -> None:
-    with StreamWriter(lambda: connect(settings), keys.hidden_states(settings.deployment)) as writer:
+    with StreamWriter(lambda: connect(settings), keys.hidden_states(settings.namespace, settings.deployment)) as writer:
         for b in batches:
             assert writer.submit(b)
         assert writer.flush()
@@ -51,8 +51,8 @@ def _write(settings: TideSettings, batches: list[CaptureBatch]) -> None:
 
 def _trainer(settings: TideSettings, registry: Path, smollm2: Target, consumer: str = "t1",
              count: int = 16) -> DraftTrainer:
-    reader = StreamReader(connect(settings), keys.hidden_states(settings.deployment),
-                          keys.dead_letter(settings.deployment), consumer, count=count, block_ms=50)
+    reader = StreamReader(connect(settings), keys.hidden_states(settings.namespace, settings.deployment),
+                          keys.dead_letter(settings.namespace, settings.deployment), consumer, count=count, block_ms=50)
     return DraftTrainer(settings, DraftRegistry(registry, create=True), reader, heads_of(smollm2.model))
 
 
@@ -83,8 +83,9 @@ def test_trainer_learns_from_the_stream_and_publishes(settings: TideSettings, sm
     manifest = trainer.registry.verify(1).manifest
     assert manifest.parent is None and manifest.metrics.accept_length == report.candidate.accept_length
     assert manifest.metrics.parent_accept_length == first.candidate.accept_length
-    events = connect(settings).xrange(keys.events(settings.deployment))
-    assert [e[1][b"version"] for e in events] == [b"1"]
+    events = rollout.read_events(connect(settings), settings.namespace, settings.deployment)
+    assert [e.version for _, e in events] == [1] and events[0][1].parent is None
+    assert events[0][1].metrics["accept_length"] == report.candidate.accept_length
     again = trainer.evaluate()  # now v1 is the deployed version: the same weights do not publish again
     assert again.deployed_version == 1 and not again.decision.publish
 
@@ -119,7 +120,7 @@ def test_restarted_trainer_resumes_without_losing_acked_work(settings: TideSetti
     assert b.ingested_rows == sum(x.num_tokens for x in traffic)  # nothing lost, nothing counted twice
     b.train_step()  # the restored AdamW state steps on
     b.checkpoint()
-    assert b.reader.pending() == 0 and client.xinfo_groups(keys.hidden_states("test"))[0]["lag"] == 0
+    assert b.reader.pending() == 0 and client.xinfo_groups(keys.hidden_states("default", "test"))[0]["lag"] == 0
 
 
 def test_trainer_refuses_a_vocabulary_change_in_a_lineage(settings: TideSettings, smollm2: Target,
@@ -176,7 +177,7 @@ def test_tide_train_killed_and_restarted_resumes_without_losing_acked_work(
     argv = [sys.executable, "-m", "tide_sglang.cli", "train", "--registry", str(tmp_path / "reg"),
             "--create-registry", "--checkpoint-dir", str(tmp_path / "ckpt"), "--consumer", "pod-0"]
     client = connect(settings)
-    stream = keys.hidden_states("test")
+    stream = keys.hidden_states("default", "test")
 
     first = subprocess.Popen(argv, env=env, cwd=Path(__file__).parents[1], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
@@ -199,4 +200,4 @@ def test_tide_train_killed_and_restarted_resumes_without_losing_acked_work(
     registry = DraftRegistry(tmp_path / "reg")
     for version in registry.versions():
         assert registry.verify(version).manifest.metrics.accept_length > 1.0
-    assert client.xlen(keys.events("test")) == len(registry.versions())
+    assert client.xlen(keys.events("default", "test")) == len(registry.versions())

@@ -11,7 +11,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class TideSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TIDE_", extra="forbid", frozen=True)
 
-    deployment: str = Field("default", description="TideDeployment name; the hash tag of every Redis key")
+    deployment: str = Field("default", description="TideDeployment name; with the namespace, the hash tag of every "
+                            "Redis key")
+    namespace: str = Field("default", description="Kubernetes namespace of the TideDeployment (`default` outside one)")
+    pod_name: str = Field(default_factory=socket.gethostname,
+                          description="this pod's name (downward API); the operator names canary pods by it")
+    heartbeat_s: float = Field(5.0, gt=0, description="how often an engine writes its heartbeat; a heartbeat older "
+                               "than 3 times this counts as gone")
 
     # Redis connection. The password may come from the URL, TIDE_REDIS_PASSWORD, or a mounted secret file.
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// (TLS) URL")
@@ -29,7 +35,6 @@ class TideSettings(BaseSettings):
     stream_queue_entries: int = Field(64, gt=0, description="writer queue; a full queue drops, never blocks")
 
     # SGLang plugin (tide_sglang/plugin, docs/sglang.md).
-    role: Literal["stable", "canary"] = Field("stable", description="rollout role: the ctl field this pod loads")
     capture_sample_rate: float = Field(1.0, ge=0, le=1, description="share of requests whose rows are captured")
     capture_max_acceptance: float = Field(
         1.0, ge=0, le=1, description="hard-example filter: skip a request's step whose acceptance is above this")

@@ -15,7 +15,7 @@ Manifest = dict[str, Any]
 REDIS_PORT = 6379
 TRAINER_METRICS_PORT = 9400  # TideSettings.train_metrics_port default
 # Variables the operator sets itself; a pool's `env` may not override them (status.check says so).
-RESERVED_ENV = frozenset({"TIDE_DEPLOYMENT", "TIDE_ROLE", "TIDE_REDIS_URL", "TIDE_REDIS_PASSWORD",
+RESERVED_ENV = frozenset({"TIDE_DEPLOYMENT", "TIDE_NAMESPACE", "TIDE_ROLE", "TIDE_REDIS_URL", "TIDE_REDIS_PASSWORD",
                           "TIDE_REDIS_CLUSTER", "TIDE_TARGET", "TIDE_REGISTRY_DIR", "TIDE_REGISTRY_URL",
                           "TIDE_TRIGGER_SHORT_ALPHA", "TIDE_TRIGGER_LONG_ALPHA", "TIDE_TRIGGER_EPSILON",
                           "TIDE_TRAIN_GATE"})
@@ -61,6 +61,7 @@ def tide_env(name: str, namespace: str, spec: TideDeploymentSpec) -> list[Manife
     trig = spec.training.trigger
     env: list[Manifest] = [
         {"name": "TIDE_DEPLOYMENT", "value": name},
+        {"name": "TIDE_NAMESPACE", "value": namespace},
         redis_url_env(name, namespace, spec.redis),
         {"name": "TIDE_REDIS_CLUSTER", "value": str(spec.redis.cluster).lower()},
         {"name": "TIDE_TARGET", "value": model_path(spec)},

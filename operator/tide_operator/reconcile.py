@@ -72,7 +72,7 @@ class Reconciler:
     def _rollout(self, td: Obj, spec: TideDeploymentSpec, versions: Versions,
                  cursor: str) -> tuple[str, dict[int, Counters], list[Problem]]:
         """Ingest published versions, take one rollout step, publish the routing. Mutates `versions`."""
-        name = td["metadata"]["name"]
+        name, ns = td["metadata"]["name"], td["metadata"]["namespace"]
         try:
             client = self._client(td, spec)
             cursor = self._ingest(client, td, versions, cursor)
@@ -81,12 +81,12 @@ class Reconciler:
             wanted = {route.stable}
             if route.canary is not None:  # the canary is judged against the stable version of its baseline
                 wanted |= {route.canary, (versions[route.canary].baseline or Baseline()).version}
-            stats = redis_io.read_stats(client, name, wanted)
+            stats = redis_io.read_stats(client, ns, name, wanted)
             changed = {} if problems else rollout.step(spec.draft, spec.rollout, versions, stats, now())
             # Engines first, then the DraftVersions: a version reads Canary or Promoted only once the control
             # hash routes it (Redis down: neither changes, and the next pass decides again).
             route = rollout.routing({**versions, **changed})
-            redis_io.write_control(client, name, route.stable, route.canary)
+            redis_io.write_control(client, ns, name, route.stable, route.canary)
             for v, st in changed.items():
                 self._set_version_status(td, v, versions.get(v), st)
                 versions[v] = st
@@ -101,8 +101,8 @@ class Reconciler:
             versions[0] = self._create_version(td, 0, None, {}, DraftVersionStatus(
                 phase=Phase.PROMOTED, reason="Initial", message="spec.draft.initialPath", promotion=0,
                 last_transition_time=now()))
-        for entry_id, event in redis_io.read_events(client, td["metadata"]["name"], cursor,
-                                                    self.config.events_batch):
+        for entry_id, event in redis_io.read_events(client, td["metadata"]["namespace"],
+                                                    td["metadata"]["name"], cursor, self.config.events_batch):
             if event is not None and event.version not in versions:
                 versions[event.version] = self._create_version(td, event.version, event.parent, event.metrics,
                                                                DraftVersionStatus(last_transition_time=now()))
@@ -206,7 +206,7 @@ class Reconciler:
             if td is None or spec is None:
                 return
             try:
-                redis_io.forget(self._client(td, spec), name, versions)
+                redis_io.forget(self._client(td, spec), namespace, name, versions)
             except (*redis_io.Unavailable, KeyError) as e:
                 log.warning("left the Redis keys of %s/%s in place: %s", namespace, name, e)
         self._locks.pop((namespace, name), None)

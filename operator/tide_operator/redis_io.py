@@ -1,11 +1,12 @@
 """The Redis adapter: the operator's side of the rollout wiring (DESIGN.md, "Fixed names").
 
-- reads `tide:{<deployment>}:events`, where the trainer appends one entry per published version with fields
-  `version` (integer), `parent` (integer, or empty) and `metrics` (a JSON object; its numeric fields are kept
-  on the DraftVersion, others such as per-domain counts are dropped);
-- reads `tide:{<deployment>}:stats:<version>`, where engines HINCRBY `tokens`, `accepted`, `verify_steps`,
-  `swap_failures` (and HSET `updated`, a Unix time) for the version that drafted the tokens;
-- writes `tide:{<deployment>}:ctl`: field `stable` (a version), field `canary` present only during a canary.
+- reads `tide:{<namespace>/<deployment>}:events`, where the trainer appends one entry per published version
+  with fields `version` (integer), `parent` (integer, or empty) and `metrics` (a JSON object; its numeric fields
+  are kept on the DraftVersion, others such as per-domain counts are dropped);
+- reads `tide:{<namespace>/<deployment>}:stats:<version>`, where engines HINCRBY `tokens`, `accepted`,
+  `verify_steps`, `swap_failures` (and HSET `updated`, a Unix time) for the version that drafted the tokens;
+- writes `tide:{<namespace>/<deployment>}:ctl`: field `stable` (a version), field `canary` present only during
+  a canary.
 """
 
 import json
@@ -17,9 +18,9 @@ from redis.exceptions import RedisError
 
 from tide_operator.models import Counters, Version
 from tide_sglang import keys
+from tide_sglang.rollout import COUNTS as STATS_FIELDS  # the engines' writer names the fields
 from tide_sglang.settings import TideSettings
 from tide_sglang.stream.connection import Client, RedisUnavailable, connect
-from tide_sglang.stream.rollout import FIELDS as STATS_FIELDS  # the engines' writer names the fields
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,10 @@ def client_for(deployment: str, url: str, password: str | None, cluster: bool, t
     return connect(settings)
 
 
-def read_events(client: Client, deployment: str, cursor: str, count: int = 100) -> list[tuple[str, Published | None]]:
+def read_events(client: Client, namespace: str, deployment: str, cursor: str,
+                count: int = 100) -> list[tuple[str, Published | None]]:
     """Entries after `cursor` (exclusive), oldest first: (entry id, event or None if malformed)."""
-    raw = client.xrange(keys.events(deployment), min=f"({cursor}", count=count)
+    raw = client.xrange(keys.events(namespace, deployment), min=f"({cursor}", count=count)
     out = []
     for entry_id, fields in raw:
         eid = _text(entry_id)
@@ -68,11 +70,11 @@ def read_events(client: Client, deployment: str, cursor: str, count: int = 100) 
     return out
 
 
-def read_stats(client: Client, deployment: str, versions: Iterable[int]) -> dict[int, Counters]:
+def read_stats(client: Client, namespace: str, deployment: str, versions: Iterable[int]) -> dict[int, Counters]:
     wanted = sorted(set(versions))
     pipe = client.pipeline(transaction=False)
     for v in wanted:
-        pipe.hgetall(keys.stats(deployment, v))
+        pipe.hgetall(keys.stats(namespace, deployment, v))
     return {v: counters(raw) for v, raw in zip(wanted, pipe.execute(), strict=True)}
 
 
@@ -81,9 +83,9 @@ def counters(raw: dict[bytes | str, bytes | str]) -> Counters:
     return Counters(**{f: max(0, int(float(got.get(f, 0) or 0))) for f in STATS_FIELDS})
 
 
-def write_control(client: Client, deployment: str, stable: int, canary: int | None) -> None:
+def write_control(client: Client, namespace: str, deployment: str, stable: int, canary: int | None) -> None:
     """One transaction, so no engine reads a canary field left over from the previous rollout."""
-    key = keys.control(deployment)
+    key = keys.control(namespace, deployment)
     pipe = client.pipeline(transaction=True)
     pipe.hset(key, "stable", stable)
     if canary is None:
@@ -93,14 +95,13 @@ def write_control(client: Client, deployment: str, stable: int, canary: int | No
     pipe.execute()
 
 
-def read_control(client: Client, deployment: str) -> dict[str, int]:
-    return {_text(k): int(v) for k, v in client.hgetall(keys.control(deployment)).items()}
+def read_control(client: Client, namespace: str, deployment: str) -> dict[str, int]:
+    return {_text(k): int(v) for k, v in client.hgetall(keys.control(namespace, deployment)).items()}
 
 
-def forget(client: Client, deployment: str, versions: Iterable[int]) -> None:
+def forget(client: Client, namespace: str, deployment: str, versions: Iterable[int]) -> None:
     """Delete every key of a deleted TideDeployment (one key per call: they share a slot anyway)."""
-    for key in (keys.control(deployment), keys.events(deployment), keys.hidden_states(deployment),
-                keys.dead_letter(deployment), *(keys.stats(deployment, v) for v in versions)):
+    for key in (*keys.all_fixed(namespace, deployment), *(keys.stats(namespace, deployment, v) for v in versions)):
         client.delete(key)
 
 

@@ -37,13 +37,14 @@ import requests
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from tide_sglang import keys
+from tide_sglang import keys, rollout
 from tide_sglang.draft.target import resolve
 from tide_sglang.stream import codec, connect
 from tide_sglang.stream.server import LocalRedis, free_port
 from tide_sglang.workloads.registry import load_workload
 
 DEPLOYMENT = "gpu"
+NAMESPACE = "default"
 HOME = Path(os.environ.get("TIDE_GPU_HOME", "/root/tide"))
 
 
@@ -162,7 +163,7 @@ def run_many(server: Server, ids: list[list[int]], max_new_tokens: int, concurre
 def captured_rows(client: Any) -> dict[str, dict[int, tuple[torch.Tensor, int]]]:
     """rid -> position -> (aux hidden row, emitted token), from every entry of the hidden-state stream."""
     rows: dict[str, dict[int, tuple[torch.Tensor, int]]] = {}
-    for _, fields in client.xrange(keys.hidden_states(DEPLOYMENT)):
+    for _, fields in client.xrange(keys.hidden_states(NAMESPACE, DEPLOYMENT)):
         batch = codec.decode(fields)
         for r in range(batch.num_tokens):
             rid = batch.rids[int(batch.req_index[r])]
@@ -172,7 +173,7 @@ def captured_rows(client: Any) -> dict[str, dict[int, tuple[torch.Tensor, int]]]
 
 def phase_truth(server: Server, tok: Any, client: Any) -> dict:
     ids = prompts(tok, 8)
-    client.delete(keys.hidden_states(DEPLOYMENT))
+    client.delete(keys.hidden_states(NAMESPACE, DEPLOYMENT))
     results, _ = run_many(server, ids, 48, 8, return_hidden_states=True)
     time.sleep(3)  # the finisher thread and the writer flush asynchronously
     got = captured_rows(client)
@@ -240,7 +241,7 @@ def phase_swap(server: Server, tok: Any, client: Any, registry: Path) -> dict:
         t0 = time.time()
         fut = pool.submit(run_many, server, ids, 192, 48)
         time.sleep(1.5)
-        client.hset(keys.control(DEPLOYMENT), mapping={"stable": new})
+        rollout.write_control(client, NAMESPACE, DEPLOYMENT, rollout.ControlState(stable=new))
         swapped_after = time.time() - t0
         results, wall = fut.result()
     failed = [repr(r) for r in results if isinstance(r, Exception)]
@@ -265,13 +266,12 @@ def phase_swap(server: Server, tok: Any, client: Any, registry: Path) -> dict:
     data[-100] ^= 0xFF
     weights.write_bytes(bytes(data))
     failures_before = metric(m, "tide_draft_swap_failures_total") or 0.0
-    client.hset(keys.control(DEPLOYMENT), mapping={"stable": bad})
+    rollout.write_control(client, NAMESPACE, DEPLOYMENT, rollout.ControlState(stable=bad))
     time.sleep(3)
     after_bad, _ = run_many(server, prompts(tok, 8, offset=56), 32, 8)
     m2 = server.metrics()
-    stats = {v: {k.decode(): float(x) for k, x in client.hgetall(keys.stats(DEPLOYMENT, v)).items()}
-             for v in (old, new, bad)}
-    client.hset(keys.control(DEPLOYMENT), mapping={"stable": new})
+    stats = {v: rollout.read_stats(client, NAMESPACE, DEPLOYMENT, v) for v in (old, new, bad)}
+    rollout.write_control(client, NAMESPACE, DEPLOYMENT, rollout.ControlState(stable=new))
     return {
         "old": old, "new": new, "requests_in_flight": len(ids), "failed_requests": failed, "wall_s": wall,
         "swap_written_after_s": round(swapped_after, 2), "tide_draft_version": metric(m, "tide_draft_version"),
@@ -281,9 +281,9 @@ def phase_swap(server: Server, tok: Any, client: Any, registry: Path) -> dict:
         "corrupt_version": bad, "version_after_corrupt": metric(m2, "tide_draft_version"),
         "swap_failures_added": (metric(m2, "tide_draft_swap_failures_total") or 0.0) - failures_before,
         "requests_failed_after_corrupt": sum(isinstance(r, Exception) for r in after_bad),
-        "acceptance_by_version": {v: (s.get("accepted", 0) / s["verify_steps"]) if s.get("verify_steps") else None
+        "acceptance_by_version": {v: s.accepted / s.verify_steps if s.verify_steps else None
                                   for v, s in stats.items()},
-        "stats": stats,
+        "stats": {v: s.model_dump() for v, s in stats.items()},
         "ok": not failed and metric(m, "tide_draft_version") == new and bool(matched) and not unmatched
         and metric(m2, "tide_draft_version") == new and not any(isinstance(r, Exception) for r in after_bad),
     }
@@ -359,7 +359,7 @@ def main() -> None:
     old = sorted(registry.glob("v0*"))[-2]
     redis = LocalRedis().start()
     client = connect_url(redis.url)
-    env = {"TIDE_DEPLOYMENT": DEPLOYMENT, "TIDE_REDIS_URL": redis.url, "TIDE_ROLE": "stable",
+    env = {"TIDE_DEPLOYMENT": DEPLOYMENT, "TIDE_REDIS_URL": redis.url,
            "TIDE_REGISTRY_DIR": str(registry), "TIDE_SWAP_POLL_S": "0.5", "TIDE_STATS_FLUSH_S": "1",
            "TIDE_SYNC_INTERVAL_BATCHES": "4", "TIDE_CAPTURE_RING_SLOTS": "16"}
     args = ["--model-path", str(model), "--dtype", "bfloat16", "--attention-backend", "triton",
@@ -384,7 +384,7 @@ def main() -> None:
         save()
 
     if "truth" in phases or "swap" in phases:
-        client.delete(keys.control(DEPLOYMENT))
+        rollout.delete_control(client, NAMESPACE, DEPLOYMENT)
         server = Server("main", a.out, [*args, "--enable-return-hidden-states", "--disable-radix-cache"], env)
         try:
             report["startup_s"] = server.wait_ready()
@@ -400,7 +400,7 @@ def main() -> None:
             server.stop()
             save()
     if "control" in phases:
-        client.delete(keys.control(DEPLOYMENT))
+        rollout.delete_control(client, NAMESPACE, DEPLOYMENT)
         profile = a.control_profile or HOME / "profile.json"
         server = Server("control", a.out, args, {**env, "TIDE_CONTROL_PROFILE": str(profile)})
         try:
@@ -412,7 +412,7 @@ def main() -> None:
             server.stop()
             save()
     if "throughput" in phases:
-        client.delete(keys.control(DEPLOYMENT))
+        rollout.delete_control(client, NAMESPACE, DEPLOYMENT)
         ids = prompts(tok, 128, offset=128)
         rows: list[dict] = []
         for rep in range(a.repeats):

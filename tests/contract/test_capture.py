@@ -64,8 +64,8 @@ def reqs(n: int) -> list[Req]:
 
 
 def read_all(server: LocalRedis, count: int) -> list[CaptureBatch]:
-    reader = StreamReader(connect_for(server), keys.hidden_states("test"), keys.dead_letter("test"), "t",
-                          block_ms=50)
+    reader = StreamReader(connect_for(server), keys.hidden_states("default", "test"),
+                          keys.dead_letter("default", "test"), "t", block_ms=50)
     got: list[CaptureBatch] = []
     wait_for(lambda: bool(got.extend(e.batch for e in reader.read())) or len(got) >= count, what="captured rows")
     return got
@@ -100,9 +100,9 @@ def test_verify_capture_emits_exactly_accepted_rows_of_committed_requests(tide_e
     assert torch.equal(got.hidden, hidden[rows]) and got.aux_layers == K
     assert got.acceptance == [0.0, 2.0, 1.0]
     assert not got.is_prompt.any() and got.vocab_size == VOCAB  # accepted decode rows: generated
-    wait_for(lambda: b"tokens" in redis.Redis.from_url(tide_env.url).hgetall(keys.stats("test", 0)),
+    wait_for(lambda: b"tokens" in redis.Redis.from_url(tide_env.url).hgetall(keys.stats("default", "test", 0)),
              what="stats flush")
-    stats = redis.Redis.from_url(tide_env.url).hgetall(keys.stats("test", 0))
+    stats = redis.Redis.from_url(tide_env.url).hgetall(keys.stats("default", "test", 0))
     # 3 committed requests x (ND - 1) draft tokens verified; accepted drafts exclude each bonus token.
     assert (int(stats[b"tokens"]), int(stats[b"accepted"]), int(stats[b"verify_steps"])) == (3 * (ND - 1), 3, 3)
 

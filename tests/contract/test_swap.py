@@ -19,8 +19,8 @@ from tide_sglang.plugin.metrics import PluginMetrics
 from tide_sglang.plugin.runtime import Runtime
 from tide_sglang.plugin.swap import baseline_from_dir, never_loaded
 from tide_sglang.plugin.swapper import DraftHandle, Swapper
+from tide_sglang.rollout import ControlState, StatsReporter, write_control
 from tide_sglang.settings import TideSettings
-from tide_sglang.stream.rollout import StatsReporter
 
 
 @pytest.fixture
@@ -38,9 +38,9 @@ def setup(tmp_path: Path, target_dir: Path, redis_server, monkeypatch):
     metrics = PluginMetrics("test", registry=CollectorRegistry())
     handle = DraftHandle(load_weights=model.load_weights, param_names=[n for n, _ in model.named_parameters()],
                          shared=set(), hot_token_ids=[model.hot_token_id], pin=False)
-    swapper = Swapper(registry, baseline_from_dir(registry.path(1)), handle, 1, role="canary", deployment="test",
-                      client=lambda: client, metrics=metrics,
-                      stats=StatsReporter(lambda: client, "test", interval_s=None))
+    swapper = Swapper(registry, baseline_from_dir(registry.path(1)), handle, 1, pod="pod-a", namespace="default",
+                      deployment="test", client=lambda: client, metrics=metrics,
+                      stats=StatsReporter(lambda: client, "default", "test", interval_s=None))
     return registry, model, swapper, settings, metrics, client
 
 
@@ -67,12 +67,12 @@ def test_tampered_and_wrong_shaped_versions_are_refused_and_old_weights_stay(set
     assert_unchanged(model, before)
     assert metrics.swap_failures.labels(deployment="test", draft_version="3")._value.get() == 1
     swapper.stats.flush()
-    assert client.hget(keys.stats("test", 4), "swap_failures") == b"1"
+    assert client.hget(keys.stats("default", "test", 4), "swap_failures") == b"1"
 
 
 def test_a_good_version_is_copied_in_place_only_when_all_ranks_agree(setup) -> None:
     registry, model, swapper, settings, metrics, client = setup
-    client.hset(keys.control("test"), mapping={"stable": 1, "canary": 2})  # this pod is the canary
+    write_control(client, "default", "test", ControlState(stable=1, canary=2, canary_pods=("pod-a",)))
     swapper.start(0.02)
     wait_for(lambda: swapper.staged is not None, what="the stager to stage v2")
     swapper.stop()

@@ -27,9 +27,9 @@ from tide_sglang.draft.target import Target, heads_of, load_target
 from tide_sglang.engine import FixedSteps, SpecEngine
 from tide_sglang.engine.online import CPU_TRAINER_ENV, Promoter, online_engine, start_trainer, stop_trainer
 from tide_sglang.engine.serve import PhaseSummary, ServeOptions, StepRecord, phase_summaries, serve
+from tide_sglang.rollout import ControlState, write_control
 from tide_sglang.settings import TideSettings
 from tide_sglang.stream import StreamReader, StreamWriter, connect
-from tide_sglang.stream.rollout import ControlState, write_control
 from tide_sglang.stream.server import LocalRedis
 from tide_sglang.trainer.service import DraftTrainer
 from tide_sglang.workloads import PhasePlan, parse_schedule, plan_schedule
@@ -91,15 +91,15 @@ def train_offline_draft(target: Target, plans: list[PhasePlan], size: Size, regi
     """Capture the first phase's domain (other prompts) with no speculation, then train a draft on it offline."""
     with LocalRedis() as server:
         settings = _settings(server.url)
-        writer = StreamWriter(lambda: connect(settings, check=False), keys.hidden_states("bench"))
+        writer = StreamWriter(lambda: connect(settings, check=False), keys.hidden_states("default", "bench"))
         engine = SpecEngine(target, writer=writer)
         serve(engine, plans, ServeOptions(batch_size=8, max_new_tokens=size.max_new_tokens))
         rows = writer.close().sent_tokens
         env = {k.removeprefix("TIDE_").lower(): v for k, v in CPU_TRAINER_ENV.items() if k.startswith("TIDE_")}
         env["train_vocab_warmup_rows"] = str(rows)  # choose the vocabulary once every captured row is counted
         train = _settings(server.url, registry_dir=registry, train_device=device, **env)
-        reader = StreamReader(connect(train), keys.hidden_states("bench"), keys.dead_letter("bench"), "offline",
-                              block_ms=100)
+        reader = StreamReader(connect(train), keys.hidden_states("default", "bench"),
+                              keys.dead_letter("default", "bench"), "offline", block_ms=100)
         trainer = DraftTrainer(train, DraftRegistry(registry, create=True), reader, heads_of(target.model),
                                should_train=lambda: True)
         while trainer.poll():
@@ -128,10 +128,10 @@ def _run_arm(arm: str, target: Target, plans: list[PhasePlan], batch: int, size:
     with LocalRedis() as server:
         settings = _settings(server.url)
         client = connect(settings)
-        write_control(client, "bench", ControlState(stable=1))
+        write_control(client, settings.namespace, "bench", ControlState(stable=1))
         trainer = start_trainer(registry, workdir / f"tide-b{batch}-work", target.name, settings, device=device,
                                 env=CPU_TRAINER_ENV)
-        promoter = Promoter(client, "bench")
+        promoter = Promoter(client, settings.namespace, "bench")
         promoter.start()
         try:
             parts = online_engine(target, settings, registry, max_batch=batch,

@@ -32,9 +32,9 @@ from tide_sglang import keys
 from tide_sglang.bench import BenchReport, goal
 from tide_sglang.plugin.capture import Capturer
 from tide_sglang.plugin.metrics import PluginMetrics
+from tide_sglang.rollout import StatsReporter
 from tide_sglang.settings import TideSettings
 from tide_sglang.stream import StreamWriter, connect
-from tide_sglang.stream.rollout import StatsReporter
 from tide_sglang.stream.server import LocalRedis
 
 ND = 4  # rows per request in a verify output: 3 draft steps + 1
@@ -178,10 +178,10 @@ def _arm(p: Params, bs: int, spin: float, server: LocalRedis) -> Arm:
     sched_us, fin_us, wr_us = [], [], []
     tokens = drops = 0
     for rep in range(p.reps):
-        stream = keys.hidden_states(f"bench-{bs}-{rep}")
+        stream = keys.hidden_states("default", f"bench-{bs}-{rep}")
         writer = StreamWriter(lambda: connect(settings, check=False), stream, budget_bytes=256 << 20,
                               queue_entries=settings.stream_queue_entries)
-        stats = StatsReporter(lambda: connect(settings, check=False), "bench", interval_s=None)
+        stats = StatsReporter(lambda: connect(settings, check=False), "default", "bench", interval_s=None)
         capturer = Capturer(settings, writer, metrics, stats, aux_layers=3, device="cpu", vocab_size=VOCAB)
         scheduler_loop(p, spin, min(0.2, p.seconds), work, capturer)  # warm up: connection, ring buffers
         writer.flush()

@@ -163,7 +163,7 @@ def _run_stream(shape: str, hidden: int, seconds: float, consumer: Consumer) -> 
     batches = [_batch(hidden, s) for s in range(4)]
     with LocalRedis() as server:
         settings = TideSettings(redis_url=server.url, deployment="bench")
-        stream = keys.hidden_states("bench")
+        stream = keys.hidden_states("default", "bench")
         writer = StreamWriter(lambda: connect(settings, check=False), stream, budget_bytes=512 * MIB,
                               queue_entries=settings.stream_queue_entries)
         consumer.start("stream", server.url, stream)

@@ -85,12 +85,12 @@ def _tide(target: Target, url: str, plan: Plan, batches: list, registry: Path) -
                                                                                         Eagle3Draft]:
     """The engine's captures are already in the stream (written untimed, as serving does); drain, then train."""
     settings = _settings(url, plan)
-    with StreamWriter(lambda: connect(settings), keys.hidden_states("bench")) as writer:
+    with StreamWriter(lambda: connect(settings), keys.hidden_states("default", "bench")) as writer:
         for b in batches:
             writer.submit(b)
         writer.flush(60)
-    reader = StreamReader(connect(settings), keys.hidden_states("bench"), keys.dead_letter("bench"), "bench",
-                          count=64, block_ms=10)
+    reader = StreamReader(connect(settings), keys.hidden_states("default", "bench"),
+                          keys.dead_letter("default", "bench"), "bench", count=64, block_ms=10)
     trainer = DraftTrainer(settings, DraftRegistry(registry, create=True), reader, heads_of(target.model))
     total = sum(b.num_tokens for b in batches)
     start = time.perf_counter()

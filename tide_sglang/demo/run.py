@@ -54,7 +54,7 @@ def run_demo(options: DemoOptions, console: Console) -> DemoSummary:
     client = connect(settings)
     registry = options.out / "registry"
     trainer = start_trainer(registry, options.out, options.target, settings, device="cpu", env=CPU_TRAINER_ENV)
-    promoter = Promoter(client, DEPLOYMENT)
+    promoter = Promoter(client, settings.namespace, DEPLOYMENT)
     records: list[StepRecord] = []
     interrupted = False
     try:

@@ -25,9 +25,9 @@ from tide_sglang.draft.target import Target, heads_of
 from tide_sglang.engine.engine import SpecEngine
 from tide_sglang.engine.profile import profile_engine
 from tide_sglang.engine.swap import DraftFollower
+from tide_sglang.rollout import ControlState, StatsReporter, read_event_page, write_control
 from tide_sglang.settings import TideSettings
 from tide_sglang.stream import StreamWriter, connect
-from tide_sglang.stream.rollout import ControlState, StatsReporter, write_control
 
 log = logging.getLogger("tide.engine.online")
 
@@ -50,9 +50,9 @@ CPU_TRAINER_ENV = {
 class Promoter(threading.Thread):
     """Stand-in for the operator: promote every version the trainer announces on the events stream."""
 
-    def __init__(self, client: redis.Redis, deployment: str) -> None:
+    def __init__(self, client: redis.Redis, namespace: str, deployment: str) -> None:
         super().__init__(name="tide-promoter", daemon=True)
-        self.client, self.deployment = client, deployment
+        self.client, self.namespace, self.deployment = client, namespace, deployment
         self.published: list[int] = []
         self.stop = threading.Event()
 
@@ -60,17 +60,15 @@ class Promoter(threading.Thread):
         last = "0-0"
         while not self.stop.is_set():
             try:
-                reply = self.client.xread({keys.events(self.deployment): last}, block=300, count=10)
+                events, last = read_event_page(self.client, self.namespace, self.deployment, last)
+                for _, event in events:
+                    self.published.append(event.version)
+                    write_control(self.client, self.namespace, self.deployment, ControlState(stable=event.version))
             except redis.RedisError as e:
                 log.warning("promoter cannot read the events stream: %s", e)
                 self.stop.wait(1.0)
                 continue
-            for _, entries in reply or []:
-                for entry_id, fields in entries:
-                    last = entry_id
-                    version = int(fields[b"version"])
-                    self.published.append(version)
-                    write_control(self.client, self.deployment, ControlState(stable=version))
+            self.stop.wait(0.3)
 
     def close(self) -> None:
         self.stop.set()
@@ -84,7 +82,8 @@ def start_trainer(registry: Path, workdir: Path, target: str, settings: TideSett
     workdir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "tide_sglang.cli", "-v", "train", "--registry", str(registry), "--create-registry",
            "--checkpoint-dir", str(workdir / "trainer"), "--target", target, "--deployment", settings.deployment,
-           "--redis-url", settings.redis_url, "--consumer", f"{settings.deployment}-trainer", "--device", device]
+           "--namespace", settings.namespace, "--redis-url", settings.redis_url,
+           "--consumer", f"{settings.deployment}-trainer", "--device", device]
     logfile = (workdir / "trainer.log").open("wb")
     # The preset gives defaults; TIDE_TRAIN_* variables already in the environment win.
     return subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, env={**env, **os.environ})
@@ -122,10 +121,12 @@ def online_engine(target: Target, settings: TideSettings, registry: Path, *, max
     controller = SpeculationController(profile_engine(target, probe, max_batch, settings.control_max_steps),
                                        settings)
     client = connect(settings)
-    writer = StreamWriter(lambda: connect(settings, check=False), keys.hidden_states(settings.deployment),
+    stream = keys.hidden_states(settings.namespace, settings.deployment)
+    writer = StreamWriter(lambda: connect(settings, check=False), stream,
                           budget_bytes=settings.stream_budget_mib << 20, queue_entries=settings.stream_queue_entries)
-    reporter = StatsReporter(client, settings.deployment)
-    follower = DraftFollower(client, DraftRegistry(registry), settings.deployment, "stable", heads.embed,
+    reporter = StatsReporter(client, settings.namespace, settings.deployment)
+    follower = DraftFollower(client, DraftRegistry(registry), settings.namespace, settings.deployment,
+                             settings.pod_name, heads.embed,
                              device=param.device, dtype=param.dtype, reporter=reporter)
     engine = SpecEngine(target, controller=controller, writer=writer)
     return OnlineParts(engine=engine, writer=writer, reporter=reporter, follower=follower, controller=controller)

@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tide_sglang.engine.engine import SpecEngine, StepStats
 from tide_sglang.engine.swap import DraftFollower
-from tide_sglang.stream.rollout import StatsReporter
+from tide_sglang.rollout import StatsReporter
 from tide_sglang.workloads import PhasePlan
 
 

@@ -14,8 +14,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from tide_sglang.draft import DraftRegistry, DraftVerificationError, Eagle3Draft
+from tide_sglang.rollout import RolloutError, StatsReporter, read_control
 from tide_sglang.stream.connection import Client
-from tide_sglang.stream.rollout import Role, StatsReporter, read_control
 
 log = logging.getLogger("tide.engine.swap")
 
@@ -28,11 +28,13 @@ class SwapTo(BaseModel):
 
 
 class DraftFollower:
-    def __init__(self, client: Client, registry: DraftRegistry, deployment: str, role: Role, embed: torch.Tensor,
+    def __init__(self, client: Client, registry: DraftRegistry, namespace: str, deployment: str, pod: str,
+                 embed: torch.Tensor,
                  *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  reporter: StatsReporter | None = None, poll_s: float = 0.5,
                  initial: Eagle3Draft | None = None) -> None:
-        self.client, self.registry, self.deployment, self.role = client, registry, deployment, role
+        self.client, self.registry, self.pod = client, registry, pod
+        self.namespace, self.deployment = namespace, deployment
         self.embed, self.device, self.dtype, self.reporter, self.poll_s = embed, device, dtype, reporter, poll_s
         self.initial = initial
         self.version = 0
@@ -45,10 +47,11 @@ class DraftFollower:
             return None
         self._next = time.monotonic() + self.poll_s
         try:
-            wanted = read_control(self.client, self.deployment).for_role(self.role)
-        except redis.RedisError as e:
+            ctl = read_control(self.client, self.namespace, self.deployment)
+        except (redis.RedisError, RolloutError) as e:
             log.warning("cannot read the control key, keeping draft v%s: %s", self.version, e)
             return None
+        wanted = None if ctl is None else ctl.version_for(self.pod)
         if wanted is None or wanted == self.version or wanted in self.refused:
             return None
         if wanted == 0:

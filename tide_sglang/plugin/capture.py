@@ -21,9 +21,9 @@ from tide_sglang.capture import CaptureBatch
 from tide_sglang.plugin import rows
 from tide_sglang.plugin.metrics import PluginMetrics
 from tide_sglang.plugin.ring import PinnedRing, Slot
+from tide_sglang.rollout import StatsReporter
 from tide_sglang.settings import TideSettings
 from tide_sglang.stream import StreamWriter
-from tide_sglang.stream.rollout import StatsReporter
 
 log = logging.getLogger("tide.plugin.capture")
 

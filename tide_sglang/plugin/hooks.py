@@ -27,9 +27,9 @@ from tide_sglang.plugin.runtime import ControllerFactory, Runtime
 from tide_sglang.plugin.speculation import StepDecider, StepTable, load_profile
 from tide_sglang.plugin.swap import SwapRefused, baseline_from_dir
 from tide_sglang.plugin.swapper import DraftHandle, Swapper
+from tide_sglang.rollout import StatsReporter
 from tide_sglang.settings import TideSettings
 from tide_sglang.stream import StreamWriter, connect
-from tide_sglang.stream.rollout import StatsReporter
 
 log = logging.getLogger("tide.plugin")
 
@@ -96,10 +96,12 @@ def build_runtime(settings: TideSettings, draft_worker: Any) -> Runtime:
     metrics = _metrics.get(settings.deployment) or _metrics.setdefault(settings.deployment,
                                                                        PluginMetrics(settings.deployment))
     client = connect(settings, check=False)  # lazy: connects on first command, from a background thread
-    stats = StatsReporter(lambda: client, settings.deployment, interval_s=None)  # flushed by the writer thread
+    # flushed by the writer thread
+    stats = StatsReporter(lambda: client, settings.namespace, settings.deployment, interval_s=None)
     capturer = None
     if draft_worker is not None and _is_publisher():
-        writer = StreamWriter(lambda: connect(settings, check=False), keys.hidden_states(settings.deployment),
+        stream = keys.hidden_states(settings.namespace, settings.deployment)
+        writer = StreamWriter(lambda: connect(settings, check=False), stream,
                               budget_bytes=settings.stream_budget_mib << 20,
                               queue_entries=settings.stream_queue_entries)
         capturer = Capturer(settings, writer, metrics, stats, _aux_layers(draft_worker.draft_runner.model),
@@ -151,7 +153,8 @@ def _swapper(settings: TideSettings, draft_worker: Any, metrics: PluginMetrics, 
     handle = DraftHandle(load_weights=model.load_weights, param_names=[n for n, _ in model.named_parameters()],
                          shared={"lm_head.weight"} if getattr(model, "load_lm_head_from_target", False) else set(),
                          hot_token_ids=list(hot.values()), pin=torch.cuda.is_available())
-    swapper = Swapper(registry, baseline, handle, version, role=settings.role, deployment=settings.deployment,
+    swapper = Swapper(registry, baseline, handle, version, pod=settings.pod_name, namespace=settings.namespace,
+                      deployment=settings.deployment,
                       client=lambda: client, metrics=metrics, stats=stats,
                       allow_vocab_change=settings.swap_allow_vocab_change)
     swapper.start(settings.swap_poll_s)

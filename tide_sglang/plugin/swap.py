@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from safetensors import safe_open
 
-from tide_sglang.stream.rollout import ControlState, Role
+from tide_sglang.rollout import ControlState
 
 MAPS = ("d2t", "t2d")  # vocabulary maps: d2t feeds hot_token_id, t2d is unused by SGLang
 
@@ -132,7 +132,7 @@ def agreed_version(reduced: torch.Tensor) -> int | None:
     return low if low == high else None
 
 
-def desired_version(ctl: dict, role: Role) -> int | None:
-    """The version the control hash names for `role` (canary pods fall back to `stable`, as the reference engine
-    does), None when absent or invalid. Version 0 (the initial draft) is not reloaded in place."""
-    return ControlState.parse(ctl).for_role(role) or None
+def desired_version(ctl: ControlState | None, pod: str) -> int | None:
+    """The version the control state names for this pod, None when there is no control state.
+    Version 0 (the initial draft) is not reloaded in place."""
+    return None if ctl is None else ctl.version_for(pod) or None

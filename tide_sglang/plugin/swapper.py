@@ -8,12 +8,11 @@ from collections.abc import Callable
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from tide_sglang import keys
 from tide_sglang.draft.registry import DraftRegistry, DraftVerificationError
 from tide_sglang.plugin.metrics import PluginMetrics
 from tide_sglang.plugin.swap import Baseline, SwapPlan, SwapRefused, apply_swap, desired_version, plan_swap, uncovered
+from tide_sglang.rollout import StatsReporter, read_control
 from tide_sglang.stream.connection import Client
-from tide_sglang.stream.rollout import StatsReporter
 
 log = logging.getLogger("tide.plugin.swap")
 
@@ -32,11 +31,11 @@ class DraftHandle(BaseModel):
 
 class Swapper:
     def __init__(self, registry: DraftRegistry, baseline: Baseline, handle: DraftHandle, version: int, *,
-                 role: str, deployment: str, client: Callable[[], Client], metrics: PluginMetrics,
+                 pod: str, namespace: str, deployment: str, client: Callable[[], Client], metrics: PluginMetrics,
                  stats: StatsReporter | None, allow_vocab_change: bool = False) -> None:
         self.registry, self.baseline, self.handle = registry, baseline, handle
         self.current = version
-        self.role, self.deployment, self._client = role, deployment, client
+        self.pod, self.namespace, self.deployment, self._client = pod, namespace, deployment, client
         self.metrics, self.stats = metrics, stats
         self.allow_vocab_change = allow_vocab_change
         self.staged: SwapPlan | None = None
@@ -57,11 +56,11 @@ class Swapper:
     def _poll(self, poll_s: float) -> None:
         while not self._stop.wait(poll_s):
             try:
-                ctl = self._client().hgetall(keys.control(self.deployment))
-            except Exception as e:  # Redis down: keep serving the loaded version, try again next poll
+                ctl = read_control(self._client(), self.namespace, self.deployment)
+            except Exception as e:  # Redis down or a bad hash: keep serving the loaded version, try again next poll
                 log.warning("cannot read the control key: %s", e)
                 continue
-            wanted = desired_version(ctl, self.role)
+            wanted = desired_version(ctl, self.pod)
             if wanted is not None:
                 self.stage(wanted)
 

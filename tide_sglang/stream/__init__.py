@@ -1,7 +1,7 @@
 """Stream: the Redis Streams transport of captured hidden states (engine -> trainer).
 
-Names are imported lazily, so `tide_sglang.stream.connection` and `.rollout` (all the operator uses) load
-without torch: the operator image carries no torch.
+Names are imported lazily, so `tide_sglang.stream.connection` (which the operator uses, with
+`tide_sglang.rollout`) loads without torch: the operator image carries no torch.
 """
 
 import importlib

@@ -37,7 +37,8 @@ def _settings(overrides: dict[str, Any]) -> TideSettings:
               help="Trainer state directory; a restarted trainer resumes from it. [TIDE_TRAIN_CHECKPOINT_DIR]")
 @click.option("--target", help="Target checkpoint directory, or 'smollm2-135m'; only its embedding, lm_head and "
               "final norm are read. [TIDE_TARGET]")
-@click.option("--deployment", help="TideDeployment name: the stream is tide:{NAME}:hs. [TIDE_DEPLOYMENT]")
+@click.option("--deployment", help="TideDeployment name: the stream is tide:{NAMESPACE/NAME}:hs. [TIDE_DEPLOYMENT]")
+@click.option("--namespace", help="Kubernetes namespace of the TideDeployment. [TIDE_NAMESPACE, default: default]")
 @click.option("--redis-url", help="redis://, rediss:// or unix:// URL. [TIDE_REDIS_URL]")
 @click.option("--consumer", "train_consumer", help="Consumer name in group 'trainers'; keep it stable across "
               "restarts to resume this trainer's pending entries. [TIDE_TRAIN_CONSUMER, default: host name]")
@@ -96,8 +97,8 @@ def _build(settings: TideSettings, create_registry: bool) -> Any:
         consumer = settings.train_consumer if dist is None else f"{settings.train_consumer}-{dist.rank}"
         client = connect(settings)
         heads = load_heads(settings.target)
-        reader = StreamReader(client, keys.hidden_states(settings.deployment),
-                                  keys.dead_letter(settings.deployment), consumer, block_ms=200)
+        reader = StreamReader(client, keys.hidden_states(settings.namespace, settings.deployment),
+                              keys.dead_letter(settings.namespace, settings.deployment), consumer, block_ms=200)
         return DraftTrainer(settings, registry, reader, heads, dist=dist)
     except (RedisUnavailable, TrainerError, VocabMismatch, DraftVerificationError, ValueError, OSError) as e:
         _fail(str(e))

@@ -22,7 +22,7 @@ import torch
 import xxhash
 from pydantic import BaseModel
 
-from tide_sglang import keys
+from tide_sglang import rollout
 from tide_sglang.capture import CaptureBatch
 from tide_sglang.draft import DraftConfig, DraftMetrics, DraftRegistry, Eagle3Draft, init_draft, select_vocab
 from tide_sglang.draft.target import TargetHeads, default_aux_layer_ids
@@ -37,7 +37,6 @@ from tide_sglang.trainer.replay import Chunk, ReplayBuffer, SequenceAssembler, c
 
 log = logging.getLogger("tide.trainer")
 
-EVENTS_MAXLEN = 1000
 DIST_SLICE_STEPS = 4  # optimizer steps between polls under torchrun (a fixed count keeps ranks in lockstep)
 
 
@@ -243,29 +242,27 @@ class DraftTrainer:
         manifest = self.registry.publish(self.draft, parent=self.state.parent, metrics=metrics)
         self.state.parent = manifest.version
         self.published.append(manifest.version)
-        self.reader.client.xadd(keys.events(self.s.deployment), {
-            "version": manifest.version, "parent": "" if manifest.parent is None else manifest.parent,
-            "metrics": metrics.model_dump_json()}, maxlen=EVENTS_MAXLEN, approximate=True)
+        numbers = {k: float(v) for k, v in metrics.model_dump(exclude={"domains"}).items() if v is not None}
+        rollout.append_event(self.reader.client, self.s.namespace, self.s.deployment,
+                             rollout.Published(version=manifest.version, parent=manifest.parent, metrics=numbers))
         self.registry.gc(self.s.registry_keep_last, protect=self._rollout_versions())
         log.info("published draft v%d (parent %s)", manifest.version, manifest.parent)
         return manifest.version
 
     # -- the deployed version, from the operator's control hash -------------------------------------------
 
-    def _control(self) -> dict[str, str]:
-        raw = self.reader.client.hgetall(keys.control(self.s.deployment))
-        return {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-                for k, v in raw.items()}
+    def _control(self) -> rollout.ControlState | None:
+        return rollout.read_control(self.reader.client, self.s.namespace, self.s.deployment)
 
     def _rollout_versions(self) -> set[int]:
         ctl = self._control()
-        return {int(ctl[f]) for f in ("stable", "canary") if ctl.get(f, "").isdigit()}
+        return set() if ctl is None else {v for v in (ctl.stable, ctl.canary) if v is not None}
 
     def _deployed_version(self) -> int | None:
         """The `stable` version the operator set, when this registry has it; else the newest version."""
-        stable = self._control().get("stable", "")
-        if stable.isdigit() and int(stable) in self.registry.versions():
-            return int(stable)
+        ctl = self._control()
+        if ctl is not None and ctl.stable in self.registry.versions():
+            return ctl.stable
         return self.registry.latest()
 
     def _deployed_draft(self) -> tuple[int | None, Eagle3Draft]:
@@ -278,8 +275,11 @@ class DraftTrainer:
         return self._deployed
 
     def _gate(self) -> bool:
-        """train_gate=trigger: the control hash field `train` (written from the training trigger) says 0 or 1."""
-        return self.s.train_gate == "always" or self._control().get("train", "1") != "0"
+        """train_gate=trigger: the control state's `train` (written by the operator) says whether to train."""
+        if self.s.train_gate == "always":
+            return True
+        ctl = self._control()
+        return ctl is None or ctl.train
 
     def park(self) -> None:
         """Not training: give the GPU back (weights and optimizer moments wait on the CPU)."""
