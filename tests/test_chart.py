@@ -209,15 +209,14 @@ def test_pod_monitor_scrapes_the_pods_the_operator_builds() -> None:
     td = by_kind(render([ROOT / "helm/values-heterogeneous.yaml"]), "TideDeployment")[0]
     spec, _ = parse(td["metadata"]["name"], td["spec"])
     assert spec is not None
-    kids = builders.children(td["metadata"]["name"], NAMESPACE, spec, canary_active=True)
+    kids = builders.children(td["metadata"]["name"], NAMESPACE, spec)
     pods = {d["metadata"]["name"]: d["spec"]["template"] for d in kids if d["kind"] == "Deployment"}
-    for name in ("llama-chat-stable", "llama-chat-canary"):
-        assert _matches(pm["spec"]["selector"], pods[name]["metadata"]["labels"]), name
-        ports = {p["name"] for p in pods[name]["spec"]["containers"][0]["ports"]}
-        assert {e["port"] for e in pm["spec"]["podMetricsEndpoints"]} & ports == {"http"}
+    inference = pods["llama-chat"]
+    assert _matches(pm["spec"]["selector"], inference["metadata"]["labels"])
+    ports = {p["name"] for p in inference["spec"]["containers"][0]["ports"]}
+    assert {e["port"] for e in pm["spec"]["podMetricsEndpoints"]} & ports == {"http"}
     targets = {r["targetLabel"]: r["sourceLabels"][0] for r in pm["spec"]["podMetricsEndpoints"][0]["relabelings"]}
     assert targets["deployment"] == "__meta_kubernetes_pod_label_tide_dev_deployment"
-    assert targets["role"] == "__meta_kubernetes_pod_label_tide_dev_role"
     assert all(e["honorLabels"] for e in pm["spec"]["podMetricsEndpoints"])
     svc = next(k for k in kids if k["kind"] == "Service")
     sm = by_kind(render(sets=["monitoring.serviceMonitor.enabled=true"]), "ServiceMonitor")[0]

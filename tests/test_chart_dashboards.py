@@ -14,7 +14,7 @@ What feeds Prometheus (only the cluster is absent; nothing here is mocked):
 - the tide_draftversion_* / tide_tidedeployment_* series come from kube-state-metrics' custom resource state
   config in helm/kube-prometheus-stack/values.yaml, which KSM would apply: `ksm_families` applies it here to
   DraftVersion/TideDeployment objects that validate against the CRDs.
-Each registry is one scrape target with the target labels the chart's PodMonitor adds (deployment, role, pod).
+Each registry is one scrape target with the target labels the chart's PodMonitor adds (deployment, pod).
 """
 
 import json
@@ -345,8 +345,8 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     ksm_reg.register(Static(ksm_families(rollout_objects())))
     targets = []
     servers = []
-    for reg, labels in ((stable_reg, {"role": "stable", "pod": f"{DEPLOYMENT}-stable-0"}),
-                        (canary_reg, {"role": "canary", "pod": f"{DEPLOYMENT}-canary-0"}),
+    for reg, labels in ((stable_reg, {"pod": f"{DEPLOYMENT}-7d9f-a"}),
+                        (canary_reg, {"pod": f"{DEPLOYMENT}-7d9f-b"}),
                         (trainer_reg, {"pod": f"{DEPLOYMENT}-trainer-0"}),
                         (ksm_reg, {"job_kind": "kube-state-metrics"})):
         server, _ = start_http_server(0, addr="127.0.0.1", registry=reg)
@@ -432,5 +432,6 @@ def test_controller_series_come_from_real_decisions(prometheus: str) -> None:
                  "tide_controller_changepoint_total"):
         result = api(prometheus, "/api/v1/query", query=f"sum({name})")["result"]
         assert result and float(result[0]["value"][1]) > 0, name
-    roles = api(prometheus, "/api/v1/query", query="max by (role) (tide_draft_version)")["result"]
-    assert {r["metric"]["role"]: r["value"][1] for r in roles} == {"stable": "3", "canary": "4"}
+    pods = api(prometheus, "/api/v1/query", query="max by (pod) (tide_draft_version)")["result"]
+    assert {r["metric"]["pod"]: r["value"][1] for r in pods} == {f"{DEPLOYMENT}-7d9f-a": "3",
+                                                                  f"{DEPLOYMENT}-7d9f-b": "4"}

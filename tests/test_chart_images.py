@@ -100,7 +100,7 @@ def test_trainer_entrypoint_is_the_crd_default_command() -> None:
 def test_inference_entrypoint_is_what_the_operator_runs() -> None:
     spec = TideDeploymentSpec.model_validate({"model": {"path": "m"}, "draft": {"initialPath": "d"},
                                               "inference": {"image": "i"}})
-    dep = builders.inference_deployment("a", "ns", spec, "stable", 1)
+    dep = builders.inference_deployment("a", "ns", spec)
     container = dep["spec"]["template"]["spec"]["containers"][0]
     assert entrypoint(ROOT / "docker/inference.Dockerfile") == container["command"] == ["tide", "serve"]
     port = container["ports"][0]["containerPort"]

@@ -5,7 +5,7 @@ import yaml
 from tide_operator import builders
 from tide_operator.kube import merge_patch
 from tide_operator.models import Condition, SecretKeyRef, TideDeploymentSpec
-from tide_operator.rollout import Routing
+from tide_operator.rollout import Fleet, Routing
 from tide_operator.status import Pods, Problem, check_pin, check_secret, conditions, parse
 
 from tests.operator.crdcheck import ROOT
@@ -30,9 +30,8 @@ def by_name(objs: list[dict]) -> dict[tuple[str, str], dict]:
 
 def test_pools_placement_for_inference_and_training() -> None:
     spec = example("tidedeployment-full.yaml")
-    kids = by_name(builders.children("qwen", "ns", spec, canary_active=False))
-    for role in ("stable", "canary"):
-        pod = kids["Deployment", f"qwen-{role}"]["spec"]["template"]["spec"]
+    kids = by_name(builders.children("qwen", "ns", spec))
+    for pod in [kids["Deployment", "qwen"]["spec"]["template"]["spec"]]:
         assert pod["nodeSelector"] == H100
         assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
         assert pod["affinity"]["podAntiAffinity"]
@@ -57,11 +56,13 @@ def test_amd_training_pool_uses_its_gpu_resource() -> None:
 
 def test_env_wiring() -> None:
     spec = example("tidedeployment-minimal.yaml")
-    stable = env_of(builders.inference_deployment("llama", "serving", spec, "stable", 3))
-    canary = env_of(builders.inference_deployment("llama", "serving", spec, "canary", 1))
+    inference = env_of(builders.inference_deployment("llama", "serving", spec))
     trainer = env_of(builders.trainer_deployment("llama", "serving", spec))
-    assert stable["TIDE_ROLE"] == "stable" and canary["TIDE_ROLE"] == "canary" and "TIDE_ROLE" not in trainer
-    for env in (stable, canary, trainer):
+    # pods know their own name (the operator names canary pods by it) and namespace from the downward API
+    assert inference["TIDE_POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert inference["TIDE_HEARTBEAT_S"] == "5" and "TIDE_POD_NAME" not in trainer
+    for env in (inference, trainer):
+        assert env["TIDE_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
         assert env["TIDE_DEPLOYMENT"] == "llama"
         assert env["TIDE_REDIS_URL"] == "redis://redis.tide-system.svc:6379/0"
         assert env["TIDE_REGISTRY_DIR"] == "/var/lib/tide/registry"
@@ -72,7 +73,7 @@ def test_env_wiring() -> None:
 
 
 def test_env_wiring_from_secrets_and_managed_redis() -> None:
-    env = env_of(builders.inference_deployment("m", "ns", example("tidedeployment-amd-pinned.yaml"), "stable", 1))
+    env = env_of(builders.inference_deployment("m", "ns", example("tidedeployment-amd-pinned.yaml")))
     assert env["TIDE_REDIS_URL"] == {"secretKeyRef": {"name": "tide-redis", "key": "url"}}
     assert env["TIDE_REDIS_PASSWORD"] == {"secretKeyRef": {"name": "tide-redis", "key": "password"}}
     assert env["TIDE_REDIS_CLUSTER"] == "true"
@@ -83,7 +84,7 @@ def test_env_wiring_from_secrets_and_managed_redis() -> None:
 
 def test_sglang_args_end_with_user_args_and_model_on_pvc() -> None:
     spec = example("tidedeployment-full.yaml")
-    pod = builders.inference_deployment("q", "ns", spec, "stable", 1)["spec"]["template"]["spec"]
+    pod = builders.inference_deployment("q", "ns", spec)["spec"]["template"]["spec"]
     args = pod["containers"][0]["args"]
     assert args[args.index("--model-path") + 1] == "/models/Qwen2.5-Coder-32B-Instruct"
     assert args[args.index("--speculative-draft-model-path") + 1] == "/models/qwen-coder-eagle3"
@@ -93,26 +94,19 @@ def test_sglang_args_end_with_user_args_and_model_on_pvc() -> None:
     assert args[-4:] == ["--mem-fraction-static", "0.85", "--speculative-num-steps", "3"]
 
 
-@pytest.mark.parametrize(("replicas", "percent", "count", "active", "expected"), [
-    (4, None, 1, False, (4, 0)),
-    (4, None, 1, True, (3, 1)),
-    (8, 25, 1, True, (6, 2)),
-    (3, 10, 1, True, (2, 1)),  # a percentage rounds up to at least one pod
-    (1, None, 1, True, (1, 1)),  # one replica: the canary is a surge pod, stable keeps serving
-    (2, None, 5, True, (1, 5)),
-])
-def test_replica_split(replicas: int, percent: int | None, count: int, active: bool, expected: tuple) -> None:
+@pytest.mark.parametrize(("replicas", "expected"), [(3, {"replicas": 3}), (None, {})])
+def test_one_inference_deployment_whose_count_an_autoscaler_may_own(replicas: int | None, expected: dict) -> None:
     spec = example("tidedeployment-minimal.yaml").model_copy(deep=True)
     spec.inference.replicas = replicas
-    spec.rollout.canary_percent, spec.rollout.canary_replicas = percent, count
-    assert builders.replica_split(spec, active) == expected
+    dep = builders.inference_deployment("a", "ns", spec)
+    assert {k: v for k, v in dep["spec"].items() if k == "replicas"} == expected
+    assert dep["spec"]["template"]["metadata"]["labels"] == builders.labels("a", "inference")
 
 
 def test_children_set_follows_spec() -> None:
-    minimal = by_name(builders.children("a", "ns", example("tidedeployment-minimal.yaml"), False))
-    assert set(minimal) == {("Deployment", "a-stable"), ("Deployment", "a-canary"), ("Service", "a"),
-                            ("Deployment", "a-trainer")}
-    full = by_name(builders.children("a", "ns", example("tidedeployment-full.yaml"), True))
+    minimal = by_name(builders.children("a", "ns", example("tidedeployment-minimal.yaml")))
+    assert set(minimal) == {("Deployment", "a"), ("Service", "a"), ("Deployment", "a-trainer")}
+    full = by_name(builders.children("a", "ns", example("tidedeployment-full.yaml")))
     assert set(full) - set(minimal) == {("StatefulSet", "a-redis"), ("Service", "a-redis"),
                                         ("PodMonitor", "a"), ("ServiceMonitor", "a")}
     assert set(full) <= set(builders.possible_children("a"))
@@ -121,16 +115,6 @@ def test_children_set_follows_spec() -> None:
     assert sts["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "20Gi"
     assert full["Service", "a"]["spec"]["selector"] == {"tide.dev/deployment": "a",
                                                         "app.kubernetes.io/component": "inference"}
-
-
-def test_promotion_changes_no_pod_template() -> None:
-    """Versions come from Redis: a canary starting or ending only moves replicas, so no pod restarts."""
-    spec = example("tidedeployment-minimal.yaml")
-    idle = by_name(builders.children("a", "ns", spec, False))
-    busy = by_name(builders.children("a", "ns", spec, True))
-    for key in idle:
-        if idle[key]["kind"] == "Deployment":
-            assert idle[key]["spec"]["template"] == busy[key]["spec"]["template"]
 
 
 @pytest.mark.parametrize(("old", "new", "patch"), [
@@ -155,8 +139,10 @@ def test_semantic_problems() -> None:
     assert [p.reason for p in parse("llama", two_redis)[1]] == ["InvalidRedis"]
     assert [p.reason for p in parse("llama", {**good, "registry": {}})[1]] == ["InvalidRegistry"]
     assert [p.reason for p in parse("Bad.Name", good)[1]] == ["InvalidName"]
-    reserved = {**good, "inference": {**good["inference"], "env": [{"name": "TIDE_ROLE", "value": "canary"}]}}
+    reserved = {**good, "inference": {**good["inference"], "env": [{"name": "TIDE_POD_NAME", "value": "x"}]}}
     assert [p.reason for p in parse("llama", reserved)[1]] == ["ReservedEnv"]
+    silent = {**good, "rollout": {"heartbeatInterval": "0s"}}
+    assert [p.reason for p in parse("llama", silent)[1]] == ["InvalidRollout"]
     spec, problems = parse("llama", {**good, "inference": {"replicas": "many"}})
     assert spec is None and problems[0].reason == "InvalidSpec" and "spec.inference" in problems[0].message
 
@@ -171,20 +157,25 @@ def test_secret_and_pin_checks() -> None:
     assert check_pin(spec, {0, 1})[0].reason == "UnknownVersion"
 
 
-def _conds(problems: list[Problem], pods: dict, route: Routing, old: list[Condition] = (),
-           now: str = "t1") -> dict[str, Condition]:
+T1, T2, LATE = "2026-11-25T18:00:00Z", "2026-11-25T18:01:00Z", "2026-11-25T18:05:00Z"  # swapTimeout 5m
+
+
+def _conds(problems: list[Problem], pods: dict, route: Routing, fleet: Fleet | None = None,
+           pending: str | None = None, old: list[Condition] = (), now: str = T1) -> dict[str, Condition]:
     spec = example("tidedeployment-minimal.yaml")
-    return {c.type: c for c in conditions(3, problems, pods, route, spec, list(old), now)}
+    fleet = Fleet({"a-1": route.stable, "a-2": route.stable}, 2) if fleet is None else fleet
+    return {c.type: c for c in conditions(3, problems, pods, route, pending, fleet, spec, list(old), now)}
 
 
 @pytest.mark.parametrize(("problems", "pods", "route", "expected"), [
-    ([], {"a-stable": Pods(2, 2)}, Routing(0, None),
+    ([], {"a": Pods(2, 2)}, Routing(0),
      {"Ready": ("True", "AllPodsReady"), "Progressing": ("False", "Stable"), "Degraded": ("False", "AsExpected"),
-      "RolloutPaused": ("False", "Automatic")}),
-    ([], {"a-stable": Pods(2, 1)}, Routing(0, None),
+      "RolloutPaused": ("False", "Automatic"), "Swapped": ("True", "AllPodsSwapped")}),
+    ([], {"a": Pods(2, 1)}, Routing(0),
      {"Ready": ("False", "PodsNotReady"), "Progressing": ("True", "PodsStarting")}),
-    ([], {"a-stable": Pods(2, 2)}, Routing(1, 2), {"Progressing": ("True", "Canary")}),
-    ([Problem("SamePool", "x"), Problem("SecretNotFound", "y")], {}, Routing(0, None),
+    ([], {"a": Pods(2, 2)}, Routing(1, 2, ("a-1",)), {"Progressing": ("True", "Canary"),
+                                                        "Swapped": ("False", "Swapping")}),
+    ([Problem("SamePool", "x"), Problem("SecretNotFound", "y")], {}, Routing(0),
      {"Ready": ("False", "Degraded"), "Degraded": ("True", "SamePool"), "RolloutPaused": ("True", "Degraded")}),
 ])
 def test_conditions(problems: list, pods: dict, route: Routing, expected: dict) -> None:
@@ -194,10 +185,33 @@ def test_conditions(problems: list, pods: dict, route: Routing, expected: dict) 
 
 
 def test_conditions_keep_transition_time_while_status_holds() -> None:
-    first = _conds([], {"a-stable": Pods(1, 0)}, Routing(0, None), now="t1")
-    second = _conds([], {"a-stable": Pods(1, 1)}, Routing(0, None), old=list(first.values()), now="t2")
-    assert second["Degraded"].last_transition_time == "t1"
-    assert second["Ready"].last_transition_time == "t2"
+    first = _conds([], {"a": Pods(1, 0)}, Routing(0), now=T1)
+    second = _conds([], {"a": Pods(1, 1)}, Routing(0), old=list(first.values()), now=T2)
+    assert second["Degraded"].last_transition_time == T1
+    assert second["Ready"].last_transition_time == T2
+
+
+@pytest.mark.parametrize(("fleet", "expected"), [
+    (Fleet({"a-1": 2, "a-2": 2, "a-3": 2}, 3), ("True", "AllPodsSwapped", "3 pod(s) serve stable v2")),
+    (Fleet({"a-1": 2, "a-2": 1}, 3), ("False", "Swapping", "a-2 serves v1, not v2; 1 ready pod(s) not reporting")),
+    (Fleet({}, 0), ("Unknown", "NoLivePods", "no inference pod is ready or reporting")),
+    (None, ("Unknown", "NoHeartbeats", "the pods' heartbeats could not be read")),
+])
+def test_swapped_condition_names_the_pods_that_lag(fleet: Fleet | None, expected: tuple) -> None:
+    spec = example("tidedeployment-minimal.yaml")
+    got = {c.type: c for c in conditions(1, [], {}, Routing(2), "Promoting", fleet, spec, [], T1)}
+    assert (got["Swapped"].status, got["Swapped"].reason, got["Swapped"].message) == expected
+    assert (got["Progressing"].status, got["Progressing"].reason) == ("True", "Promoting")
+
+
+def test_swap_timeout_after_rollout_swap_timeout_of_lag() -> None:
+    lagging = Fleet({"a-1": 2, "a-2": 1}, 2)
+    first = _conds([], {}, Routing(2), lagging, "Promoting", now=T1)
+    assert first["Swapped"].reason == "Swapping"
+    still = _conds([], {}, Routing(2), lagging, "Promoting", old=list(first.values()), now=T2)
+    assert (still["Swapped"].reason, still["Swapped"].last_transition_time) == ("Swapping", T1)
+    late = _conds([], {}, Routing(2), lagging, "Promoting", old=list(still.values()), now=LATE)
+    assert (late["Swapped"].reason, late["Swapped"].message) == ("SwapTimeout", "a-2 serves v1, not v2")
 
 
 @pytest.mark.parametrize("name", ["tidedeployment-minimal.yaml", "tidedeployment-full.yaml",
@@ -207,7 +221,7 @@ def test_built_in_children_validate_against_kubernetes_schemas(name: str) -> Non
     fields fail); PodMonitor/ServiceMonitor are CRDs of the Prometheus Operator and not covered."""
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     built_in = {"Deployment", "Service", "StatefulSet"}
-    kids = [c for c in builders.children("a", "ns", example(name), True) if c["kind"] in built_in]
+    kids = [c for c in builders.children("a", "ns", example(name)) if c["kind"] in built_in]
     assert kids
     for child in kids:
         kubernetes_validate.validate(child, "1.30", strict=True)

@@ -1,65 +1,114 @@
 """End to end: the real kopf operator (tide_operator.handlers) against kmock and a real redis-server.
 
-Only the Kubernetes API is emulated (kmock, see tests/operator/harness.py for what it lacks). Redis is a
-real `redis-server` (LocalRedis); the tests play the trainer (XADD to the events stream) and the engines
-(HINCRBY on the stats hashes, HGETALL of the control hash), exactly as the Redis contract says.
+Only the Kubernetes API is emulated (kmock, see tests/operator/harness.py for what it lacks: it runs no pods, so
+the tests mark Deployments ready). Redis is a real `redis-server` (LocalRedis); the tests play the trainer
+(events), the engines' stats and the inference pods (`Engines`: each follows the control state and heartbeats),
+all through tide_sglang.rollout, as the real ones do.
 """
 
+import asyncio
 import base64
+import contextlib
 import copy
-import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import kmock as km
 import pytest
+import pytest_asyncio
 import redis
 import yaml
 from tide_operator.generate import rbac_rules
 
 from tests.operator.crdcheck import ROOT
 from tests.operator.harness import ApiServer, Cluster, Operator, cluster_fixture, operator_fixture, wait_for  # noqa: F401
-from tide_sglang import keys
+from tide_sglang.rollout import (
+    ControlState,
+    Heartbeat,
+    Published,
+    StatsReporter,
+    append_event,
+    read_control,
+    write_heartbeat,
+)
 from tide_sglang.stream.server import LocalRedis
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.kmock(cls=ApiServer)]
 
-NAME = "chat"
+NS, NAME = "default", "chat"
+PODS = ("chat-7d9f-a", "chat-7d9f-b")
 H100 = {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
 A100 = {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
 
 
 def tide(redis_url: str, **spec_overrides: object) -> dict:
     doc = yaml.safe_load((ROOT / "docs/examples/tidedeployment-minimal.yaml").read_text())
-    doc["metadata"] = {"name": NAME, "namespace": "default"}
+    doc["metadata"] = {"name": NAME, "namespace": NS}
     doc["spec"]["redis"] = {"url": redis_url}
-    doc["spec"]["inference"]["replicas"] = 2
-    doc["spec"]["rollout"] = {"minTokens": 1000, "maxTokens": 100_000}
-    doc["spec"].update(copy.deepcopy(spec_overrides))
+    doc["spec"]["inference"]["replicas"] = len(PODS)
+    doc["spec"]["rollout"] = {"minTokens": 1000, "maxTokens": 100_000, "heartbeatInterval": "1s"}
+    for key, value in copy.deepcopy(spec_overrides).items():
+        doc["spec"][key] = {**doc["spec"].get(key, {}), **value}
     return doc
 
 
 @pytest.fixture
 def r(redis_server: LocalRedis) -> redis.Redis:
-    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    client = redis.Redis.from_url(redis_server.url)
     yield client
     client.close()
 
 
-def control(r: redis.Redis) -> dict[str, str]:
-    return r.hgetall(keys.control("default", NAME))
+class Engines:
+    """Plays the inference pods: each loads the version the control state gives it and heartbeats it, as the
+    engines do; a pod in `stuck` keeps serving what it has (a swap that never happens)."""
+
+    def __init__(self, client: redis.Redis, pods: tuple[str, ...] = PODS) -> None:
+        self.client, self.pods = client, pods
+        self.loaded = dict.fromkeys(pods, 0)
+        self.stuck: set[str] = set()
+
+    def tick(self) -> ControlState | None:
+        ctl = read_control(self.client, NS, NAME)
+        for pod in self.pods:
+            if ctl is not None and pod not in self.stuck:
+                self.loaded[pod] = ctl.version_for(pod)
+            role = ctl.role_of(pod) if ctl is not None else "stable"
+            write_heartbeat(self.client, NS, NAME, Heartbeat(pod=pod, role=role, version=self.loaded[pod],
+                                                             time=time.time()))
+        return ctl
+
+    async def run(self) -> None:
+        while True:
+            self.tick()
+            await asyncio.sleep(0.1)
+
+
+@pytest_asyncio.fixture
+async def engines(r: redis.Redis) -> AsyncIterator[Engines]:
+    fleet = Engines(r)
+    task = asyncio.create_task(fleet.run())
+    yield fleet
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def control(r: redis.Redis) -> ControlState | None:
+    return read_control(r, NS, NAME)
 
 
 def publish(r: redis.Redis, version: int, parent: int) -> None:
     """What the trainer does after DraftRegistry.publish."""
-    r.xadd(keys.events("default", NAME), {"version": version, "parent": parent, "metrics": json.dumps({"acc": 0.7})})
+    append_event(r, NS, NAME, Published(version=version, parent=parent, metrics={"acc": 0.7}))
 
 
 def report(r: redis.Redis, version: int, tokens: int, accepted: int, swap_failures: int = 0) -> None:
     """What engines do for the version that drafted the tokens."""
-    key = keys.stats("default", NAME, version)
-    r.hincrby(key, "tokens", tokens)
-    r.hincrby(key, "accepted", accepted)
-    r.hincrby(key, "verify_steps", tokens // 4)
-    r.hincrby(key, "swap_failures", swap_failures)
+    stats = StatsReporter(r, NS, NAME, interval_s=None)
+    stats.add(version, tokens=tokens, accepted=accepted, verify_steps=tokens // 4, swap_failures=swap_failures)
+    stats.flush()
 
 
 def phase(cluster: Cluster, version: int) -> str | None:
@@ -70,10 +119,21 @@ def replicas(cluster: Cluster, name: str) -> int | None:
     return ((cluster.get("Deployment", name) or {}).get("spec") or {}).get("replicas")
 
 
-async def canary_of_v1(cluster: Cluster, redis_server: LocalRedis, r: redis.Redis) -> None:
-    """A TideDeployment whose trainer has just published v1, now in canary."""
-    await cluster.create(tide(redis_server.url))
-    await wait_for(lambda: control(r) == {"stable": "0"}, what="control hash")
+def td_status(cluster: Cluster) -> dict:
+    return (cluster.get("TideDeployment", NAME) or {}).get("status") or {}
+
+
+async def running(cluster: Cluster, redis_server: LocalRedis, r: redis.Redis, **overrides: object) -> None:
+    """A TideDeployment whose pods are ready and serve v0."""
+    await cluster.create(tide(redis_server.url, **overrides))
+    await wait_for(lambda: cluster.get("Deployment", NAME), what="children")
+    cluster.mark_ready(NAME)
+    await wait_for(lambda: (c := control(r)) is not None and c.stable == 0, what="control state")
+
+
+async def canary_of_v1(cluster: Cluster, redis_server: LocalRedis, r: redis.Redis, **overrides: object) -> None:
+    """... whose trainer has just published v1, now in canary."""
+    await running(cluster, redis_server, r, **overrides)
     publish(r, 1, 0)
     await wait_for(lambda: phase(cluster, 1) == "Canary", what="canary")
 
@@ -83,29 +143,33 @@ def pod(cluster: Cluster, name: str) -> dict:
 
 
 async def test_create_puts_children_on_the_right_pools(cluster: Cluster, operator: Operator,
-                                                       redis_server: LocalRedis, r: redis.Redis) -> None:
+                                                       redis_server: LocalRedis, r: redis.Redis,
+                                                       engines: Engines) -> None:
     await cluster.create(tide(redis_server.url))
     await wait_for(lambda: cluster.get("Deployment", f"{NAME}-trainer"), what="children")
     td = cluster.get("TideDeployment", NAME)
-    for child in ("chat-stable", "chat-canary", "chat-trainer"):
+    for child in (NAME, f"{NAME}-trainer"):
         dep = cluster.get("Deployment", child)
         assert dep["metadata"]["ownerReferences"][0]["uid"] == td["metadata"]["uid"]
-    assert pod(cluster, "chat-stable")["nodeSelector"] == H100
-    assert pod(cluster, "chat-trainer")["nodeSelector"] == A100
-    env = {e["name"]: e.get("value") for e in pod(cluster, "chat-canary")["containers"][0]["env"]}
-    assert env["TIDE_ROLE"] == "canary" and env["TIDE_DEPLOYMENT"] == NAME and env["TIDE_REDIS_URL"] == redis_server.url
-    assert (replicas(cluster, "chat-stable"), replicas(cluster, "chat-canary")) == (2, 0)
+    assert pod(cluster, NAME)["nodeSelector"] == H100
+    assert pod(cluster, f"{NAME}-trainer")["nodeSelector"] == A100
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in pod(cluster, NAME)["containers"][0]["env"]}
+    assert env["TIDE_POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}} and env["TIDE_DEPLOYMENT"] == NAME
+    assert env["TIDE_REDIS_URL"] == redis_server.url and env["TIDE_HEARTBEAT_S"] == "1"
+    assert replicas(cluster, NAME) == 2 and cluster.get("Deployment", f"{NAME}-canary") is None
     assert cluster.get("Service", NAME)["spec"]["selector"]["tide.dev/deployment"] == NAME
     # the initial draft is version 0, stable, and announced to the engines
     await wait_for(lambda: phase(cluster, 0) == "Promoted", what="DraftVersion v0")
-    await wait_for(lambda: control(r) == {"stable": "0"}, what="control hash")
-    # Ready once the pods are (the test plays the Deployment controller)
+    await wait_for(lambda: control(r) == ControlState(stable=0, train=True, collect=True), what="control state")
+    # Ready once the pods are (the test plays the Deployment controller); Swapped once they report v0
     await wait_for(lambda: cluster.condition(NAME, "Ready").get("reason") == "PodsNotReady", what="not Ready")
-    cluster.mark_ready("chat-stable", "chat-canary", "chat-trainer")
+    cluster.mark_ready(NAME, f"{NAME}-trainer")
     await wait_for(lambda: cluster.condition(NAME, "Ready").get("status") == "True", what="Ready")
+    await wait_for(lambda: cluster.condition(NAME, "Swapped").get("status") == "True", what="Swapped")
+    assert cluster.condition(NAME, "Swapped")["message"] == "2 pod(s) serve stable v0"
     cond = cluster.condition(NAME, "Degraded")
     assert cond["status"] == "False" and cond["observedGeneration"] == 1
-    assert cluster.get("TideDeployment", NAME)["status"]["stable"] == 0
+    assert td_status(cluster)["stable"] == 0
 
 
 async def test_spec_change_updates_children(cluster: Cluster, operator: Operator, redis_server: LocalRedis) -> None:
@@ -116,57 +180,91 @@ async def test_spec_change_updates_children(cluster: Cluster, operator: Operator
         "inference": {"replicas": 5, "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H200"}},
         "training": {"nodeSelector": l40s, "tolerations": [{"key": "pool", "operator": "Exists"}]},
         "monitoring": {"podMonitor": True}}})
-    await wait_for(lambda: replicas(cluster, "chat-stable") == 5, what="replicas")
-    assert pod(cluster, "chat-stable")["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H200"}
-    await wait_for(lambda: pod(cluster, "chat-trainer")["nodeSelector"] == l40s, what="training pool")
-    assert pod(cluster, "chat-trainer")["tolerations"] == [{"key": "pool", "operator": "Exists"}]
+    await wait_for(lambda: replicas(cluster, NAME) == 5, what="replicas")
+    assert pod(cluster, NAME)["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H200"}
+    await wait_for(lambda: pod(cluster, f"{NAME}-trainer")["nodeSelector"] == l40s, what="training pool")
+    assert pod(cluster, f"{NAME}-trainer")["tolerations"] == [{"key": "pool", "operator": "Exists"}]
     await wait_for(lambda: cluster.get("PodMonitor", NAME), what="PodMonitor")
-    # switching the trainer off removes it; observedGeneration follows the spec
+    # switching the trainer off removes it and stops capture; observedGeneration follows the spec
     await cluster.patch("TideDeployment", NAME, {"spec": {"training": {"enabled": False}}})
     await wait_for(lambda: cluster.get("Deployment", f"{NAME}-trainer") is None, what="trainer deleted")
     await wait_for(lambda: cluster.condition(NAME, "Degraded").get("observedGeneration") == 3, what="generation")
 
 
-async def test_published_version_is_canaried_promoted_then_rolled_back_by_pin(
-        cluster: Cluster, operator: Operator, redis_server: LocalRedis, r: redis.Redis) -> None:
-    await cluster.create(tide(redis_server.url))
-    await wait_for(lambda: control(r) == {"stable": "0"}, what="control hash")
+async def test_canary_on_a_named_pod_promoted_once_every_pod_serves_it_then_pinned_back(
+        cluster: Cluster, operator: Operator, redis_server: LocalRedis, r: redis.Redis, engines: Engines) -> None:
+    await running(cluster, redis_server, r)
+    template = pod(cluster, NAME)
     report(r, 0, 50_000, 30_000)  # stable traffic before the canary: not part of the comparison
     publish(r, 1, 0)
     await wait_for(lambda: phase(cluster, 1) == "Canary", what="canary")
-    assert control(r) == {"stable": "0", "canary": "1"}
-    await wait_for(lambda: replicas(cluster, "chat-canary") == 1, what="canary pod")
-    assert replicas(cluster, "chat-stable") == 1
-    await wait_for(lambda: cluster.get("TideDeployment", NAME)["status"].get("candidate") == 1, what="status")
+    assert control(r).canary == 1 and control(r).canary_pods == (PODS[0],)
+    await wait_for(lambda: engines.loaded == {PODS[0]: 1, PODS[1]: 0}, what="the canary pod swapped")
+    await wait_for(lambda: td_status(cluster).get("canaryPods") == [PODS[0]], what="status")
+    assert td_status(cluster)["candidate"] == 1
+    engines.stuck = {PODS[1]}  # the stable pod will not swap at first
     report(r, 0, 2_000, 1_200)  # stable 0.60 over the window
     report(r, 1, 2_000, 1_500)  # canary 0.75
-    await wait_for(lambda: phase(cluster, 1) == "Promoted", what="promotion")
-    await wait_for(lambda: control(r) == {"stable": "1"}, what="control hash after promotion")
-    await wait_for(lambda: replicas(cluster, "chat-canary") == 0, what="canary scaled away")
-    await wait_for(lambda: cluster.get("TideDeployment", NAME)["status"]["stable"] == 1, what="status")
-    assert "canary" not in cluster.get("TideDeployment", NAME)["status"]
-    # manual rollback: pin version 0
+    await wait_for(lambda: phase(cluster, 1) == "Promoting", what="promotion decided")
+    assert control(r) == ControlState(stable=1)  # routed to every pod at once
+    await wait_for(lambda: cluster.condition(NAME, "Swapped").get("message") == f"{PODS[1]} serves v0, not v1",
+                   what="the lagging pod named")
+    await asyncio.sleep(1.0)
+    assert phase(cluster, 1) == "Promoting"  # not confirmed while a pod lags
+    assert cluster.condition(NAME, "Progressing")["reason"] == "Promoting"
+    engines.stuck = set()
+    await wait_for(lambda: phase(cluster, 1) == "Promoted", what="promotion confirmed")
+    assert engines.loaded == dict.fromkeys(PODS, 1)
+    assert "confirmed: 2 pod(s) serve v1" in cluster.get("DraftVersion", f"{NAME}-v1")["status"]["message"]
+    await wait_for(lambda: td_status(cluster)["stable"] == 1, what="status")
+    assert "canary" not in td_status(cluster)
+    # manual rollback: pin version 0; RolledBack once every pod serves v0 again
     await cluster.patch("TideDeployment", NAME, {"spec": {"draft": {"version": 0}}})
     await wait_for(lambda: phase(cluster, 1) == "RolledBack", what="manual rollback")
-    await wait_for(lambda: control(r) == {"stable": "0"}, what="control hash after pin")
+    assert engines.loaded == dict.fromkeys(PODS, 0) and control(r).stable == 0
     await wait_for(lambda: cluster.condition(NAME, "RolloutPaused").get("reason") == "Pinned", what="paused")
+    assert pod(cluster, NAME) == template  # no pod template changed: nothing restarted
+
+
+async def test_swap_timeout_names_the_lagging_pod(cluster: Cluster, operator: Operator, redis_server: LocalRedis,
+                                                  r: redis.Redis, engines: Engines) -> None:
+    await running(cluster, redis_server, r, rollout={"swapTimeout": "1s"})
+    await wait_for(lambda: cluster.condition(NAME, "Swapped").get("status") == "True", what="Swapped")
+    engines.stuck = {PODS[1]}
+    publish(r, 1, 0)
+    await wait_for(lambda: phase(cluster, 1) == "Canary", what="canary")
+    await cluster.patch("TideDeployment", NAME, {"spec": {"draft": {"version": 1}}})
+    await wait_for(lambda: cluster.condition(NAME, "Swapped").get("reason") == "SwapTimeout", what="SwapTimeout")
+    assert cluster.condition(NAME, "Swapped")["message"] == f"{PODS[1]} serves v0, not v1"
+    assert phase(cluster, 1) == "Promoting"
 
 
 async def test_worse_candidate_is_rolled_back(cluster: Cluster, operator: Operator, redis_server: LocalRedis,
-                                              r: redis.Redis) -> None:
+                                              r: redis.Redis, engines: Engines) -> None:
     await canary_of_v1(cluster, redis_server, r)
     report(r, 0, 3_000, 2_100)  # 0.70
     report(r, 1, 3_000, 1_500)  # 0.50
-    await wait_for(lambda: phase(cluster, 1) == "RolledBack", what="rollback")
+    await wait_for(lambda: phase(cluster, 1) == "RolledBack", what="rollback confirmed")
     dv = cluster.get("DraftVersion", f"{NAME}-v1")
     assert dv["status"]["reason"] == "WorseAcceptance" and dv["status"]["acceptance"] == 0.5
     assert dv["spec"] == {"deployment": NAME, "version": 1, "parent": 0, "metrics": {"acc": 0.7}}
-    await wait_for(lambda: control(r) == {"stable": "0"}, what="canary withdrawn")
-    await wait_for(lambda: replicas(cluster, "chat-canary") == 0, what="canary scaled away")
+    assert control(r) == ControlState(stable=0) and engines.loaded == dict.fromkeys(PODS, 0)
+
+
+async def test_canary_whose_pod_never_swaps_times_out_and_unblocks(
+        cluster: Cluster, operator: Operator, redis_server: LocalRedis, r: redis.Redis, engines: Engines) -> None:
+    engines.stuck = {PODS[0]}  # the pod named for the canary never loads it
+    await canary_of_v1(cluster, redis_server, r, rollout={"canaryTimeout": "2s"})
+    await wait_for(lambda: phase(cluster, 1) == "Rejected", what="canary timeout")
+    status = cluster.get("DraftVersion", f"{NAME}-v1")["status"]
+    assert status["reason"] == "CanaryTimeout" and f"canary pods never loaded v1: {PODS[0]}" in status["message"]
+    engines.stuck = set()
+    publish(r, 2, 0)  # the next version is not blocked
+    await wait_for(lambda: phase(cluster, 2) == "Canary", what="next canary")
 
 
 async def test_restart_mid_rollout_continues(cluster: Cluster, operator: Operator, redis_server: LocalRedis,
-                                             r: redis.Redis) -> None:
+                                             r: redis.Redis, engines: Engines) -> None:
     await canary_of_v1(cluster, redis_server, r)
     await operator.stop()
     report(r, 0, 2_000, 1_000)
@@ -180,6 +278,23 @@ async def test_restart_mid_rollout_continues(cluster: Cluster, operator: Operato
     assert len([o for o in cluster.kmock.objects if o[0].plural == "draftversions"]) == 3  # v0, v1, v2 once
 
 
+async def test_retention_deletes_old_versions_but_never_a_named_one(
+        cluster: Cluster, operator: Operator, redis_server: LocalRedis, r: redis.Redis, engines: Engines,
+        tmp_path: Path) -> None:
+    registry = tmp_path / "registry"
+    for v in range(5):  # v4 is published but not announced yet
+        (registry / f"v{v:06d}").mkdir(parents=True)
+    await running(cluster, redis_server, r, registry={"claimName": None, "url": f"file://{registry}"},
+                  draft={"keepVersions": 1})
+    for v in (1, 2, 3):
+        publish(r, v, 0)
+    await wait_for(lambda: phase(cluster, 3) == "Canary", what="newest canaried")
+    await wait_for(lambda: cluster.get("DraftVersion", f"{NAME}-v1") is None, what="superseded DraftVersions retired")
+    assert cluster.get("DraftVersion", f"{NAME}-v2") is None and phase(cluster, 0) == "Promoted"
+    await wait_for(lambda: sorted(p.name for p in registry.iterdir()) == ["v000000", "v000003", "v000004"],
+                   what="their files deleted")
+
+
 async def test_wrong_spec_shows_a_condition_and_recovers(cluster: Cluster, operator: Operator,
                                                          redis_server: LocalRedis) -> None:
     doc = tide(redis_server.url, training={"nodeSelector": H100})
@@ -188,13 +303,13 @@ async def test_wrong_spec_shows_a_condition_and_recovers(cluster: Cluster, opera
     await wait_for(lambda: cluster.condition(NAME, "Degraded").get("status") == "True", what="Degraded")
     message = cluster.condition(NAME, "Degraded")["message"]
     assert "training.nodeSelector" in message and "'redis-url' does not exist" in message
-    assert cluster.get("Deployment", f"{NAME}-stable") is None  # nothing is deployed from a wrong spec
+    assert cluster.get("Deployment", NAME) is None  # nothing is deployed from a wrong spec
     url = base64.b64encode(redis_server.url.encode()).decode()
     await cluster.create({"apiVersion": "v1", "kind": "Secret", "data": {"url": url},
                           "metadata": {"name": "redis-url", "namespace": "default"}})
     await cluster.patch("TideDeployment", NAME, {"spec": {"training": {"nodeSelector": A100}}})
     await wait_for(lambda: cluster.condition(NAME, "Degraded").get("status") == "False", what="recovery")
-    env = pod(cluster, "chat-stable")["containers"][0]["env"]
+    env = pod(cluster, NAME)["containers"][0]["env"]
     assert {"name": "TIDE_REDIS_URL", "valueFrom": {"secretKeyRef": {"name": "redis-url", "key": "url"}}} in env
 
 
@@ -207,24 +322,23 @@ async def test_refused_child_is_a_condition_not_a_crash(cluster: Cluster, operat
                                                           "inference": {"replicas": 3}}})
     await wait_for(lambda: cluster.condition(NAME, "Degraded").get("reason") == "ChildRejected", what="Degraded")
     assert "chat-trainer" in cluster.condition(NAME, "Degraded")["message"]
-    assert replicas(cluster, "chat-stable") == 3  # the other children are still applied
+    assert replicas(cluster, NAME) == 3  # the other children are still applied
     cluster.kmock.refusals = frozenset()
     await wait_for(lambda: cluster.condition(NAME, "Degraded").get("status") == "False", what="recovery")
     assert replicas(cluster, "chat-trainer") == 2
 
 
 async def test_delete_cleans_up(cluster: Cluster, operator: Operator, redis_server: LocalRedis,
-                                r: redis.Redis) -> None:
-    await cluster.create(tide(redis_server.url))
-    publish(r, 1, 0)
-    await wait_for(lambda: phase(cluster, 1) == "Canary", what="canary")
+                                r: redis.Redis, engines: Engines) -> None:
+    await canary_of_v1(cluster, redis_server, r)
     report(r, 1, 10, 5)
+    engines.pods = ()  # the pods go with their Deployment
     await cluster.delete("TideDeployment", NAME)
     await wait_for(lambda: cluster.get("TideDeployment", NAME) is None, what="finalizer released")
-    for kind, name in (("Deployment", "chat-stable"), ("Deployment", "chat-trainer"), ("Service", NAME),
+    for kind, name in (("Deployment", NAME), ("Deployment", "chat-trainer"), ("Service", NAME),
                        ("DraftVersion", "chat-v0"), ("DraftVersion", "chat-v1")):
         assert cluster.get(kind, name) is None, (kind, name)
-    assert r.keys(f"tide:{{{NAME}}}:*") == []
+    assert r.keys(f"tide:{{{NS}/{NAME}}}:*") == []
     assert_rbac_covers(cluster.kmock)
 
 

@@ -1,17 +1,26 @@
-"""The operator's Redis adapter against a real redis-server (no Kubernetes involved)."""
+"""The operator's Redis adapter against a real redis-server (no Kubernetes involved). The keys and their fields
+belong to tide_sglang.rollout; these tests check what the operator makes of them."""
 
-import json
+import time
 
 import pytest
 import redis
 from tide_operator import redis_io
-from tide_operator.models import Counters
+from tide_operator.models import Counters, TrainingSpec
+from tide_operator.rollout import Routing, control_state
 
 from tide_sglang import keys
-from tide_sglang.rollout import StatsReporter, read_control
+from tide_sglang.rollout import (
+    Heartbeat,
+    Published,
+    StatsReporter,
+    append_event,
+    read_control,
+    write_heartbeat,
+)
 from tide_sglang.stream.server import LocalRedis
 
-NS, DEP = "team-a", "chat"
+NS, DEP = "serving", "chat"
 
 
 @pytest.fixture
@@ -21,37 +30,19 @@ def client(redis_server: LocalRedis) -> redis.Redis:
     c.close()
 
 
-@pytest.mark.parametrize(("fields", "expected"), [
-    ({"version": "3", "parent": "2", "metrics": '{"accept_length": 2.5}'}, (3, 2, {"accept_length": 2.5})),
-    ({"version": "1", "parent": "", "metrics": "{}"}, (1, None, {})),
-    ({"version": "1"}, (1, None, {})),
-    # what the trainer publishes: nested per-domain counts are not metrics
-    ({"version": "4", "parent": "3", "metrics": '{"steps": 7, "domains": {"code": 10}, "ok": true}'},
-     (4, 3, {"steps": 7.0})),
-    ({"parent": "1"}, None),
-    ({"version": "x"}, None),
-    ({"version": "-1"}, None),
-    ({"version": "2", "metrics": "not json"}, None),
-])
-def test_parse_event(fields: dict, expected: tuple | None) -> None:
-    got = redis_io.parse_event("1-0", fields)
-    assert (None if got is None else (got.version, got.parent, got.metrics)) == expected
-
-
-def test_events_are_read_after_the_cursor_and_bad_entries_skipped(client: redis.Redis) -> None:
-    stream = keys.events(NS, DEP)
-    first = client.xadd(stream, {"version": 1, "parent": "", "metrics": json.dumps({"a": 1})}).decode()
-    client.xadd(stream, {"garbage": "yes"})
-    client.xadd(stream, {"version": 2, "parent": 1, "metrics": "{}"})
-    entries = redis_io.read_events(client, NS, DEP, "0-0")
-    assert [e.version if e else None for _, e in entries] == [1, None, 2]
-    after = redis_io.read_events(client, NS, DEP, first)
-    assert [e.version if e else None for _, e in after] == [None, 2]
-    assert redis_io.read_events(client, NS, DEP, entries[-1][0]) == []
+def test_events_after_the_cursor_and_past_malformed_entries(client: redis.Redis) -> None:
+    first = append_event(client, NS, DEP, Published(version=1, metrics={"a": 1}))
+    client.xadd(keys.events(NS, DEP), {"garbage": "yes"})
+    events, cursor = redis_io.read_events(client, NS, DEP, "0-0", 100)
+    assert [e.version for e in events] == [1] and cursor > first  # the cursor moved past the bad entry
+    assert redis_io.read_events(client, NS, DEP, cursor, 100) == ([], cursor)
+    append_event(client, NS, DEP, Published(version=2, parent=1))
+    events, _ = redis_io.read_events(client, NS, DEP, cursor, 100)
+    assert [(e.version, e.parent) for e in events] == [(2, 1)]
 
 
 def test_stats_read_what_the_engines_report(client: redis.Redis) -> None:
-    reporter = StatsReporter(client, NS, DEP, interval_s=3600)  # the engines' own writer
+    reporter = StatsReporter(client, NS, DEP, interval_s=None)  # the engines' own writer
     reporter.add(2, tokens=100, accepted=70, verify_steps=30)
     reporter.add(3, tokens=10, accepted=2, swap_failures=1)
     reporter.flush()
@@ -61,16 +52,26 @@ def test_stats_read_what_the_engines_report(client: redis.Redis) -> None:
     assert stats[4] == Counters()
 
 
-def test_control_hash_as_the_engines_read_it(client: redis.Redis) -> None:
-    client.hset(keys.control(NS, DEP), "train", "1")  # written by the engines' training trigger: kept
-    redis_io.write_control(client, NS, DEP, 1, 2)
-    assert read_control(client, NS, DEP).canary == 2
-    redis_io.write_control(client, NS, DEP, 2, None)
-    state = read_control(client, NS, DEP)
-    assert (state.stable, state.canary, state.version_for("any-pod")) == (2, None, 2)
-    assert client.hget(keys.control(NS, DEP), "train") == b"1"
-    redis_io.forget(client, NS, DEP, [1, 2])
+def test_live_heartbeats_only(client: redis.Redis) -> None:
+    now = time.time()
+    for pod, age in (("chat-a", 1.0), ("chat-b", 20.0)):  # b has been silent for more than 3 intervals
+        write_heartbeat(client, NS, DEP, Heartbeat(pod=pod, role="stable", version=3, time=now - age))
+    assert set(redis_io.read_heartbeats(client, NS, DEP, heartbeat_s=5.0)) == {"chat-a"}
+
+
+def test_control_state_as_the_engines_read_it_and_forget(client: redis.Redis) -> None:
+    state = control_state(Routing(1, 2, ("chat-a",)), TrainingSpec(gate="trigger"), [{"train": False}])
+    redis_io.write_control(client, NS, DEP, state)
+    got = read_control(client, NS, DEP)
+    assert (got.version_for("chat-a"), got.version_for("chat-b"), got.train, got.collect) == (2, 1, False, True)
+    redis_io.forget(client, NS, DEP)
     assert client.keys("*") == []
+
+
+def test_malformed_stats_are_a_protocol_error_not_a_crash(client: redis.Redis) -> None:
+    client.hset(keys.stats(NS, DEP, 1), "tokens", "many")
+    with pytest.raises(redis_io.Malformed):
+        redis_io.read_stats(client, NS, DEP, [1])
 
 
 def test_unreachable_redis_is_reported_not_raised_as_a_crash(redis_server: LocalRedis) -> None:

@@ -1,47 +1,43 @@
 """Child manifests of a TideDeployment, as plain dicts (pure: no API calls).
 
-Inference runs as two Deployments behind one Service: `<name>-stable` and `<name>-canary`. A pod's role
-(`TIDE_ROLE`) is fixed by its Deployment; the draft version it loads comes from the Redis control hash, so a
-promotion or rollback changes no pod template and restarts nothing; only the replica split moves.
+Inference runs as one Deployment behind one Service, both named like the TideDeployment. A pod knows its name and
+namespace from the downward API; the draft version it loads comes from the Redis control state, which names
+the canary pods, so a canary, promotion or rollback changes no pod template and restarts nothing.
 The trainer Deployment runs on the training pool, selected by its own GPU node labels.
 """
 
 from typing import Any
 
-from tide_operator.models import API_VERSION, DraftVersionSpec, Placement, RedisSpec, Resources, TideDeploymentSpec
+from tide_operator.models import (
+    API_VERSION,
+    DraftVersionSpec,
+    Placement,
+    RedisSpec,
+    Resources,
+    TideDeploymentSpec,
+    seconds,
+)
 
 Manifest = dict[str, Any]
 
 REDIS_PORT = 6379
 TRAINER_METRICS_PORT = 9400  # TideSettings.train_metrics_port default
 # Variables the operator sets itself; a pool's `env` may not override them (status.check says so).
-RESERVED_ENV = frozenset({"TIDE_DEPLOYMENT", "TIDE_NAMESPACE", "TIDE_ROLE", "TIDE_REDIS_URL", "TIDE_REDIS_PASSWORD",
-                          "TIDE_REDIS_CLUSTER", "TIDE_TARGET", "TIDE_REGISTRY_DIR", "TIDE_REGISTRY_URL",
-                          "TIDE_TRIGGER_SHORT_ALPHA", "TIDE_TRIGGER_LONG_ALPHA", "TIDE_TRIGGER_EPSILON",
-                          "TIDE_TRAIN_GATE"})
+RESERVED_ENV = frozenset({"TIDE_DEPLOYMENT", "TIDE_NAMESPACE", "TIDE_POD_NAME", "TIDE_HEARTBEAT_S",
+                          "TIDE_REDIS_URL", "TIDE_REDIS_PASSWORD", "TIDE_REDIS_CLUSTER", "TIDE_TARGET",
+                          "TIDE_REGISTRY_DIR", "TIDE_REGISTRY_URL", "TIDE_TRIGGER_SHORT_ALPHA",
+                          "TIDE_TRIGGER_LONG_ALPHA", "TIDE_TRIGGER_EPSILON", "TIDE_TRAIN_GATE"})
 MODEL_MOUNT = "/models"
 
 
-def labels(name: str, component: str, role: str | None = None) -> dict[str, str]:
-    out = {"app.kubernetes.io/name": "tide", "app.kubernetes.io/instance": name,
-           "app.kubernetes.io/component": component, "app.kubernetes.io/managed-by": "tide-operator",
-           "tide.dev/deployment": name}
-    return out | ({"tide.dev/role": role} if role else {})
+def labels(name: str, component: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "tide", "app.kubernetes.io/instance": name,
+            "app.kubernetes.io/component": component, "app.kubernetes.io/managed-by": "tide-operator",
+            "tide.dev/deployment": name}
 
 
-def _meta(name: str, namespace: str, owner: str, component: str, role: str | None = None) -> Manifest:
-    return {"name": name, "namespace": namespace, "labels": labels(owner, component, role)}
-
-
-def replica_split(spec: TideDeploymentSpec, canary_active: bool) -> tuple[int, int]:
-    """(stable, canary) pods. The canary takes pods from stable but never the last one: with one replica
-    the canary pod is a surge, so stable keeps serving (and keeps a baseline to compare against)."""
-    if not canary_active:
-        return spec.inference.replicas, 0
-    r = spec.rollout
-    total = spec.inference.replicas
-    canary = max(1, -(-total * r.canary_percent // 100)) if r.canary_percent else r.canary_replicas
-    return max(1, total - canary), canary
+def _meta(name: str, namespace: str, owner: str, component: str) -> Manifest:
+    return {"name": name, "namespace": namespace, "labels": labels(owner, component)}
 
 
 def redis_url_env(name: str, namespace: str, redis: RedisSpec) -> Manifest:
@@ -61,7 +57,7 @@ def tide_env(name: str, namespace: str, spec: TideDeploymentSpec) -> list[Manife
     trig = spec.training.trigger
     env: list[Manifest] = [
         {"name": "TIDE_DEPLOYMENT", "value": name},
-        {"name": "TIDE_NAMESPACE", "value": namespace},
+        _field_env("TIDE_NAMESPACE", "metadata.namespace"),
         redis_url_env(name, namespace, spec.redis),
         {"name": "TIDE_REDIS_CLUSTER", "value": str(spec.redis.cluster).lower()},
         {"name": "TIDE_TARGET", "value": model_path(spec)},
@@ -77,6 +73,11 @@ def tide_env(name: str, namespace: str, spec: TideDeploymentSpec) -> list[Manife
     env.append({"name": "TIDE_REGISTRY_URL", "value": reg.url} if reg.url else
                {"name": "TIDE_REGISTRY_DIR", "value": reg.mount_path})
     return env
+
+
+def _field_env(var: str, path: str) -> Manifest:
+    """A variable from the downward API."""
+    return {"name": var, "valueFrom": {"fieldRef": {"fieldPath": path}}}
 
 
 def _user_env(pool: Placement) -> list[Manifest]:
@@ -127,9 +128,11 @@ def _pod_placement(pool: Placement) -> Manifest:
     return out
 
 
-def _deployment(meta: Manifest, replicas: int, pod_labels: dict[str, str], pod_spec: Manifest) -> Manifest:
+def _deployment(meta: Manifest, replicas: int | None, pod_labels: dict[str, str], pod_spec: Manifest) -> Manifest:
+    """`replicas` None leaves the count to whoever scales the Deployment (an HorizontalPodAutoscaler)."""
+    count = {} if replicas is None else {"replicas": replicas}
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta,
-            "spec": {"replicas": replicas, "selector": {"matchLabels": pod_labels},
+            "spec": {**count, "selector": {"matchLabels": pod_labels},
                      "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec}}}
 
 
@@ -142,8 +145,7 @@ def sglang_args(spec: TideDeploymentSpec) -> list[str]:
             *inf.sglang_args]
 
 
-def inference_deployment(name: str, namespace: str, spec: TideDeploymentSpec, role: str,
-                         replicas: int) -> Manifest:
+def inference_deployment(name: str, namespace: str, spec: TideDeploymentSpec) -> Manifest:
     inf = spec.inference
     volumes, mounts = _volumes(spec, registry_read_only=True)
     # SGLang's tensor-parallel workers share memory through /dev/shm; the container default is 64 MiB.
@@ -154,14 +156,16 @@ def inference_deployment(name: str, namespace: str, spec: TideDeploymentSpec, ro
         "name": "sglang", "image": inf.image,
         "command": ["tide", "serve"], "args": sglang_args(spec),
         "ports": [{"name": "http", "containerPort": inf.port}],
-        "env": [*tide_env(name, namespace, spec), {"name": "TIDE_ROLE", "value": role}, *_user_env(inf)],
+        "env": [*tide_env(name, namespace, spec), _field_env("TIDE_POD_NAME", "metadata.name"),
+                {"name": "TIDE_HEARTBEAT_S", "value": f"{seconds(spec.rollout.heartbeat_interval):g}"},
+                *_user_env(inf)],
         "resources": _resources(inf), "volumeMounts": mounts,
         # Loading a large target takes minutes: the startup probe allows 30 min before liveness applies.
         "startupProbe": {**probe, "failureThreshold": 180}, "readinessProbe": probe,
     }
     pod = {"containers": [container], "volumes": volumes, **_pod_placement(inf)}
-    pod_labels = labels(name, "inference", role)
-    return _deployment(_meta(f"{name}-{role}", namespace, name, "inference", role), replicas, pod_labels, pod)
+    pod_labels = labels(name, "inference")
+    return _deployment(_meta(name, namespace, name, "inference"), inf.replicas, pod_labels, pod)
 
 
 def trainer_deployment(name: str, namespace: str, spec: TideDeploymentSpec) -> Manifest:
@@ -180,7 +184,7 @@ def trainer_deployment(name: str, namespace: str, spec: TideDeploymentSpec) -> M
 
 
 def inference_service(name: str, namespace: str, spec: TideDeploymentSpec) -> Manifest:
-    """Selects stable and canary pods alike: traffic splits by pod count."""
+    """Every inference pod, canary pods included: traffic splits by pod count."""
     selector = {"tide.dev/deployment": name, "app.kubernetes.io/component": "inference"}
     return {"apiVersion": "v1", "kind": "Service", "metadata": _meta(name, namespace, name, "inference"),
             "spec": {"selector": selector,
@@ -238,12 +242,9 @@ def service_monitor(name: str, namespace: str, spec: TideDeploymentSpec) -> Mani
                      "endpoints": [{"port": "http", "path": "/metrics", "interval": mon.interval}]}}
 
 
-def children(name: str, namespace: str, spec: TideDeploymentSpec, canary_active: bool) -> list[Manifest]:
+def children(name: str, namespace: str, spec: TideDeploymentSpec) -> list[Manifest]:
     """Every child this spec wants; `possible_children` minus these are deleted."""
-    stable, canary = replica_split(spec, canary_active)
-    out = [inference_deployment(name, namespace, spec, "stable", stable),
-           inference_deployment(name, namespace, spec, "canary", canary),
-           inference_service(name, namespace, spec)]
+    out = [inference_deployment(name, namespace, spec), inference_service(name, namespace, spec)]
     if spec.training.enabled:
         out.append(trainer_deployment(name, namespace, spec))
     if spec.redis.managed.enabled:
@@ -257,7 +258,7 @@ def children(name: str, namespace: str, spec: TideDeploymentSpec, canary_active:
 
 def possible_children(name: str) -> list[tuple[str, str]]:
     """(kind, name) of every child any spec could want: names are fixed, so no label query is needed."""
-    return [("Deployment", f"{name}-stable"), ("Deployment", f"{name}-canary"), ("Service", name),
+    return [("Deployment", name), ("Service", name),
             ("Deployment", f"{name}-trainer"), ("StatefulSet", f"{name}-redis"), ("Service", f"{name}-redis"),
             ("PodMonitor", name), ("ServiceMonitor", name)]
 

@@ -6,6 +6,7 @@ and the one the operator assumes cannot drift apart. Field names are camelCase o
 convention) and snake_case in Python. Every field's description is the text `kubectl explain` shows.
 """
 
+import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -23,12 +24,22 @@ DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 # resource.Quantity as the API server accepts it: 4, 500m, 16Gi, 1.5, 1e3.
 QUANTITY = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+|[numkMGTPE]|[KMGTPE]i)?$"
 DURATION = r"^(\d+(ms|s|m|h))+$"
+_DURATION_PART = re.compile(r"(\d+)(ms|s|m|h)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 Name = Annotated[str, StringConstraints(pattern=DNS_SUBDOMAIN, max_length=253)]
 Quantity = Annotated[int | Annotated[str, StringConstraints(pattern=QUANTITY)],
                      Field(json_schema_extra={"x-kubernetes-int-or-string": True})]
 LabelValue = Annotated[str, StringConstraints(max_length=63)]
 Version = Annotated[int, Field(ge=0, le=1_000_000_000)]
+
+
+Duration = Annotated[str, StringConstraints(pattern=DURATION)]
+
+
+def seconds(duration: str) -> float:
+    """A `Duration` ("90s", "1h30m", "500ms") in seconds."""
+    return sum(int(n) * _UNIT_S[unit] for n, unit in _DURATION_PART.findall(duration))
 
 
 class _Model(BaseModel):
@@ -92,12 +103,17 @@ class DraftSpec(_Model):
         "auto", description="auto: canary every published version; manual: only a pinned version is served")
     version: Version | None = Field(
         None, description="pin this version as stable (manual promotion or rollback); null resumes `policy`")
+    keep_versions: int = Field(
+        10, ge=1, le=1000, description="newest versions kept besides version 0, stable, canary, pinned and those "
+        "still rolling out; older DraftVersions and their registry files are deleted")
 
 
 class InferenceSpec(Placement):
-    """The SGLang serving pool: a stable and a canary Deployment behind one Service."""
+    """The SGLang serving pool: one Deployment behind one Service; canary pods are named among its pods."""
 
-    replicas: int = Field(1, ge=1, le=1000, description="inference pods in total, canary pods included")
+    replicas: int | None = Field(1, ge=1, le=1000,
+                                 description="inference pods, canary pods included; null leaves the count to an "
+                                 "HorizontalPodAutoscaler")
     image: str = Field(min_length=1, description="SGLang image with tide-sglang installed (the plugin)")
     sglang_args: list[str] = Field(default_factory=list, description="extra sglang.launch_server arguments")
     port: int = Field(30000, ge=1, le=65535, description="SGLang HTTP port (also serves /metrics)")
@@ -164,14 +180,22 @@ class RegistrySpec(_Model):
 class RolloutSpec(_Model):
     """How a published draft version is canaried, promoted or rolled back."""
 
-    canary_replicas: int = Field(1, ge=1, le=100, description="canary pods (taken from `replicas`)")
-    canary_percent: int | None = Field(None, ge=1, le=50, description="canary share of pods; overrides replicas")
+    canary_replicas: int = Field(1, ge=1, le=100, description="pods named to load the canary, among the live "
+                                 "pods; never all of them while more than one is live")
+    canary_percent: int | None = Field(None, ge=1, le=50, description="canary share of the live pods, rounded up; "
+                                       "overrides canaryReplicas")
     min_improvement: float = Field(0.02, ge=0, le=1,
                                    description="acceptance-rate gain over stable needed to promote")
     rollback_threshold: float = Field(0.02, ge=0, le=1, description="acceptance-rate loss that rolls back")
     min_tokens: int = Field(20000, ge=1, description="drafted tokens each side must see before deciding")
     max_tokens: int = Field(1_000_000, ge=1, description="undecided after this many canary tokens: reject")
     max_swap_failures: int = Field(0, ge=0, description="canary swap failures tolerated before rollback")
+    canary_timeout: Duration = Field("1h", description="a canary still undecided after this is rejected "
+                                     "(CanaryTimeout: too little traffic, or its pods never loaded it)")
+    swap_timeout: Duration = Field("5m", description="pods still not serving their version this long after the "
+                                   "rollout moved are named in the Swapped condition (reason SwapTimeout)")
+    heartbeat_interval: Duration = Field("5s", description="how often each engine reports the version it serves "
+                                         "(TIDE_HEARTBEAT_S); a pod silent for 3 intervals counts as gone")
 
 
 class MonitoringSpec(_Model):
@@ -199,7 +223,8 @@ class TideDeploymentSpec(_Model):
 class Condition(_Model):
     """A status condition (metav1.Condition)."""
 
-    type: Literal["Ready", "Progressing", "Degraded", "RolloutPaused"] = Field(description="condition type")
+    type: Literal["Ready", "Progressing", "Degraded", "RolloutPaused", "Swapped"] = Field(
+        description="condition type")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown")
     reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", description="CamelCase reason")
     message: str = Field("", max_length=32768, description="human-readable detail")
@@ -213,11 +238,12 @@ class TideDeploymentStatus(_Model):
     observed_generation: int = Field(0, ge=0, description="last spec generation reconciled")
     stable: Version = Field(0, description="draft version all stable pods load")
     canary: Version | None = Field(None, description="draft version the canary pods load")
+    canary_pods: list[str] = Field(default_factory=list, description="pods named to load the canary")
     candidate: Version | None = Field(None, description="version under evaluation or next in line")
     acceptance: float | None = Field(None, ge=0, le=1, description="stable version's draft acceptance rate")
     events_cursor: str = Field("0-0", pattern=r"^\d+-\d+$", description="last Redis events entry consumed")
     conditions: list[Condition] = Field(default_factory=list, description="Ready, Progressing, Degraded, "
-                                        "RolloutPaused")
+                                        "RolloutPaused, Swapped")
 
 
 class DraftVersionSpec(_Model):
@@ -232,13 +258,15 @@ class DraftVersionSpec(_Model):
 class Phase(StrEnum):
     CANDIDATE = "Candidate"
     CANARY = "Canary"
+    PROMOTING = "Promoting"  # routed to every pod, not yet served by all of them
     PROMOTED = "Promoted"
+    ROLLING_BACK = "RollingBack"  # withdrawn, some pods still serve it
     ROLLED_BACK = "RolledBack"
     REJECTED = "Rejected"
 
 
 class Counters(_Model):
-    """Counts engines add to `tide:{<deployment>}:stats:<version>`."""
+    """Counts engines add to the version's stats (`tide_sglang.rollout.Stats`)."""
 
     tokens: int = Field(0, ge=0, description="draft tokens verified")
     accepted: int = Field(0, ge=0, description="draft tokens accepted")
@@ -259,11 +287,13 @@ class Baseline(Counters):
 class DraftVersionStatus(_Model):
     """Where the version is in its rollout."""
 
-    phase: Phase = Field(Phase.CANDIDATE, description="Candidate, Canary, Promoted, RolledBack or Rejected")
+    phase: Phase = Field(Phase.CANDIDATE, description="Candidate, Canary, Promoting, Promoted, RollingBack, "
+                         "RolledBack or Rejected")
     reason: str = Field("Published", description="why it is in this phase")
     message: str = Field("", description="human-readable detail")
     promotion: int | None = Field(None, ge=0, description="order of promotion; the highest Promoted is stable")
     baseline: Baseline | None = Field(None, description="stable counters when the canary began")
+    canary_pods: list[str] = Field(default_factory=list, description="pods named to load it while in Canary")
     canary: Counters | None = Field(None, description="canary counters at the last decision")
     acceptance: float | None = Field(None, ge=0, le=1, description="canary acceptance rate")
     stable_acceptance: float | None = Field(None, ge=0, le=1,

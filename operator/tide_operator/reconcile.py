@@ -10,15 +10,24 @@ import datetime
 import logging
 import threading
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
 from pydantic import ValidationError
 
-from tide_operator import builders, redis_io, rollout, status
+from tide_operator import builders, redis_io, registry_io, rollout, status
 from tide_operator.config import OperatorSettings
 from tide_operator.kube import ApiError, Kube, Obj, merge_patch
-from tide_operator.models import Baseline, Counters, DraftVersionStatus, Phase, TideDeploymentSpec, TideDeploymentStatus
+from tide_operator.models import (
+    Baseline,
+    Counters,
+    DraftVersionStatus,
+    Phase,
+    TideDeploymentSpec,
+    TideDeploymentStatus,
+    seconds,
+)
 from tide_operator.status import Pods, Problem
 
 log = logging.getLogger(__name__)
@@ -26,7 +35,17 @@ Versions = dict[int, DraftVersionStatus]
 
 
 def now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return rollout.stamp(datetime.datetime.now(datetime.UTC))
+
+
+@dataclass
+class Observed:
+    """What one pass read from Redis: the events cursor, the stats judged, the pods' versions (None: unread)."""
+
+    cursor: str
+    stats: dict[int, Counters] = field(default_factory=dict)
+    fleet: rollout.Fleet | None = None
+    problems: list[Problem] = field(default_factory=list)
 
 
 def _dump(model: Any) -> Obj:
@@ -53,61 +72,79 @@ class Reconciler:
         old = _old_status(td)
         spec, problems = status.parse(name, td.get("spec") or {})
         versions = self._versions(ns, name)
-        cursor, stats, pods = old.events_cursor, {}, {}
+        seen, pods = Observed(old.events_cursor), {}
         if spec is not None:
             problems += self._secret_problems(ns, spec)
         if spec is not None and not problems:  # a wrong spec changes nothing until it is fixed
-            cursor, stats, problems = self._rollout(td, spec, versions, cursor)
-            pods, rejected = self._apply_children(td, spec, rollout.routing(versions).canary is not None, prune)
-            problems += rejected
+            pods, rejected = self._apply_children(td, spec, prune)
+            seen = self._rollout(td, spec, versions, old.events_cursor, pods.get(name, Pods(0, 0)).ready)
+            problems += rejected + seen.problems
+            self._retain(td, spec, versions)
         route = rollout.routing(versions)
+        pending = next((s.phase.value for s in versions.values() if s.phase in rollout.PENDING), None)
+        generation = td["metadata"].get("generation", 0)
         new = TideDeploymentStatus(
-            observed_generation=td["metadata"].get("generation", 0), stable=route.stable, canary=route.canary,
+            observed_generation=generation, stable=route.stable, canary=route.canary,
+            canary_pods=list(route.canary_pods),
             candidate=route.canary if route.canary is not None else _waiting(versions),
-            acceptance=rollout.rounded(stats.get(route.stable, Counters()).acceptance), events_cursor=cursor,
-            conditions=status.conditions(td["metadata"].get("generation", 0), problems, pods, route, spec,
+            acceptance=rollout.rounded(seen.stats.get(route.stable, Counters()).acceptance),
+            events_cursor=seen.cursor,
+            conditions=status.conditions(generation, problems, pods, route, pending, seen.fleet, spec,
                                          old.conditions, now()))
         self._write_status(td, new)
 
-    def _rollout(self, td: Obj, spec: TideDeploymentSpec, versions: Versions,
-                 cursor: str) -> tuple[str, dict[int, Counters], list[Problem]]:
-        """Ingest published versions, take one rollout step, publish the routing. Mutates `versions`."""
+    def _rollout(self, td: Obj, spec: TideDeploymentSpec, versions: Versions, cursor: str,
+                 ready: int) -> "Observed":
+        """Ingest published versions, take one rollout step, publish the control state. Mutates `versions`."""
         name, ns = td["metadata"]["name"], td["metadata"]["namespace"]
         try:
             client = self._client(td, spec)
             cursor = self._ingest(client, td, versions, cursor)
             problems = status.check_pin(spec, set(versions))
-            route = rollout.routing(versions)
-            wanted = {route.stable}
-            if route.canary is not None:  # the canary is judged against the stable version of its baseline
-                wanted |= {route.canary, (versions[route.canary].baseline or Baseline()).version}
-            stats = redis_io.read_stats(client, ns, name, wanted)
-            changed = {} if problems else rollout.step(spec.draft, spec.rollout, versions, stats, now())
-            # Engines first, then the DraftVersions: a version reads Canary or Promoted only once the control
-            # hash routes it (Redis down: neither changes, and the next pass decides again).
+            stats = redis_io.read_stats(client, ns, name, _judged(versions))
+            beats = redis_io.read_heartbeats(client, ns, name, seconds(spec.rollout.heartbeat_interval))
+            fleet = rollout.Fleet({pod: beat.version for pod, beat in beats.items()}, ready)
+            changed = {} if problems else rollout.step(spec.draft, spec.rollout, versions, stats, fleet,
+                                                      datetime.datetime.now(datetime.UTC))
+            # Engines first, then the DraftVersions: a version reads Canary or Promoting only once the control
+            # state routes it (Redis down: neither changes, and the next pass decides again).
             route = rollout.routing({**versions, **changed})
-            redis_io.write_control(client, ns, name, route.stable, route.canary)
+            triggers = [beat.trigger for beat in beats.values()]
+            redis_io.write_control(client, ns, name, rollout.control_state(route, spec.training, triggers))
             for v, st in changed.items():
                 self._set_version_status(td, v, versions.get(v), st)
                 versions[v] = st
-            return cursor, stats, problems
+            return Observed(cursor, stats, fleet, problems)
+        except redis_io.Malformed as e:
+            return Observed(cursor, problems=[Problem("InvalidRolloutData", str(e))])
         except redis_io.Unavailable as e:
             self._redis.clear()
-            return cursor, {}, [Problem("RedisUnavailable", f"Redis: {e}")]
+            return Observed(cursor, problems=[Problem("RedisUnavailable", f"Redis: {e}")])
 
     def _ingest(self, client: redis_io.Client, td: Obj, versions: Versions, cursor: str) -> str:
         """DraftVersions for the initial draft and for every published version after `cursor`."""
         if 0 not in versions:
             versions[0] = self._create_version(td, 0, None, {}, DraftVersionStatus(
-                phase=Phase.PROMOTED, reason="Initial", message="spec.draft.initialPath", promotion=0,
+                phase=Phase.PROMOTED, reason="Initial", message="the imported initial draft", promotion=0,
                 last_transition_time=now()))
-        for entry_id, event in redis_io.read_events(client, td["metadata"]["namespace"],
-                                                    td["metadata"]["name"], cursor, self.config.events_batch):
-            if event is not None and event.version not in versions:
+        events, cursor = redis_io.read_events(client, td["metadata"]["namespace"], td["metadata"]["name"], cursor,
+                                              self.config.events_batch)
+        for event in events:
+            if event.version not in versions:
                 versions[event.version] = self._create_version(td, event.version, event.parent, event.metrics,
                                                                DraftVersionStatus(last_transition_time=now()))
-            cursor = entry_id
         return cursor
+
+    def _retain(self, td: Obj, spec: TideDeploymentSpec, versions: Versions) -> None:
+        """Delete retired DraftVersions, then the registry files no DraftVersion names (when the operator can
+        reach the registry). Mutates `versions`."""
+        name, ns = td["metadata"]["name"], td["metadata"]["namespace"]
+        for v in rollout.retired(spec.draft, versions):
+            self.kube.delete("DraftVersion", ns, f"{name}-v{v}")
+            del versions[v]
+        registry = registry_io.open_registry(spec.registry)
+        if registry is not None:
+            registry_io.delete_unnamed(registry, set(versions))
 
     def _create_version(self, td: Obj, version: int, parent: int | None, metrics: dict[str, float],
                         initial: DraftVersionStatus) -> DraftVersionStatus:
@@ -139,12 +176,11 @@ class Reconciler:
                 log.warning("ignoring DraftVersion %s: %s", dv["metadata"]["name"], e)
         return out
 
-    def _apply_children(self, td: Obj, spec: TideDeploymentSpec, canary_active: bool,
-                        prune: bool) -> tuple[dict[str, Pods], list[Problem]]:
+    def _apply_children(self, td: Obj, spec: TideDeploymentSpec, prune: bool) -> tuple[dict[str, Pods], list[Problem]]:
         """Apply every wanted child, delete unwanted ones. A child the API server refuses (an immutable
         field changed, a CRD not installed) becomes a problem; the other children are still applied."""
         name, ns = td["metadata"]["name"], td["metadata"]["namespace"]
-        desired = builders.children(name, ns, spec, canary_active)
+        desired = builders.children(name, ns, spec)
         wanted = {(c["kind"], c["metadata"]["name"]) for c in desired}
         kopf.adopt(desired, owner=td)
         pods, rejected = {}, []
@@ -156,9 +192,9 @@ class Reconciler:
                     raise
                 rejected.append(Problem("ChildRejected", f"{child['kind']} {child['metadata']['name']}: {e}"))
                 continue
-            if child["kind"] in ("Deployment", "StatefulSet"):
+            if child["kind"] in ("Deployment", "StatefulSet"):  # the live count: an autoscaler may set it
                 ready = (live.get("status") or {}).get("readyReplicas") or 0
-                pods[child["metadata"]["name"]] = Pods(child["spec"]["replicas"], ready)
+                pods[child["metadata"]["name"]] = Pods((live.get("spec") or {}).get("replicas", 1), ready)
         for kind, child_name in builders.possible_children(name) if prune else ():
             if (kind, child_name) not in wanted:
                 self.kube.delete(kind, ns, child_name)
@@ -198,15 +234,14 @@ class Reconciler:
         with self._locks[namespace, name]:
             for kind, child in builders.possible_children(name):
                 self.kube.delete(kind, namespace, child)
-            versions = self._versions(namespace, name)
-            for v in versions:
+            for v in self._versions(namespace, name):
                 self.kube.delete("DraftVersion", namespace, f"{name}-v{v}")
             td = self.kube.get("TideDeployment", namespace, name)
             spec, _ = status.parse(name, (td or {}).get("spec") or {})
             if td is None or spec is None:
                 return
             try:
-                redis_io.forget(self._client(td, spec), namespace, name, versions)
+                redis_io.forget(self._client(td, spec), namespace, name)
             except (*redis_io.Unavailable, KeyError) as e:
                 log.warning("left the Redis keys of %s/%s in place: %s", namespace, name, e)
         self._locks.pop((namespace, name), None)
@@ -217,6 +252,14 @@ def _old_status(td: Obj) -> TideDeploymentStatus:
         return TideDeploymentStatus.model_validate(td.get("status") or {})
     except ValidationError:
         return TideDeploymentStatus()  # written by someone else: rebuilt from DraftVersions on this pass
+
+
+def _judged(versions: Versions) -> set[int]:
+    """Versions whose stats a pass reads: stable, and during a canary the canary and its baseline's version."""
+    route = rollout.routing(versions)
+    if route.canary is None:
+        return {route.stable}
+    return {route.stable, route.canary, (versions[route.canary].baseline or Baseline()).version}
 
 
 def _waiting(versions: Versions) -> int | None:

@@ -14,10 +14,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from tide_operator.builders import RESERVED_ENV
-from tide_operator.models import Condition, SecretKeyRef, TideDeploymentSpec
-from tide_operator.rollout import Routing
+from tide_operator.models import Condition, SecretKeyRef, TideDeploymentSpec, seconds
+from tide_operator.rollout import Fleet, Routing, parse_time
 
-# Child names append "-canary" or "-trainer" and pods append ~16 characters: keep host names within 63.
+# Child names append "-trainer" and pods append ~16 characters: keep host names within 63.
 MAX_NAME = 40
 _NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
@@ -60,6 +60,8 @@ def check(spec: TideDeploymentSpec) -> list[Problem]:
     if spec.rollout.min_tokens > spec.rollout.max_tokens:
         out.append(Problem("InvalidRollout", "rollout.minTokens exceeds rollout.maxTokens: no canary could "
                                              "ever be decided"))
+    if not seconds(spec.rollout.heartbeat_interval):
+        out.append(Problem("InvalidRollout", "rollout.heartbeatInterval must be longer than zero"))
     return out
 
 
@@ -95,8 +97,12 @@ class Pods:
 
 
 def conditions(generation: int, problems: list[Problem], pods: Mapping[str, Pods], route: Routing,
-               spec: TideDeploymentSpec | None, old: list[Condition], now: str) -> list[Condition]:
-    """Ready, Progressing, Degraded and RolloutPaused, keeping lastTransitionTime where status holds."""
+               pending: str | None, fleet: Fleet | None, spec: TideDeploymentSpec | None, old: list[Condition],
+               now: str) -> list[Condition]:
+    """Ready, Progressing, Degraded, RolloutPaused and Swapped, keeping lastTransitionTime where status holds.
+    `pending` is the phase (Promoting, RollingBack) of a rollout the pods have not confirmed yet; `fleet` is
+    None when the heartbeats could not be read."""
+    previous = {c.type: c for c in old}
     waiting = [f"{n} {p.ready}/{p.desired} ready" for n, p in pods.items() if p.ready < p.desired]
     degraded = ("True", problems[0].reason, "; ".join(p.message for p in problems)) if problems else \
         ("False", "AsExpected", "")
@@ -104,14 +110,16 @@ def conditions(generation: int, problems: list[Problem], pods: Mapping[str, Pods
         ready = ("False", "Degraded", "see the Degraded condition")
     else:
         ready = ("False", "PodsNotReady", ", ".join(waiting)) if waiting else ("True", "AllPodsReady", "")
-    if route.canary is not None:
-        progressing = ("True", "Canary", f"canary v{route.canary} against stable v{route.stable}")
+    if pending is not None:
+        progressing = ("True", pending, f"v{route.stable} routed to every pod; see the Swapped condition")
+    elif route.canary is not None:
+        progressing = ("True", "Canary", f"canary v{route.canary} on {', '.join(route.canary_pods)} against "
+                                         f"stable v{route.stable}")
     else:
         progressing = ("True", "PodsStarting", ", ".join(waiting)) if waiting else \
             ("False", "Stable", f"serving v{route.stable}")
-    paused = _paused(spec, problems)
-    new = {"Ready": ready, "Progressing": progressing, "Degraded": degraded, "RolloutPaused": paused}
-    previous = {c.type: c for c in old}
+    new = {"Ready": ready, "Progressing": progressing, "Degraded": degraded, "RolloutPaused": _paused(spec, problems),
+           "Swapped": _swapped(route, fleet, spec, previous.get("Swapped"), now)}
     out = []
     for kind, (status, reason, message) in new.items():
         prev = previous.get(kind)
@@ -119,6 +127,24 @@ def conditions(generation: int, problems: list[Problem], pods: Mapping[str, Pods
         out.append(Condition(type=kind, status=status, reason=reason, message=message,  # type: ignore[arg-type]
                              observed_generation=generation, last_transition_time=since))
     return out
+
+
+def _swapped(route: Routing, fleet: Fleet | None, spec: TideDeploymentSpec | None, prev: Condition | None,
+             now: str) -> tuple[str, str, str]:
+    """Whether every live pod serves the version the routing gives it; after `rollout.swapTimeout` of not,
+    reason SwapTimeout. Either way the message names the pods that lag."""
+    if fleet is None or spec is None:
+        return "Unknown", "NoHeartbeats", "the pods' heartbeats could not be read"
+    if not fleet.loaded and not fleet.ready:
+        return "Unknown", "NoLivePods", "no inference pod is ready or reporting"
+    if fleet.serves(route):
+        canary = f", canary v{route.canary} on {', '.join(route.canary_pods)}" if route.canary is not None else ""
+        return "True", "AllPodsSwapped", f"{len(fleet.loaded)} pod(s) serve stable v{route.stable}{canary}"
+    lag = [f"{p} serves v{v}, not v{route.version_for(p)}" for p, v in fleet.lagging(route).items()]
+    lag += [f"{fleet.silent} ready pod(s) not reporting"] if fleet.silent else []
+    since = prev.last_transition_time if prev is not None and prev.status == "False" else now
+    late = (parse_time(now) - parse_time(since)).total_seconds() >= seconds(spec.rollout.swap_timeout)
+    return "False", "SwapTimeout" if late else "Swapping", "; ".join(lag)
 
 
 def _paused(spec: TideDeploymentSpec | None, problems: list[Problem]) -> tuple[str, str, str]:

@@ -147,8 +147,6 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- define "tide.monitorRelabelings" -}}
 - sourceLabels: [__meta_kubernetes_pod_label_tide_dev_deployment]
   targetLabel: deployment
-- sourceLabels: [__meta_kubernetes_pod_label_tide_dev_role]
-  targetLabel: role
 - sourceLabels: [__meta_kubernetes_pod_label_app_kubernetes_io_component]
   targetLabel: component
 {{- end -}}

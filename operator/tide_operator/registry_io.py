@@ -1,0 +1,47 @@
+"""The registry adapter: the operator owns version retention, so it is the one that deletes registry versions.
+
+It deletes only versions no DraftVersion names and older than the newest one named (a version published but not
+yet ingested is newer than every DraftVersion), so nothing a DraftVersion names, and nothing still on its way
+to one, is ever deleted. The operator reaches a registry given as `registry.url: file:///path` (a volume mounted
+into the operator's pod as well, or a local directory); a registry on a PVC of the TideDeployment's namespace
+is not mounted into the operator, so there only DraftVersions are retired and the files stay.
+"""
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tide_operator.models import RegistrySpec
+
+if TYPE_CHECKING:
+    from tide_sglang.draft import DraftRegistry
+
+log = logging.getLogger(__name__)
+
+
+def open_registry(spec: RegistrySpec) -> "DraftRegistry | None":
+    """The registry when the operator can reach it, else None."""
+    if spec.url is None or not spec.url.startswith("file://"):
+        return None
+    from tide_sglang.draft import DraftRegistry  # torch: imported only where a registry is reachable
+
+    try:
+        return DraftRegistry(Path(spec.url.removeprefix("file://")))
+    except FileNotFoundError:
+        return None  # the trainer creates it
+
+
+def delete_unnamed(registry: "DraftRegistry", named: set[int]) -> list[int]:
+    """Delete the stored versions no DraftVersion names, older than the newest named; returns those deleted."""
+    deleted = []
+    for v in registry.versions():
+        if v in named or v >= max(named, default=0):
+            continue
+        try:
+            registry.delete(v)
+        except OSError as e:  # retried on the next pass: the rule is level-based
+            log.warning("could not delete draft v%d from the registry %s: %s", v, registry.root, e)
+            continue
+        log.info("deleted draft v%d from the registry %s: no DraftVersion names it", v, registry.root)
+        deleted.append(v)
+    return deleted
