@@ -13,8 +13,8 @@ COPY operator ./operator
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 FROM ${PYTHON_IMAGE}
-# tide_sglang.stream (the Redis adapter the operator shares with the engines) imports torch: the CPU build is
-# enough here and keeps the image small. Pass another index or version with --build-arg.
+# tide_sglang.stream (the Redis adapter the operator shares with the engines) and DraftRegistry (retention) import
+# torch: the CPU build is enough here and keeps the image small. Pass another index or version with --build-arg.
 ARG TORCH_SPEC="torch==2.13.0"
 ARG TORCH_INDEX="https://download.pytorch.org/whl/cpu"
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1

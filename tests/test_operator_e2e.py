@@ -288,8 +288,9 @@ async def test_retention_deletes_old_versions_but_never_a_named_one(
     for v in (1, 2, 3):
         publish(r, v, 0)
     await wait_for(lambda: phase(cluster, 3) == "Canary", what="newest canaried")
-    await wait_for(lambda: cluster.get("DraftVersion", f"{NAME}-v1") is None, what="superseded DraftVersions retired")
-    assert cluster.get("DraftVersion", f"{NAME}-v2") is None and phase(cluster, 0) == "Promoted"
+    await wait_for(lambda: cluster.get("DraftVersion", f"{NAME}-v1") is cluster.get("DraftVersion", f"{NAME}-v2")
+                   is None, what="superseded DraftVersions retired")
+    assert phase(cluster, 0) == "Promoted" and phase(cluster, 3) == "Canary"
     await wait_for(lambda: sorted(p.name for p in registry.iterdir()) == ["v000000", "v000003", "v000004"],
                    what="their files deleted")
 

@@ -249,6 +249,13 @@ class DraftRegistry:
 
     # -- garbage collection --------------------------------------------------------------------------------
 
+    def delete(self, version: int) -> None:
+        """Remove one version (the operator's retention decides which). Renamed first, so a delete killed half way
+        never leaves a half-deleted visible version."""
+        doomed = self.root / f".tmp-gc-v{version:06d}"
+        self.path(version).rename(doomed)
+        shutil.rmtree(doomed)
+
     def gc(self, keep_last: int, protect: set[int] | frozenset[int] = frozenset(),
            stale_tmp_s: float = 3600.0) -> list[int]:
         """Remove all but the newest `keep_last` versions (never those in `protect`, never the latest), and
@@ -258,10 +265,7 @@ class DraftRegistry:
         removed = []
         for version in versions:
             if version not in keep:
-                # Rename first so a gc killed half way never leaves a half-deleted visible version.
-                doomed = self.root / f".tmp-gc-v{version:06d}"
-                self.path(version).rename(doomed)
-                shutil.rmtree(doomed)
+                self.delete(version)
                 removed.append(version)
         for tmp in self.root.glob(".tmp-*"):
             if time.time() - tmp.stat().st_mtime > stale_tmp_s:
