@@ -1,4 +1,4 @@
-"""DraftRegistry: atomic versions, verify() that rejects anything unsafe, gc, one vocabulary per lineage."""
+"""DraftRegistry: atomic versions, verify() that rejects anything unsafe, delete, one vocabulary per lineage."""
 
 import json
 import os
@@ -82,16 +82,22 @@ def test_one_vocabulary_per_lineage(tmp_path: Path) -> None:
     assert registry.versions() == [1]
 
 
-def test_gc_keeps_last_n_protected_and_removes_stale_temporaries(tmp_path: Path) -> None:
+def test_delete_refuses_versions_in_use_and_stale_temporaries_go(tmp_path: Path) -> None:
     registry = DraftRegistry(tmp_path, create=True)
-    for _ in range(5):
+    for _ in range(3):
         registry.publish(tiny_draft())
     stale = tmp_path / ".tmp-dead"
     stale.mkdir()
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
-    assert registry.gc(keep_last=2, protect={1}) == [2, 3]
-    assert registry.versions() == [1, 4, 5] and not stale.exists()
-    assert registry.publish(tiny_draft()).version == 6  # numbers never go back
+    fresh = tmp_path / ".tmp-publishing"
+    fresh.mkdir()
+    with pytest.raises(ValueError, match="in use"):
+        registry.delete(3, in_use={1, 3})  # the stable or canary version, or one a DraftVersion names
+    registry.delete(2, in_use={1, 3})
+    with pytest.raises(FileNotFoundError):
+        registry.delete(2, in_use=set())
+    assert registry.versions() == [1, 3] and registry.remove_stale_tmp() == [stale] and fresh.exists()
+    assert registry.publish(tiny_draft()).version == 4  # numbers never go back
 
 
 def test_missing_registry_is_a_clear_error(tmp_path: Path) -> None:
@@ -123,8 +129,7 @@ def test_publish_killed_half_way_leaves_no_visible_version(tmp_path: Path, delay
     for version in registry.versions():
         assert isinstance(registry.verify(version).manifest, Manifest)
     assert all(p.name.startswith(".tmp-") for p in tmp_path.iterdir() if not p.name.startswith("v"))
-    before = registry.versions()
-    assert registry.gc(keep_last=1, stale_tmp_s=0) == before[:-1]
+    registry.remove_stale_tmp(stale_s=0)
     assert not list(tmp_path.glob(".tmp-*"))
 
 

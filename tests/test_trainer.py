@@ -7,6 +7,7 @@ import torch
 
 from tests.test_draft import tiny_draft
 from tide_sglang.capture import CaptureBatch
+from tide_sglang.rollout import ControlState
 from tide_sglang.trainer import (
     Acceptance,
     Chunk,
@@ -18,6 +19,7 @@ from tide_sglang.trainer import (
     ttt_loss,
 )
 from tide_sglang.trainer import state as ckpt
+from tide_sglang.trainer.lineage import version_to_readopt
 
 
 def step_batch(rows: dict[str, list[int]], width: int = 6, domains: list[str] | None = None) -> CaptureBatch:
@@ -178,3 +180,17 @@ def test_trainer_metrics_are_exposed_under_the_documented_names():
     assert 'tide_trainer_heldout_acceptance{deployment="chat",draft_version="0",model="candidate"} 1.9' in text
     assert 'tide_stream_lag_entries{deployment="chat"} 12.0' in text
     assert 'tide_stream_pending_entries{deployment="chat"} 3.0' in text
+
+
+@pytest.mark.parametrize(("head", "ancestors", "was_routed", "ctl", "readopt"), [
+    (3, {0, 1, 2}, False, None, None),  # no operator: keep training
+    (3, {0, 1, 2}, False, ControlState(stable=2), None),  # v3 waits for its canary on top of the stable v2
+    (3, {0, 1, 2}, False, ControlState(stable=2, canary=3, canary_pods=("p",)), None),  # v3 is the canary
+    (3, {0, 1, 2}, True, ControlState(stable=3), None),  # promoted
+    (3, {0, 1, 2}, True, ControlState(stable=2), 2),  # canaried, then rolled back
+    (3, {0, 1, 2}, True, ControlState(stable=0), 0),  # promoted, then a pin back to the imported draft
+    (3, {0, 1}, False, ControlState(stable=2), 2),  # stable on another branch (a pin): follow what is served
+    (None, set(), False, ControlState(stable=0), None),  # a new lineage before its first version
+])
+def test_which_served_version_the_trainer_goes_back_to(head, ancestors, was_routed, ctl, readopt) -> None:
+    assert version_to_readopt(head, ancestors, was_routed, ctl) == readopt

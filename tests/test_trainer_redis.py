@@ -8,17 +8,20 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
 
 from tests.helpers import wait_for
+from tests.specforge import write_specforge_export
 from tide_sglang import keys, rollout
 from tide_sglang.bench.traffic import cached_generate, capture, prompt_lengths, prompts
 from tide_sglang.capture import CaptureBatch
 from tide_sglang.cli import main
 from tide_sglang.draft import DraftRegistry
+from tide_sglang.draft.importer import import_draft
 from tide_sglang.draft.target import Target, heads_of, load_target
 from tide_sglang.settings import TideSettings
 from tide_sglang.stream import StreamReader, StreamWriter, connect
-from tide_sglang.trainer import DraftTrainer
+from tide_sglang.trainer import DraftTrainer, service
 from tide_sglang.trainer import state as ckpt
 from tide_sglang.trainer.cli import train
 
@@ -201,3 +204,46 @@ def test_tide_train_killed_and_restarted_resumes_without_losing_acked_work(
     for version in registry.versions():
         assert registry.verify(version).manifest.metrics.accept_length > 1.0
     assert client.xlen(keys.events("default", "test")) == len(registry.versions())
+
+
+def test_an_imported_specforge_draft_is_continued_gated_as_served_and_rolled_back_to(
+        settings: TideSettings, smollm2: Target, traffic: list[CaptureBatch], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = settings.model_copy(update=SMALL)
+    monkeypatch.setattr(service, "CONTROL_POLL_S", 0.0)  # read the control state on every look
+    heads = heads_of(smollm2.model)
+    counts = torch.bincount(torch.cat([b.token_ids for b in traffic]), minlength=heads.config.vocab_size)
+    hot = counts.topk(512).indices.sort().values
+    source = write_specforge_export(tmp_path / "specforge", hidden_size=576, intermediate_size=256,
+                                    num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                                    vocab_size=heads.config.vocab_size, hot_ids=hot, layout="hf",
+                                    dtype=torch.bfloat16)
+    weights = load_file(str(source / "model.safetensors"))  # a SpecForge draft that started from its target
+    weights["lm_head.weight"] = heads.lm_head[hot].to(torch.bfloat16)
+    weights["norm.weight"] = heads.norm.to(torch.bfloat16)
+    save_file(weights, str(source / "model.safetensors"), metadata={"format": "pt"})
+    registry = DraftRegistry(tmp_path / "reg", create=True)
+    import_draft(source, registry)
+
+    _write(settings, traffic)
+    trainer = _trainer(settings, tmp_path / "reg", smollm2)
+    v0 = registry.load_tensors(0)[1]
+    assert trainer.state.parent == 0 and torch.equal(trainer.draft.d2t, v0["d2t"])  # its vocabulary, its weights
+    assert torch.equal(trainer.draft.fc.weight, v0["fc.weight"].float())
+    _drain(trainer, sum(b.num_tokens for b in traffic))
+    first = trainer.evaluate()
+    assert first.deployed_version == 0 and first.candidate == first.deployed  # gated against v0 as served
+    for _ in range(40):
+        trainer.train_step()
+    assert trainer.evaluate().published == 1 and registry.get(1).parent == 0
+    client = connect(settings)
+    events = rollout.read_events(client, settings.namespace, settings.deployment)
+    assert [(e.version, e.parent) for _, e in events] == [(1, 0)]
+
+    ns, dep = settings.namespace, settings.deployment
+    rollout.write_control(client, ns, dep, rollout.ControlState(stable=0, canary=1, canary_pods=("pod-a",)))
+    assert trainer.follow_rollbacks() is None  # v1 serves as the canary: keep training it
+    rollout.write_control(client, ns, dep, rollout.ControlState(stable=0))  # the operator rolled v1 back
+    assert trainer.follow_rollbacks() == 0 and trainer.state.parent == 0
+    assert torch.equal(trainer.draft.fc.weight, v0["fc.weight"].float())  # v1's weights are not trained further
+    assert trainer.follow_rollbacks() is None

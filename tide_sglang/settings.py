@@ -48,7 +48,6 @@ class TideSettings(BaseSettings):
 
     # Draft registry and online trainer (tide_sglang/draft, tide_sglang/trainer, docs/trainer.md).
     registry_dir: Path | None = Field(None, description="draft registry directory (a PVC in production)")
-    registry_keep_last: int = Field(10, ge=1, description="versions gc() keeps besides the stable/canary ones")
     target: str = Field("smollm2-135m", description="target checkpoint dir: embedding, lm_head, norm for the draft")
     train_checkpoint_dir: Path | None = Field(None, description="trainer state, to resume after a restart")
     train_checkpoint_interval_s: float = Field(60.0, gt=0, description="entries are acked at each checkpoint")

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DEFAULT_AUX_LAYERS = 3  # SGLang's capture when the config names no layers: [2, L // 2, L - 3]
 
 
 class DraftConfig(BaseModel):
@@ -25,7 +26,8 @@ class DraftConfig(BaseModel):
     max_position_embeddings: int = Field(8192, gt=0)
     vocab_size: int = Field(gt=0, description="the target's vocabulary; embeddings and t2d cover it")
     draft_vocab_size: int = Field(gt=0, description="rows of lm_head: the hot tokens the draft can propose")
-    aux_layer_ids: list[int] = Field(min_length=1, description="target layers fused by fc (SGLang/SpecForge ids)")
+    aux_layer_ids: list[int] = Field(description="target layers fused by fc (SGLang/SpecForge ids); empty: "
+                                     "SGLang's default three")
     torch_dtype: str = Field("bfloat16", description="dtype of the saved tensors (SGLang serves in this)")
 
     @model_validator(mode="after")
@@ -40,8 +42,8 @@ class DraftConfig(BaseModel):
 
     @property
     def aux_layers(self) -> int:
-        """K: how many target layers are concatenated in a captured hidden state."""
-        return len(self.aux_layer_ids)
+        """K: how many target layers are concatenated in a captured hidden state (SGLang's default: 3)."""
+        return len(self.aux_layer_ids) or DEFAULT_AUX_LAYERS
 
     @property
     def dtype(self) -> torch.dtype:
@@ -91,20 +93,43 @@ class DraftConfig(BaseModel):
             "draft_vocab_size": self.draft_vocab_size,
             # False: with True SGLang would use the embedding as a full-vocabulary head and ignore lm_head.
             "tie_word_embeddings": False,
-            "eagle_config": {"eagle_aux_hidden_state_layer_ids": self.aux_layer_ids},
             "torch_dtype": self.torch_dtype,
-        }
+        } | ({"eagle_config": {"eagle_aux_hidden_state_layer_ids": self.aux_layer_ids}} if self.aux_layer_ids else {})
 
     @classmethod
     def from_sglang(cls, body: dict[str, Any]) -> "DraftConfig":
-        """Read back a config this module wrote; anything that would change the architecture is rejected."""
-        if body.get("architectures") != [ARCHITECTURE] or body.get("num_hidden_layers") != 1:
-            raise ValueError(f"not a one-layer {ARCHITECTURE} config: {body.get('architectures')}")
-        if body.get("tie_word_embeddings") is not False:
+        """Read an EAGLE-3 `config.json`: TIDE's own, SpecForge's exports (no `target_hidden_size`, no
+        `eagle_config`: SGLang's defaults; `dtype` as transformers 5 writes it), and other SGLang-format drafts.
+        Anything TIDE's draft model would compute differently from SGLang is rejected, with the field named."""
+        if body.get("architectures") != [ARCHITECTURE] or body.get("num_hidden_layers", 1) != 1:
+            raise ValueError(f"not a one-layer {ARCHITECTURE} config: architectures {body.get('architectures')}, "
+                             f"num_hidden_layers {body.get('num_hidden_layers')}")
+        if body.get("tie_word_embeddings", False) is not False:
             raise ValueError("tie_word_embeddings must be false for a reduced-vocabulary draft")
+        eagle = body.get("eagle_config") or {}
+        unsupported = {k: v for k, v in (("hidden_act", body.get("hidden_act", "silu")),
+                                         ("fc_norm", body.get("fc_norm", False)),
+                                         ("norm_before_fc", eagle.get("norm_before_fc", body.get("norm_before_fc"))),
+                                         ("attention_bias", body.get("attention_bias", False)),
+                                         ("mlp_bias", body.get("mlp_bias", False)))
+                       if v not in (None, False, "silu")}
+        rope = body.get("rope_parameters") or body.get("rope_scaling") or {}
+        if (rope.get("rope_type") or rope.get("type") or "default") != "default":
+            unsupported["rope"] = rope.get("rope_type") or rope.get("type")
+        if unsupported:
+            raise ValueError(f"unsupported draft architecture options {unsupported}: TIDE's draft model computes "
+                             "plain Llama-style attention and RoPE without scaling")
         names = set(cls.model_fields) - {"aux_layer_ids"}
-        fields = {k: body[k] for k in names if k in body}
-        return cls(**fields, aux_layer_ids=body.get("eagle_config", {}).get("eagle_aux_hidden_state_layer_ids", []))
+        fields = {k: body[k] for k in names if body.get(k) is not None}
+        fields.setdefault("target_hidden_size", body.get("hidden_size"))
+        fields.setdefault("draft_vocab_size", body.get("vocab_size"))
+        fields.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
+        if "head_dim" not in fields and body.get("hidden_size") and body.get("num_attention_heads"):
+            fields["head_dim"] = body["hidden_size"] // body["num_attention_heads"]
+        dtype = body.get("torch_dtype") or body.get("dtype")
+        if dtype is not None:
+            fields["torch_dtype"] = dtype
+        return cls(**fields, aux_layer_ids=eagle.get("eagle_aux_hidden_state_layer_ids") or [])
 
     def write(self, directory: Path) -> Path:
         path = directory / "config.json"

@@ -4,12 +4,13 @@
                   /model.safetensors    EAGLE-3 names, no embed_tokens
                   /manifest.json        version, parent, created, sha256 of every file, tensor shapes and dtypes,
                                         draft vocab hash, metrics (held-out acceptance of this and its parent)
-    <root>/.tmp-<random>/               a publish in progress: never listed, removed by gc()
+    <root>/.tmp-<random>/               a publish in progress: never listed, removed by remove_stale_tmp()
 
 Publish writes everything into a temporary directory, fsyncs it, then renames it to the next version: a publish
 killed half way leaves no visible version, and two publishers can never take the same number (the rename of a
 directory onto an existing one fails, and the loser takes the next number). All versions of one registry are
-one lineage and share one draft vocabulary. Every loader calls `verify()` first.
+one lineage and share one draft vocabulary. Version 0 is the imported initial draft (`tide import`, `store_initial`);
+the trainer publishes 1, 2, ... Every loader calls `verify()` first. Retention is the operator's (`delete`).
 """
 
 import hashlib
@@ -71,7 +72,7 @@ class DraftMetrics(BaseModel):
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     format: int = FORMAT
-    version: int = Field(ge=1)
+    version: int = Field(ge=0, description="0: the imported initial draft")
     parent: int | None = None
     created: str
     vocab_sha256: str
@@ -155,21 +156,32 @@ class DraftRegistry:
 
     def publish(self, draft: Eagle3Draft, *, parent: int | None = None,
                 metrics: DraftMetrics | None = None) -> Manifest:
-        """Store `draft` as the next version, atomically; returns its manifest."""
-        vocab = draft.vocab
+        """Store `draft` as the next version (1 or more), atomically; returns its manifest."""
+        return self._store(draft.config, draft.vocab, draft.draft_tensors(), parent, metrics or DraftMetrics())
+
+    def store_initial(self, config: DraftConfig, vocab: DraftVocab, tensors: dict[str, torch.Tensor]) -> Manifest:
+        """Store an imported draft as version 0: the start of the lineage, so the registry must be empty."""
+        if self.versions():
+            raise ValueError(f"draft registry {self.root} already holds versions {self.versions()}: a lineage "
+                             "starts once; import into a new registry")
+        return self._store(config, vocab, tensors, None, DraftMetrics(), version=0)
+
+    def _store(self, config: DraftConfig, vocab: DraftVocab, tensors: dict[str, torch.Tensor], parent: int | None,
+               metrics: DraftMetrics, version: int | None = None) -> Manifest:
+        """Write into a temporary directory, fsync, rename to the version (the next free one when None)."""
         self.check_vocab(vocab)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
         try:
-            tensors = draft.draft_tensors()
             save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-            draft.config.write(tmp)
+            config.write(tmp)
             files = {name: FileEntry(sha256=_sha256(tmp / name), bytes=(tmp / name).stat().st_size)
                      for name in (CONFIG, WEIGHTS)}
             specs = {name: TensorSpec(shape=list(t.shape), dtype=_DTYPE_NAMES[t.dtype]) for name, t in tensors.items()}
             while True:
-                manifest = Manifest(version=(self.latest() or 0) + 1, parent=parent, vocab_sha256=vocab.sha256(),
+                number = version if version is not None else (self.latest() or 0) + 1
+                manifest = Manifest(version=number, parent=parent, vocab_sha256=vocab.sha256(),
                                     created=datetime.now(UTC).isoformat(timespec="seconds"), files=files,
-                                    tensors=specs, metrics=metrics or DraftMetrics())
+                                    tensors=specs, metrics=metrics)
                 (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
                 for name in (CONFIG, WEIGHTS, MANIFEST):
                     with (tmp / name).open("rb") as f:
@@ -180,6 +192,8 @@ class DraftRegistry:
                 except OSError:
                     if not self.path(manifest.version).exists():
                         raise
+                    if version is not None:
+                        raise ValueError(f"draft v{version} already exists in {self.root}") from None
                     continue  # another publisher took this number: take the next
                 _fsync_dir(self.root)
                 return manifest
@@ -200,14 +214,7 @@ class DraftRegistry:
 
         if manifest.version != version:
             raise fail(f"manifest says version {manifest.version}")
-        if set(manifest.files) != {CONFIG, WEIGHTS}:
-            raise fail(f"manifest lists files {sorted(manifest.files)}, expected {[CONFIG, WEIGHTS]}")
-        for name, entry in manifest.files.items():
-            file = path / name
-            if not file.is_file():
-                raise fail(f"{name} is missing")
-            if file.stat().st_size != entry.bytes or _sha256(file) != entry.sha256:
-                raise fail(f"{name} does not match its sha256 in the manifest (corrupted or modified)")
+        verify_files(path, manifest, f"draft v{version} ({path})")
         try:
             config = DraftConfig.read(path)
         except (ValueError, KeyError) as e:
@@ -247,32 +254,42 @@ class DraftRegistry:
         verified, tensors = self.load_tensors(version)
         return Eagle3Draft.from_tensors(verified.config, tensors, embed).to(device)
 
-    # -- garbage collection --------------------------------------------------------------------------------
+    # -- retention (the operator's) ------------------------------------------------------------------------
 
-    def delete(self, version: int) -> None:
-        """Remove one version (the operator's retention decides which). Renamed first, so a delete killed half way
-        never leaves a half-deleted visible version."""
-        doomed = self.root / f".tmp-gc-v{version:06d}"
+    def delete(self, version: int, *, in_use: set[int] | frozenset[int] = frozenset()) -> None:
+        """Remove `version` (the operator's retention decides which); refuses one in `in_use` (the control state's
+        stable and canary). Renamed first, so a delete killed half way never leaves a half-deleted version."""
+        if version in in_use:
+            raise ValueError(f"draft v{version} is in use ({sorted(in_use)}): not deleted")
+        if not self.path(version).is_dir():
+            raise FileNotFoundError(f"draft v{version} does not exist in {self.root}")
+        doomed = self.root / f".tmp-delete-v{version:06d}"
         self.path(version).rename(doomed)
         shutil.rmtree(doomed)
 
-    def gc(self, keep_last: int, protect: set[int] | frozenset[int] = frozenset(),
-           stale_tmp_s: float = 3600.0) -> list[int]:
-        """Remove all but the newest `keep_last` versions (never those in `protect`, never the latest), and
-        temporary directories older than `stale_tmp_s` (a publisher killed half way). Returns removed versions."""
-        versions = self.versions()
-        keep = set(versions[-max(keep_last, 1):]) | set(protect)
-        removed = []
-        for version in versions:
-            if version not in keep:
-                self.delete(version)
-                removed.append(version)
-        for tmp in self.root.glob(".tmp-*"):
-            if time.time() - tmp.stat().st_mtime > stale_tmp_s:
-                shutil.rmtree(tmp, ignore_errors=True)
-        return removed
+    def remove_stale_tmp(self, stale_s: float = 3600.0) -> list[Path]:
+        """Remove temporary directories older than `stale_s`: publishers or deletes killed half way."""
+        stale = [tmp for tmp in self.root.glob(".tmp-*") if time.time() - tmp.stat().st_mtime > stale_s]
+        for tmp in stale:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return stale
 
     # Last in the class body: once defined, the name `list` inside the class would shadow the builtin.
     def list(self) -> list[Manifest]:
         """Manifests of every stored version, oldest first."""
         return [self.get(v) for v in self.versions()]
+
+
+def verify_files(path: Path, manifest: Manifest, label: str | None = None) -> None:
+    """The files a manifest lists are there, with their sizes and sha256; raise `DraftVerificationError`."""
+    label = label or str(path)
+    if set(manifest.files) != {CONFIG, WEIGHTS}:
+        raise DraftVerificationError(f"{label}: manifest lists files {sorted(manifest.files)}, expected "
+                                     f"{[CONFIG, WEIGHTS]}")
+    for name, entry in manifest.files.items():
+        file = path / name
+        if not file.is_file():
+            raise DraftVerificationError(f"{label}: {name} is missing")
+        if file.stat().st_size != entry.bytes or _sha256(file) != entry.sha256:
+            raise DraftVerificationError(f"{label}: {name} does not match its sha256 in the manifest "
+                                         "(corrupted or modified)")

@@ -1,9 +1,11 @@
 """Trainer: the online EAGLE-3 trainer service (`tide train`) over the hidden-state stream."""
 
 from tide_sglang.trainer.gate import GateDecision, publish_decision
+from tide_sglang.trainer.lineage import TrainerError
 from tide_sglang.trainer.objective import Acceptance, LossReport, acceptance, ttt_loss
+from tide_sglang.trainer.publisher import EvalReport
 from tide_sglang.trainer.replay import Chunk, ReplayBuffer, SequenceAssembler, TrainBatch, collate
-from tide_sglang.trainer.service import DraftTrainer, EvalReport, TrainerError
+from tide_sglang.trainer.service import DraftTrainer
 
 __all__ = [
     "Acceptance",

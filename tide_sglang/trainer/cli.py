@@ -52,9 +52,9 @@ def train(create_registry: bool, max_steps: int | None, **overrides: Any) -> Non
     Every option falls back to its TIDE_* variable. The other trainer settings are read from the environment
     only: TIDE_TRAIN_TTT_STEPS, _CHUNK_LEN, _BATCH_CHUNKS, _LR, _WEIGHT_DECAY, _DRAFT_VOCAB_SIZE,
     _VOCAB_WARMUP_ROWS, _RECENT_CHUNKS, _RESERVOIR_CHUNKS, _HELDOUT_FRACTION, _HELDOUT_CHUNKS,
-    _EVAL_INTERVAL_STEPS, _PUBLISH_MARGIN, _MIN_HELDOUT_ROWS, _CHECKPOINT_INTERVAL_S and TIDE_REGISTRY_KEEP_LAST
-    (docs/trainer.md). SIGTERM or Ctrl-C checkpoints, acks and exits. Under `torchrun --nproc-per-node N` each
-    rank reads as consumer NAME-<rank> and PyTorch DDP averages the gradients.
+    _EVAL_INTERVAL_STEPS, _PUBLISH_MARGIN, _MIN_HELDOUT_ROWS and _CHECKPOINT_INTERVAL_S (docs/trainer.md).
+    SIGTERM or Ctrl-C checkpoints, acks and exits. Under `torchrun --nproc-per-node N` each rank reads as
+    consumer NAME-<rank> and PyTorch DDP averages the gradients.
     """
     settings = _settings(overrides)
     trainer = _build(settings, create_registry)

@@ -45,3 +45,11 @@ def summed(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     out = t.to(device, copy=True)
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out.cpu()
+
+
+def broadcast_int(value: int | None, device: torch.device) -> int | None:
+    """Rank 0's value (None included) on every rank."""
+    t = torch.tensor([-1 if value is None else value], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=0)
+    out = int(t.item())
+    return None if out < 0 else out

@@ -1,55 +1,44 @@
-"""`DraftTrainer`: the `tide train` service loop.
+"""`DraftTrainer`: the `tide train` service loop, composed of its jobs.
 
-    StreamReader.read ─► SequenceAssembler ─► held-out (by request hash) | ReplayBuffer ─► ttt_loss ─► AdamW
-    every eval interval: acceptance(candidate) vs acceptance(deployed) on the same held-out rows ─► gate ─► publish
+    StreamReader.read ─► Ingest (held-out | ReplayBuffer) ─► Learner.step (ttt_loss, AdamW)
+    every eval interval: Publisher.evaluate(candidate, served) ─► gate ─► DraftRegistry.publish + Published event
+    every loop: the control state (rollout) says whether to train and which served version to go back to
     every checkpoint interval: flush open sequences, save state, then ack the entries it contains
 
-A fresh lineage first counts token frequencies over `train_vocab_warmup_rows` captured rows, chooses the draft
-vocabulary, and starts from the target's embedding/lm_head/norm; an existing lineage starts from the deployed
-version (its vocabulary is fixed). The trainer never runs the target: everything comes from the stream.
+A lineage continues from the served version of the registry (version 0 is the imported draft: `tide import`),
+its vocabulary fixed; an empty registry starts a new lineage once `train_vocab_warmup_rows` captured rows have
+been counted to choose the vocabulary (lineage.py). The trainer never runs the target: everything comes from the
+stream.
 """
 
 import copy
-import json
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 
 import redis
 import torch
-import xxhash
-from pydantic import BaseModel
 
 from tide_sglang import rollout
-from tide_sglang.capture import CaptureBatch
-from tide_sglang.draft import DraftConfig, DraftMetrics, DraftRegistry, Eagle3Draft, init_draft, select_vocab
-from tide_sglang.draft.target import TargetHeads, default_aux_layer_ids
+from tide_sglang.draft import DraftMetrics, DraftRegistry, Eagle3Draft
+from tide_sglang.draft.target import TargetHeads
 from tide_sglang.settings import TideSettings
 from tide_sglang.stream import StreamEntry, StreamReader
-from tide_sglang.trainer import distributed
+from tide_sglang.trainer import distributed, lineage
 from tide_sglang.trainer import state as ckpt
-from tide_sglang.trainer.gate import GateDecision, publish_decision
+from tide_sglang.trainer.ingest import Ingest
+from tide_sglang.trainer.learner import Learner
+from tide_sglang.trainer.lineage import TrainerError
 from tide_sglang.trainer.metrics import TrainerMetrics
-from tide_sglang.trainer.objective import Acceptance, LossReport, acceptance, ttt_loss
-from tide_sglang.trainer.replay import Chunk, ReplayBuffer, SequenceAssembler, collate
+from tide_sglang.trainer.objective import LossReport
+from tide_sglang.trainer.publisher import EvalReport, Publisher
+from tide_sglang.trainer.replay import collate
 
 log = logging.getLogger("tide.trainer")
 
 DIST_SLICE_STEPS = 4  # optimizer steps between polls under torchrun (a fixed count keeps ranks in lockstep)
-
-
-class TrainerError(RuntimeError):
-    """The trainer cannot run with these settings; the message is one line that says what to change."""
-
-
-class EvalReport(BaseModel):
-    candidate: Acceptance
-    deployed: Acceptance
-    deployed_version: int | None
-    decision: GateDecision
-    published: int | None = None
+CONTROL_POLL_S = 1.0  # how often the control state is read
 
 
 def resolve_device(name: str) -> torch.device:
@@ -74,205 +63,124 @@ class DraftTrainer:
         if dist is not None and self.checkpoint_dir is not None:
             self.checkpoint_dir = self.checkpoint_dir / f"rank-{dist.rank}"  # each rank's own buffer and acks
         self.should_train = should_train or self._gate
-        self.assembler = SequenceAssembler(settings.train_chunk_len, min_len=2)
-        self.replay = ReplayBuffer(settings.train_recent_chunks, settings.train_reservoir_chunks, seed=seed)
-        self.heldout: deque[Chunk] = deque(maxlen=settings.train_heldout_chunks)
+        self.ingest = Ingest(settings, heads.config.vocab_size, seed=seed)
+        self.publisher = Publisher(settings, registry, reader.client, heads.embed, self.device)
         self.pending: list[StreamEntry] = []  # used but not acked: their rows live only in memory until a checkpoint
-        self.counts = torch.zeros(heads.config.vocab_size)  # token frequencies, to choose a new lineage's vocabulary
-        self.ingested_rows = 0
-        self.skipped_rows = 0
         self.published: list[int] = []
         self.last_loss: LossReport | None = None
-        self.draft: Eagle3Draft | None = None
-        self.model: torch.nn.Module | None = None  # the draft, wrapped in DistributedDataParallel under torchrun
-        self.optimizer: torch.optim.AdamW | None = None
-        self.state: ckpt.TrainerState | None = None
-        self._initial: Eagle3Draft | None = None  # the baseline of a fresh lineage, before its first version
-        self._deployed: tuple[int, Eagle3Draft] | None = None
-        self._parked = False
+        self.learner: Learner | None = None
+        self._initial: Eagle3Draft | None = None  # the baseline of a new lineage, before its first version
+        self._ctl: tuple[float, rollout.ControlState | None] | None = None
+        self._head_routed = False  # the head version was served (stable or canary) since it became the head
+        self._judged: tuple[rollout.ControlState, int] | None = None  # what follow_rollbacks last looked at
+        registry.remove_stale_tmp()
         self._start()
 
-    # -- start: resume, continue the deployed lineage, or wait for a vocabulary -----------------------------
+    # what tests, benchmarks and the CLI read
+    draft = property(lambda self: None if self.learner is None else self.learner.draft)
+    state = property(lambda self: None if self.learner is None else self.learner.state)
+    replay = property(lambda self: self.ingest.replay)
+    heldout = property(lambda self: self.ingest.heldout)
+    ingested_rows = property(lambda self: self.ingest.rows)
+
+    # -- start: resume, continue the served lineage, or wait for a vocabulary -----------------------------
 
     def _start(self) -> None:
-        lineage = self.registry.vocab_sha256()
         saved = ckpt.load_latest(self.checkpoint_dir) if self.checkpoint_dir else None
         if saved is not None:
-            state, tensors = saved
-            if lineage is not None and state.vocab_sha256 != lineage:
-                raise TrainerError(
-                    f"trainer checkpoint in {self.checkpoint_dir} has draft vocabulary "
-                    f"{state.vocab_sha256[:12]} but the registry lineage has {lineage[:12]}: "
-                    "the vocabulary is fixed within a lineage; use a new registry or remove the checkpoint")
-            self._restore(state, tensors)
+            self._restore(*saved)
             return
-        version = self._deployed_version()
-        if version is None:
-            return
+        version = lineage.start_version(self.registry, self._control(fresh=True))
+        if version is not None:
+            self._continue_from(version)
+
+    def _continue_from(self, version: int) -> None:
         verified = self.registry.verify(version)
-        self._check_lineage(verified.config)
+        lineage.check_lineage(self.s, self.heads, self.registry, verified.config)
         draft = self.registry.load(version, self.heads.embed).float()
-        self._adopt(draft, parent=version)
-        log.info("continuing lineage from deployed draft v%d", version)
-
-    def _check_lineage(self, config: DraftConfig) -> None:
-        wanted = self.s.train_draft_vocab_size
-        if "train_draft_vocab_size" in self.s.model_fields_set and wanted != config.draft_vocab_size:
-            raise TrainerError(
-                f"TIDE_TRAIN_DRAFT_VOCAB_SIZE={wanted} but the deployed lineage in {self.registry.root} has "
-                f"{config.draft_vocab_size}: the vocabulary is fixed within a lineage (SGLang bakes it into CUDA "
-                "graphs); unset it, or start a new registry")
-        if tuple(self.heads.embed.shape) != (config.vocab_size, config.hidden_size):
-            raise TrainerError(
-                f"target {self.s.target!r} has embedding {tuple(self.heads.embed.shape)} but the lineage's drafts "
-                f"expect ({config.vocab_size}, {config.hidden_size}): wrong TIDE_TARGET for this registry")
-
-    def _adopt(self, draft: Eagle3Draft, parent: int | None) -> None:
-        self.draft = self.model = draft.to(self.device).train()
-        if self.dist is not None:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = torch.nn.parallel.DistributedDataParallel(draft, device_ids=ids)  # broadcasts rank 0's
-        self.optimizer = torch.optim.AdamW(
-            [p for p in self.draft.parameters() if p.requires_grad], lr=self.s.train_lr,
-            weight_decay=self.s.train_weight_decay)
-        self.state = ckpt.TrainerState(parent=parent, config=draft.config, vocab_sha256=draft.vocab.sha256(),
-                                       ingested_rows=self.ingested_rows)
+        self.learner = Learner(self.s, draft, version, self.device, self.dist, self.ingest.rows)
+        self._head_routed = False
+        log.info("training from served draft v%d", version)
 
     def _new_lineage(self) -> None:
-        """Choose the vocabulary from the counted traffic and start from the target's heads."""
-        cfg = self.heads.config
-        size = min(self.s.train_draft_vocab_size, cfg.vocab_size)
-        eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
-        counts = self.counts if self.dist is None else distributed.summed(self.counts, self.device)
-        vocab = select_vocab(counts, size, always=[t for t in eos if t is not None])
-        config = DraftConfig.from_target(cfg, size, default_aux_layer_ids(cfg.num_hidden_layers),
-                                         torch_dtype="bfloat16")
-        draft = init_draft(config, vocab, self.heads.embed, self.heads.lm_head, self.heads.norm)
+        counts = self.ingest.counts if self.dist is None else distributed.summed(self.ingest.counts, self.device)
+        draft = lineage.new_lineage_draft(self.s, self.heads, counts)
         self._initial = copy.deepcopy(draft).eval()
-        self._adopt(draft, parent=None)
-        log.info("new lineage: draft vocabulary of %d tokens from %d captured rows", size, self.ingested_rows)
+        self.learner = Learner(self.s, draft, None, self.device, self.dist, self.ingest.rows)
+        log.info("new lineage: draft vocabulary of %d tokens from %d captured rows", draft.config.draft_vocab_size,
+                 self.ingest.rows)
 
     # -- data ---------------------------------------------------------------------------------------------
 
     def poll(self) -> int:
         """Read one batch of stream entries into the buffers; returns how many entries were read."""
         entries = self.reader.read()
+        draft = self.draft
+        width = draft.config.aux_layers * draft.config.target_hidden_size if draft is not None else None
         for entry in entries:
-            self._ingest(entry.batch)
+            self.ingest.add(entry.batch, width, count_tokens=draft is None)
         if self.checkpoint_dir is None:
             self.reader.ack(entries)  # nothing is durable without a checkpoint: do not let the pending list grow
         else:
             self.pending += entries
-        if self.draft is None and self._counted_enough():
+        if self.learner is None and self._counted_enough():
             self._new_lineage()
         return len(entries)
 
     def _counted_enough(self) -> bool:
-        rows = torch.tensor([self.ingested_rows])
+        rows = torch.tensor([self.ingest.rows])
         total = rows if self.dist is None else distributed.summed(rows, self.device)
         return int(total) >= self.s.train_vocab_warmup_rows
 
-    def _ingest(self, batch: CaptureBatch) -> None:
-        width = self.draft.config.aux_layers * self.draft.config.target_hidden_size if self.draft else None
-        if width is not None and batch.hidden.shape[1] != width:
-            self.skipped_rows += batch.num_tokens
-            log.error("skipping %d rows of width %d: the draft fuses K*H = %d", batch.num_tokens,
-                      batch.hidden.shape[1], width)
-            return
-        self.ingested_rows += batch.num_tokens
-        if self.draft is None:
-            self.counts += torch.bincount(batch.token_ids, minlength=self.counts.numel()).float()
-        for chunk in self.assembler.add(batch):
-            self._store(chunk)
-
     def close_sequences(self) -> None:
-        """Move every open (partial) request sequence into the buffers."""
-        for chunk in self.assembler.flush():
-            self._store(chunk)
+        self.ingest.close_sequences()
 
-    def _store(self, chunk: Chunk) -> None:
-        # Whole requests are held out (by a hash of their id), so no held-out row was trained on.
-        if xxhash.xxh3_64_intdigest(chunk.rid.encode()) % 10_000 < self.s.train_heldout_fraction * 10_000:
-            self.heldout.append(chunk)
-        else:
-            self.replay.add(chunk)
-
-    # -- training -----------------------------------------------------------------------------------------
+    # -- training, evaluation, publishing ------------------------------------------------------------------
 
     def train_step(self) -> LossReport:
-        assert self.draft is not None and self.optimizer is not None and self.state is not None
-        batch = collate(self.replay.sample(self.s.train_batch_chunks), self.device)
-        # bf16 autocast on GPU (weights and AdamW stay fp32); plain fp32 on CPU.
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            loss, report = ttt_loss(self.draft, batch, self.s.train_ttt_steps, model=self.model)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.draft.parameters(), 1.0)
-        self.optimizer.step()
-        self.state.steps += 1
-        self.state.trained_rows += report.rows
+        assert self.learner is not None
+        batch = collate(self.ingest.replay.sample(self.s.train_batch_chunks), self.device)
+        report = self.learner.step(batch)
         self.last_loss = report
         self.metrics.step(report.loss, report.rows)
         return report
 
     def evaluate(self) -> EvalReport:
-        """Score the candidate and the deployed draft on the same held-out rows; publish when the gate says so."""
-        assert self.draft is not None and self.state is not None
-        chunks = list(self.heldout)
-        steps = self.s.train_ttt_steps
-        version, deployed = self._deployed_draft()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            cand = acceptance(self.draft.eval(), chunks, steps, device=self.device)
-            base = acceptance(deployed, chunks, steps, device=self.device)
-        self.draft.train()
-        decision = publish_decision(cand, base, self.s.train_publish_margin, self.s.train_min_heldout_rows)
-        report = EvalReport(candidate=cand, deployed=base, deployed_version=version, decision=decision)
-        self.metrics.evaluation(cand.accept_length, base.accept_length, version)
-        log.info("step %d: held-out acceptance %.3f vs deployed %s %.3f over %d rows: %s", self.state.steps,
-                 cand.accept_length, version, base.accept_length, cand.rows, decision.reason)
-        if decision.publish:
-            report.published = self._publish(cand, base)
-        return report
-
-    def _publish(self, cand: Acceptance, base: Acceptance) -> int:
-        assert self.draft is not None and self.state is not None
-        metrics = DraftMetrics(accept_length=cand.accept_length, parent_accept_length=base.accept_length,
-                               heldout_tokens=cand.rows, training_tokens=self.state.trained_rows,
-                               steps=self.state.steps, domains=dict(self.replay.added_rows))
-        manifest = self.registry.publish(self.draft, parent=self.state.parent, metrics=metrics)
-        self.state.parent = manifest.version
-        self.published.append(manifest.version)
-        numbers = {k: float(v) for k, v in metrics.model_dump(exclude={"domains"}).items() if v is not None}
-        rollout.append_event(self.reader.client, self.s.namespace, self.s.deployment,
-                             rollout.Published(version=manifest.version, parent=manifest.parent, metrics=numbers))
-        self.registry.gc(self.s.registry_keep_last, protect=self._rollout_versions())
-        log.info("published draft v%d (parent %s)", manifest.version, manifest.parent)
-        return manifest.version
-
-    # -- the deployed version, from the operator's control hash -------------------------------------------
-
-    def _control(self) -> rollout.ControlState | None:
-        return rollout.read_control(self.reader.client, self.s.namespace, self.s.deployment)
-
-    def _rollout_versions(self) -> set[int]:
-        ctl = self._control()
-        return set() if ctl is None else {v for v in (ctl.stable, ctl.canary) if v is not None}
-
-    def _deployed_version(self) -> int | None:
-        """The `stable` version the operator set, when this registry has it; else the newest version."""
-        ctl = self._control()
-        if ctl is not None and ctl.stable in self.registry.versions():
-            return ctl.stable
-        return self.registry.latest()
-
-    def _deployed_draft(self) -> tuple[int | None, Eagle3Draft]:
-        version = self._deployed_version()
+        """Score the candidate and the served draft on the same held-out rows; publish when the gate says so."""
+        assert self.learner is not None
+        version = lineage.start_version(self.registry, self._control())
         if version is None:
             assert self._initial is not None
-            return None, self._initial.to(self.device)
-        if self._deployed is None or self._deployed[0] != version:
-            self._deployed = (version, self.registry.load(version, self.heads.embed, str(self.device)).float().eval())
-        return self._deployed
+            served = self._initial.to(self.device)
+        else:
+            served = self.publisher.deployed(version)
+        report = self.publisher.evaluate(self.learner.draft, served, version, list(self.ingest.heldout))
+        cand, base, state = report.candidate, report.deployed, self.learner.state
+        self.metrics.evaluation(cand.accept_length, base.accept_length, version)
+        log.info("step %d: held-out acceptance %.3f vs served %s %.3f over %d rows: %s", state.steps,
+                 cand.accept_length, version, base.accept_length, cand.rows, report.decision.reason)
+        if report.decision.publish:
+            metrics = DraftMetrics(accept_length=cand.accept_length, parent_accept_length=base.accept_length,
+                                   heldout_tokens=cand.rows, training_tokens=state.trained_rows, steps=state.steps,
+                                   domains=dict(self.ingest.replay.added_rows))
+            report.published = self.publisher.publish(self.learner.draft, state.parent, metrics)
+            state.parent = report.published
+            self.published.append(report.published)
+            self._head_routed = False
+        return report
+
+    # -- the control state (operator) -----------------------------------------------------------------------
+
+    def _control(self, fresh: bool = False) -> rollout.ControlState | None:
+        """The control state, read at most every CONTROL_POLL_S; Redis down or a malformed hash: the last one."""
+        now = time.monotonic()
+        if fresh or self._ctl is None or now - self._ctl[0] >= CONTROL_POLL_S:
+            try:
+                self._ctl = (now, rollout.read_control(self.reader.client, self.s.namespace, self.s.deployment))
+            except (*rollout.UNAVAILABLE, rollout.RolloutError) as e:
+                log.warning("cannot read the control state: %s", e)
+                self._ctl = (now, self._ctl[1] if self._ctl else None)
+        return self._ctl[1]
 
     def _gate(self) -> bool:
         """train_gate=trigger: the control state's `train` (written by the operator) says whether to train."""
@@ -281,83 +189,72 @@ class DraftTrainer:
         ctl = self._control()
         return ctl is None or ctl.train
 
+    def follow_rollbacks(self) -> int | None:
+        """Go back to the served version when the operator rolled the head back or pinned another version;
+        returns the version re-adopted. Under torchrun rank 0 decides for every rank."""
+        target = None
+        if self.dist is None or self.dist.main:
+            target = self._readopt_target()
+        if self.dist is not None:
+            target = distributed.broadcast_int(target, self.device)
+        if target is not None:
+            log.warning("the operator serves v%d, not this trainer's head v%s: training continues from v%d",
+                        target, self.state.parent if self.state else None, target)
+            self._continue_from(target)
+            self.publisher.forget_deployed()
+        return target
+
+    def _readopt_target(self) -> int | None:
+        ctl, head = self._control(), self.state.parent if self.state is not None else None
+        if ctl is None or head is None or (ctl, head) == self._judged:
+            return None  # nothing changed since the last look: no registry reads
+        self._judged = (ctl, head)
+        self._head_routed |= head in (ctl.stable, ctl.canary)
+        target = lineage.version_to_readopt(head, lineage.ancestors(self.registry, head), self._head_routed, ctl)
+        return target if target in self.registry.versions() else None
+
     def park(self) -> None:
-        """Not training: give the GPU back (weights and optimizer moments wait on the CPU)."""
-        if self._parked or self.device.type != "cuda" or self.draft is None:
-            return
-        self._move("cpu")
-        self._deployed = None
-        torch.cuda.empty_cache()
-        self._parked = True
-
-    def unpark(self) -> None:
-        if self._parked:
-            self._move(self.device)
-            self._parked = False
-
-    def _move(self, device: torch.device | str) -> None:
-        assert self.draft is not None and self.optimizer is not None
-        self.draft.to(device)
-        for st in self.optimizer.state.values():
-            for k, v in st.items():
-                if isinstance(v, torch.Tensor) and k != "step":
-                    st[k] = v.to(device)
+        """Not training: give the GPU back."""
+        if self.learner is not None and self.learner.park():
+            self.publisher.forget_deployed()
+            torch.cuda.empty_cache()
 
     # -- checkpoint and resume ----------------------------------------------------------------------------
 
     def checkpoint(self) -> None:
         """Save everything the pending entries contributed, then ack them (see trainer/state.py)."""
-        if self.draft is None or self.optimizer is None or self.state is None:
+        if self.learner is None:
             return  # still counting tokens for the vocabulary: entries stay pending and are re-read on restart
-        self.close_sequences()
-        stored = [("heldout", c) for c in self.heldout] + [
-            (store, c) for d in self.replay.domains.values()
-            for store, cs in (("recent", d.recent), ("reservoir", d.reservoir)) for c in cs]
-        self.state.chunks, tensors = ckpt.pack_chunks(stored)
-        self.state.ingested_rows = self.ingested_rows
-        self.state.domains_trained = dict(self.replay.added_rows)
-        self.state.reservoir_seen = {k: d.seen_old for k, d in self.replay.domains.items()}
-        opt = self.optimizer.state_dict()
-        self.state.optimizer_groups = json.loads(json.dumps(opt["param_groups"]))
-        for i, st in opt["state"].items():
-            tensors.update({f"opt.{i}.{k}": torch.as_tensor(v) for k, v in st.items()})
-        tensors.update({f"draft.{k}": v for k, v in self.draft.state_dict().items() if k != "embed_tokens.weight"})
-        if self.state.parent is None and self._initial is not None:
+        self.ingest.close_sequences()
+        state = self.learner.state
+        tensors = self.ingest.save_into(state) | self.learner.tensors()
+        if state.parent is None and self._initial is not None:
             tensors.update({f"base.{k}": v for k, v in self._initial.state_dict().items()
                             if k != "embed_tokens.weight"})
-        self.state.contained_ids = [e.id for e in self.pending]
+        state.contained_ids = [e.id for e in self.pending]
         assert self.checkpoint_dir is not None
-        ckpt.save(self.checkpoint_dir, self.state, tensors)
+        ckpt.save(self.checkpoint_dir, state, tensors)
         self.reader.ack(self.pending)
         self.pending = []
 
     def _restore(self, state: ckpt.TrainerState, tensors: dict[str, torch.Tensor]) -> None:
-        self._check_lineage(state.config)
+        lineage_sha = self.registry.vocab_sha256()
+        if lineage_sha is not None and state.vocab_sha256 != lineage_sha:
+            raise TrainerError(
+                f"trainer checkpoint in {self.checkpoint_dir} has draft vocabulary {state.vocab_sha256[:12]} but "
+                f"the registry lineage has {lineage_sha[:12]}: the vocabulary is fixed within a lineage; use a new "
+                "registry or remove the checkpoint")
+        lineage.check_lineage(self.s, self.heads, self.registry, state.config)
 
         def draft_from(prefix: str) -> Eagle3Draft:
             weights = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
             return Eagle3Draft.from_tensors(state.config, weights, self.heads.embed).float()
 
-        self.ingested_rows = state.ingested_rows
-        self._adopt(draft_from("draft."), state.parent)
+        self.learner = Learner(self.s, draft_from("draft."), state.parent, self.device, self.dist)
         if "base.d2t" in tensors:
             self._initial = draft_from("base.").eval()
-        assert self.optimizer is not None
-        opt_state: dict[int, dict[str, torch.Tensor]] = {}
-        for k, v in tensors.items():
-            if k.startswith("opt."):
-                _, i, name = k.split(".", 2)
-                opt_state.setdefault(int(i), {})[name] = v.to(self.device) if name != "step" else v
-        self.optimizer.load_state_dict({"state": opt_state, "param_groups": state.optimizer_groups})
-        self.state = state
-        for store, chunk in ckpt.unpack_chunks(state.chunks, tensors):
-            if store == "heldout":
-                self.heldout.append(chunk)
-            else:
-                self.replay.put(chunk, reservoir=store == "reservoir")
-        for domain, seen in state.reservoir_seen.items():
-            self.replay.domains[domain].seen_old = seen
-        self.replay.added_rows = dict(state.domains_trained)
+        self.learner.load_optimizer(state, tensors)
+        self.ingest.restore(state, tensors)
         if state.contained_ids:  # a trainer killed between writing this checkpoint and acking: ack now, not re-read
             self.reader.client.xack(self.reader.stream, self.reader.group, *state.contained_ids)
         log.info("resumed at step %d from %s", state.steps, self.checkpoint_dir)
@@ -365,15 +262,16 @@ class DraftTrainer:
     # -- the service loop ---------------------------------------------------------------------------------
 
     def run(self, stop: threading.Event, max_steps: int | None = None, slice_s: float = 0.5) -> None:
-        """Poll, train between polls while the gate allows, evaluate, checkpoint; until stop (or max_steps).
-
-        One process trains for `slice_s` between polls; under torchrun every rank trains the same fixed number
-        of steps, so DDP's collectives line up."""
+        """Poll, follow the control state, train between polls while the gate allows, evaluate, checkpoint;
+        until stop (or max_steps). One process trains for `slice_s` between polls; under torchrun every rank
+        trains the same fixed number of steps, so DDP's collectives line up."""
         next_checkpoint = time.monotonic() + self.s.train_checkpoint_interval_s
         while True:
             self.poll()
             self._stream_metrics()
-            ready = self.draft is not None and len(self.replay) > 0 and self.should_train()
+            if self.learner is not None:
+                self.follow_rollbacks()
+            ready = self.learner is not None and len(self.ingest.replay) > 0 and self.should_train()
             running = not stop.is_set()
             if self.dist is not None:
                 ready, running = distributed.agree([ready, running], self.device)
@@ -399,13 +297,14 @@ class DraftTrainer:
             log.warning("cannot read the stream's lag: %s", e)
 
     def _train_slice(self, stop: threading.Event, max_steps: int | None, slice_s: float) -> None:
-        assert self.state is not None
-        self.unpark()
+        assert self.learner is not None
+        self.learner.unpark()
+        state = self.learner.state
         until, steps = time.monotonic() + slice_s, 0
         while not stop.is_set() and (steps < DIST_SLICE_STEPS if self.dist else time.monotonic() < until):
             self.train_step()
             steps += 1
-            if self.state.steps % self.s.train_eval_interval_steps == 0 and (self.dist is None or self.dist.main):
+            if state.steps % self.s.train_eval_interval_steps == 0 and (self.dist is None or self.dist.main):
                 self.evaluate()
-            if max_steps is not None and self.state.steps >= max_steps:
+            if max_steps is not None and state.steps >= max_steps:
                 stop.set()
