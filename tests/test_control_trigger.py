@@ -42,6 +42,9 @@ def test_trigger_table(windows, states, reason):
     assert [t.update(a) for a in windows] == states
     assert t.reason == reason
     assert t.train == (states[-1] is A) and t.collect == (states[-1] is not IDLE)
+    report = t.report()  # what the pod's heartbeat carries to the operator
+    assert (report["state"], report["reason"], report["train"], report["collect"]) == (
+        states[-1].value, reason, t.train, t.collect)
 
 
 def test_slow_drift_needs_consecutive_windows():

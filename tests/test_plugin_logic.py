@@ -77,6 +77,17 @@ def test_plan_swap_refuses_what_does_not_fit(staged: dict[str, torch.Tensor], me
         plan_swap(2, staged, _baseline(), allow_vocab_change=False)
 
 
+def test_the_users_own_served_draft_is_a_baseline_too() -> None:
+    """Served from the user's checkpoint (imported as v0): `layers.0.*` names, and no d2t (the whole vocabulary,
+    which v0 stores as an identity d2t)."""
+    served = Baseline(specs={"layers.0.mlp.down_proj.weight": ((4, 2), torch.float32)}, d2t=None)
+    identity = {"midlayer.mlp.down_proj.weight": torch.ones(4, 2), "d2t": torch.zeros(3, dtype=torch.int64),
+                "t2d": torch.ones(3, dtype=torch.bool)}
+    assert set(plan_swap(1, identity, served, allow_vocab_change=False).weights) == {"midlayer.mlp.down_proj.weight"}
+    with pytest.raises(SwapRefused, match="another draft vocabulary"):  # no hot_token_id to copy a new one into
+        plan_swap(1, {**identity, "d2t": torch.tensor([0, 1, 1])}, served, allow_vocab_change=True)
+
+
 def test_vocabulary_change_updates_hot_token_id_when_allowed() -> None:
     plan = plan_swap(2, _staged(d2t=torch.tensor([0, 2, 2])), _baseline(), allow_vocab_change=True)
     assert plan.hot_token_id.tolist() == [0, 3, 4]

@@ -84,6 +84,7 @@ def demo(out: Path | None, **options: object) -> None:
 
 main.add_command(importlib.import_module("tide_sglang.trainer.cli").train)
 main.add_command(importlib.import_module("tide_sglang.draft.cli").import_)
+main.add_command(importlib.import_module("tide_sglang.engine.cli").engine)
 main.add_command(importlib.import_module("tide_sglang.plugin.cli").serve)
 
 if __name__ == "__main__":

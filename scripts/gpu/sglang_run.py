@@ -11,8 +11,9 @@ each server's log to OUT/server-<name>.log. A phase that fails is recorded and t
 - truth: the rows TIDE captured to the stream equal SGLang's own `--enable-return-hidden-states` output for the
   same requests (prefill and decode rows, bit for bit, and the emitted tokens).
 - swap: a newer registry version is published while 48 requests are in flight: no request fails, the plugin's
-  `tide_draft_version` moves, and SGLang's `/weights_checker` checksums of the draft equal the new version's
-  tensors; then a corrupt version is refused and serving goes on. Acceptance per version from the stats hash.
+  `tide_draft_version` moves, the pod's heartbeat reports the new version, and SGLang's `/weights_checker`
+  checksums of the draft equal the new version's tensors; then a corrupt version is refused and serving goes on.
+  Acceptance per version from the stats hash.
 - control: with TIDE_CONTROL_PROFILE set, the steps SGLang runs per batch-size slot follow TIDE's controller.
 - throughput: decode tokens/s with the plugin (capture on) and without it (SGLANG_PLUGINS excludes it), same
   server arguments, alternated `--repeats` times: SGLang's own decode throughput at a steady batch (its "Decode
@@ -45,6 +46,8 @@ from tide_sglang.workloads.registry import load_workload
 
 DEPLOYMENT = "gpu"
 NAMESPACE = "default"
+POD = "gpu-0"
+HEARTBEAT_S = 1.0
 HOME = Path(os.environ.get("TIDE_GPU_HOME", "/root/tide"))
 
 
@@ -249,6 +252,9 @@ def phase_swap(server: Server, tok: Any, client: Any, registry: Path) -> dict:
     while time.time() < deadline and metric(server.metrics(), "tide_draft_version") != new:
         time.sleep(0.5)
     m = server.metrics()
+    time.sleep(2 * HEARTBEAT_S)  # the heartbeat reports the version copied, at the next beat
+    beats = rollout.read_heartbeats(client, NAMESPACE, DEPLOYMENT, now=time.time(), heartbeat_s=HEARTBEAT_S)
+    heartbeat = beats[POD].model_dump() if POD in beats else None
     after = server.draft_checksums()
     expected = registry_checksums(registry / f"v{new:06d}")
     names = {n: next((e for e in expected if n == e or n == f"model.{e}"), None) for n in after}
@@ -275,6 +281,7 @@ def phase_swap(server: Server, tok: Any, client: Any, registry: Path) -> dict:
     return {
         "old": old, "new": new, "requests_in_flight": len(ids), "failed_requests": failed, "wall_s": wall,
         "swap_written_after_s": round(swapped_after, 2), "tide_draft_version": metric(m, "tide_draft_version"),
+        "heartbeat": heartbeat,
         "swap_seconds_sum": metric(m, "tide_draft_swap_seconds_sum"),
         "draft_params_changed": len(changed), "draft_params": len(after),
         "checksums_equal_registry": matched, "checksums_differ_registry": unmatched,
@@ -285,6 +292,7 @@ def phase_swap(server: Server, tok: Any, client: Any, registry: Path) -> dict:
                                   for v, s in stats.items()},
         "stats": {v: s.model_dump() for v, s in stats.items()},
         "ok": not failed and metric(m, "tide_draft_version") == new and bool(matched) and not unmatched
+        and heartbeat is not None and heartbeat["version"] == new
         and metric(m2, "tide_draft_version") == new and not any(isinstance(r, Exception) for r in after_bad),
     }
 
@@ -359,7 +367,8 @@ def main() -> None:
     old = sorted(registry.glob("v0*"))[-2]
     redis = LocalRedis().start()
     client = connect_url(redis.url)
-    env = {"TIDE_DEPLOYMENT": DEPLOYMENT, "TIDE_REDIS_URL": redis.url,
+    env = {"TIDE_DEPLOYMENT": DEPLOYMENT, "TIDE_REDIS_URL": redis.url, "TIDE_POD_NAME": POD,
+           "TIDE_HEARTBEAT_S": str(HEARTBEAT_S),
            "TIDE_REGISTRY_DIR": str(registry), "TIDE_SWAP_POLL_S": "0.5", "TIDE_STATS_FLUSH_S": "1",
            "TIDE_SYNC_INTERVAL_BATCHES": "4", "TIDE_CAPTURE_RING_SLOTS": "16"}
     args = ["--model-path", str(model), "--dtype", "bfloat16", "--attention-backend", "triton",

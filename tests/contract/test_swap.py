@@ -2,6 +2,7 @@
 old weights stay; a good version is copied in place (same storage, so CUDA graphs stay valid) only when every
 rank agrees. Ranks are simulated by the all-reduce function (there is one process here)."""
 
+import time
 from pathlib import Path
 
 import pytest
@@ -13,13 +14,16 @@ from sglang.srt.server_args import prepare_server_args
 
 from tests.contract.drafts import CONFIG, draft, registry_with, sglang_eagle3
 from tests.helpers import wait_for
+from tests.specforge import write_specforge_export
 from tide_sglang import keys
+from tide_sglang.draft import DraftRegistry, DraftVocab, Eagle3Draft
+from tide_sglang.draft.importer import import_draft
 from tide_sglang.draft.registry import WEIGHTS
 from tide_sglang.plugin.metrics import PluginMetrics
 from tide_sglang.plugin.runtime import Runtime
 from tide_sglang.plugin.swap import baseline_from_dir, never_loaded
 from tide_sglang.plugin.swapper import DraftHandle, Swapper
-from tide_sglang.rollout import ControlState, StatsReporter, write_control
+from tide_sglang.rollout import ControlState, StatsReporter, read_heartbeats, write_control
 from tide_sglang.settings import TideSettings
 
 
@@ -94,3 +98,41 @@ def test_a_good_version_is_copied_in_place_only_when_all_ranks_agree(setup) -> N
     assert torch.equal(params["model.fc.weight"], v2["fc.weight"])
     assert torch.equal(params["model.layers.0.mlp.down_proj.weight"], v2["midlayer.mlp.down_proj.weight"])
     assert metrics.version.labels(deployment="test")._value.get() == 2
+
+
+def test_the_imported_version_0_is_swapped_to_like_any_other_and_heartbeats_say_so(
+        tmp_path: Path, target_dir: Path, redis_server, monkeypatch) -> None:
+    """A pod serving the user's own SpecForge export (no manifest: version 0) moves to v1, then a pin to v0
+    brings the imported weights back; the heartbeat reports each version once it is copied."""
+    hot = torch.arange(0, CONFIG.vocab_size, 3)[: CONFIG.draft_vocab_size]
+    source = write_specforge_export(
+        tmp_path / "specforge", hot_ids=hot, hidden_size=CONFIG.hidden_size,
+        intermediate_size=CONFIG.intermediate_size, num_attention_heads=CONFIG.num_attention_heads,
+        num_key_value_heads=CONFIG.num_key_value_heads, head_dim=CONFIG.head_dim, vocab_size=CONFIG.vocab_size)
+    registry = DraftRegistry(tmp_path / "registry", create=True)
+    import_draft(source, registry)
+    v0 = registry.verify(0)
+    registry.publish(Eagle3Draft(v0.config, DraftVocab.from_d2t(load_file(str(v0.weights_path))["d2t"], 100)),
+                     parent=0)
+    args = prepare_server_args(["--model-path", str(target_dir), "--device", "cpu", "--speculative-algorithm",
+                                "EAGLE3", "--speculative-draft-model-path", str(source)])
+    model = sglang_eagle3(source, args, monkeypatch)
+    model.load_weights([(n, t) for n, t in load_file(str(source / WEIGHTS)).items() if not never_loaded(n)])
+    client = redis.Redis.from_url(redis_server.url)
+    settings = TideSettings(redis_url=redis_server.url, deployment="test", sync_interval_batches=1)
+    handle = DraftHandle(load_weights=model.load_weights, param_names=[n for n, _ in model.named_parameters()],
+                         shared=set(), hot_token_ids=[model.hot_token_id], pin=False)
+    swapper = Swapper(registry, baseline_from_dir(source), handle, 0, pod="pod-a", namespace="default",
+                      deployment="test", client=lambda: client,
+                      metrics=PluginMetrics("test", registry=CollectorRegistry()), stats=None)
+    runtime = Runtime(settings, swapper.metrics, None, swapper, None, lambda t: None)
+    for version in (1, 0):
+        write_control(client, "default", "test", ControlState(stable=version))
+        swapper.follow()
+        assert swapper.staged is not None and swapper.staged.version == version
+        runtime.sync(None)
+        assert swapper.current == version and swapper.heartbeat().version == version
+        beats = read_heartbeats(client, "default", "test", now=time.time(), heartbeat_s=5)
+        assert beats["pod-a"].version == version and beats["pod-a"].role == "stable"
+    params = dict(model.named_parameters())
+    assert torch.equal(params["model.fc.weight"], load_file(str(v0.weights_path))["fc.weight"])

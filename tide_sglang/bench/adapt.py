@@ -138,6 +138,7 @@ def _run_arm(arm: str, target: Target, plans: list[PhasePlan], batch: int, size:
                                   draft_vocab_size=int(CPU_TRAINER_ENV["TIDE_TRAIN_DRAFT_VOCAB_SIZE"]))
             records = serve(parts.engine, plans, options, follower=parts.follower, reporter=parts.reporter)
             parts.writer.close()
+            parts.follower.close()
         finally:
             promoter.close()
             stop_trainer(trainer)

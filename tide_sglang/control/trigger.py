@@ -49,6 +49,12 @@ class TrainingTrigger:
     def collect(self) -> bool:
         return self.state is not TriggerState.IDLE
 
+    def report(self) -> dict[str, float | bool | str]:
+        """What an engine's heartbeat carries (tide_sglang.rollout.Heartbeat.trigger): the operator turns the
+        trainer and capture on while any pod's `train` / `collect` is true."""
+        return {"state": self.state.value, "reason": self.reason, "train": self.train, "collect": self.collect,
+                "short": self.short.value or 0.0, "long": self.long.value or 0.0}
+
     @property
     def gap(self) -> float:
         """short - long: negative when acceptance is falling."""

@@ -73,6 +73,7 @@ def run_demo(options: DemoOptions, console: Console) -> DemoSummary:
                                                     max_new_tokens=options.max_new_tokens),
                   follower=parts.follower, reporter=parts.reporter, on_record=on_record)
         parts.writer.close()
+        parts.follower.close()
     except KeyboardInterrupt:
         interrupted = True
         console.print("[yellow]interrupted: stopping and writing the report[/]")

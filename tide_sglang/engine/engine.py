@@ -95,6 +95,7 @@ class SpecEngine:
         self.draft, self.draft_version = draft, draft_version
         self.controller = controller or FixedSteps(0)
         self.writer = writer
+        self.collect = True  # the control state's `collect`: off, nothing goes to the stream
         self.capture_prefill = capture_prefill
         eos = target.tokenizer.eos_token_id
         self.eos = {eos} if isinstance(eos, int) else set(eos or [])
@@ -222,7 +223,7 @@ class SpecEngine:
     def _capture(self, wave: _Wave, rows: _Rows, acceptance: torch.Tensor | None, prompt: bool) -> None:
         """Send the committed rows of live requests, in bf16 as SGLang serves, to the stream; `prompt`: the rows
         are the prefill's (prompt tokens), else a verify step's accepted (generated) tokens."""
-        if self.writer is None:
+        if self.writer is None or not self.collect:
             return
         committed = rows.positions >= 0  # [B, T]
         b_idx, t_idx = committed.nonzero(as_tuple=True)

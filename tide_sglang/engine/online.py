@@ -110,7 +110,8 @@ class OnlineParts(BaseModel):
 
 def online_engine(target: Target, settings: TideSettings, registry: Path, *, max_batch: int,
                   draft_vocab_size: int) -> OnlineParts:
-    """An engine that captures to the stream, follows the control key and lets the TIDE policy pick steps."""
+    """An engine that captures to the stream, follows the control state, reports heartbeats (until
+    `follower.close()`) and lets the TIDE policy pick steps."""
     heads = heads_of(target.model)
     param = next(target.model.parameters())
     # A throwaway draft of the trainer's shape, only to time one draft step for the policy's profile.
@@ -126,7 +127,8 @@ def online_engine(target: Target, settings: TideSettings, registry: Path, *, max
                           budget_bytes=settings.stream_budget_mib << 20, queue_entries=settings.stream_queue_entries)
     reporter = StatsReporter(client, settings.namespace, settings.deployment)
     follower = DraftFollower(client, DraftRegistry(registry), settings.namespace, settings.deployment,
-                             settings.pod_name, heads.embed,
-                             device=param.device, dtype=param.dtype, reporter=reporter)
+                             settings.pod_name, heads.embed, device=param.device, dtype=param.dtype,
+                             reporter=reporter, trigger=controller.trigger.report)
+    follower.start_heartbeats(settings.heartbeat_s)
     engine = SpecEngine(target, controller=controller, writer=writer)
     return OnlineParts(engine=engine, writer=writer, reporter=reporter, follower=follower, controller=controller)

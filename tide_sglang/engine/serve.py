@@ -87,8 +87,11 @@ def serve(engine: SpecEngine, plans: list[PhasePlan], options: ServeOptions, *,
     tokenizer = engine.target.tokenizer
 
     def swap() -> None:
-        if follower is not None and (swap_to := follower.poll()) is not None:
+        if follower is None:
+            return
+        if (swap_to := follower.poll()) is not None:
             engine.set_draft(swap_to.draft, swap_to.version)
+        engine.collect = follower.collect
 
     def on_step(stats: StepStats, phase: str) -> None:
         record = StepRecord(**stats.model_dump(), t=time.monotonic() - start, phase=phase)

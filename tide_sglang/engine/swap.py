@@ -1,20 +1,21 @@
-"""Hot swap for the reference engine: follow the control hash, load verified versions between steps.
+"""Hot swap for the reference engine: follow the control state for this pod, load verified versions between
+steps, and report what it serves in a heartbeat.
 
 A version that fails `DraftRegistry.verify()` (checksum, shapes, vocabulary) is refused once, counted in its
 `swap_failures` stat (the operator rolls a canary back on it) and never retried; the engine keeps serving with
-the weights it has. Version 0 is the draft the engine started with (none on a cold start): the operator's
-rollback to the initial draft.
+the weights it has. Version 0, the imported draft, is a version like any other.
 """
 
 import logging
+import threading
 import time
+from collections.abc import Callable
 
-import redis
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from tide_sglang import rollout
 from tide_sglang.draft import DraftRegistry, DraftVerificationError, Eagle3Draft
-from tide_sglang.rollout import RolloutError, StatsReporter, read_control
 from tide_sglang.stream.connection import Client
 
 log = logging.getLogger("tide.engine.swap")
@@ -24,40 +25,44 @@ class SwapTo(BaseModel):
     model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
 
     version: int
-    draft: Eagle3Draft | None  # None: speculate no more (version 0 of a cold start)
+    draft: Eagle3Draft
 
 
 class DraftFollower:
+    """`version`: the draft the engine starts with (None: none yet, a cold start). `trigger`: the training
+    trigger's report for the heartbeat."""
+
     def __init__(self, client: Client, registry: DraftRegistry, namespace: str, deployment: str, pod: str,
-                 embed: torch.Tensor,
-                 *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 reporter: StatsReporter | None = None, poll_s: float = 0.5,
-                 initial: Eagle3Draft | None = None) -> None:
+                 embed: torch.Tensor, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 reporter: rollout.StatsReporter | None = None, poll_s: float = 0.5, version: int | None = None,
+                 trigger: Callable[[], dict[str, float | bool | str]] | None = None) -> None:
         self.client, self.registry, self.pod = client, registry, pod
         self.namespace, self.deployment = namespace, deployment
         self.embed, self.device, self.dtype, self.reporter, self.poll_s = embed, device, dtype, reporter, poll_s
-        self.initial = initial
-        self.version = 0
+        self.version, self.trigger = version, trigger
+        self.role: rollout.Role = "stable"
+        self.collect = True  # the control state's `collect`: capture hidden states
         self.refused: dict[int, str] = {}  # version -> why
+        self.swap_failures = 0
         self._next = 0.0
+        self._stop = threading.Event()
 
     def poll(self) -> SwapTo | None:
-        """The newly named draft, when the control hash names one we have not loaded or refused; else None."""
+        """The newly named draft, when the control state names one we have not loaded or refused; else None."""
         if time.monotonic() < self._next:
             return None
         self._next = time.monotonic() + self.poll_s
         try:
-            ctl = read_control(self.client, self.namespace, self.deployment)
-        except (redis.RedisError, RolloutError) as e:
-            log.warning("cannot read the control key, keeping draft v%s: %s", self.version, e)
+            ctl = rollout.read_control(self.client, self.namespace, self.deployment)
+        except (*rollout.UNAVAILABLE, rollout.RolloutError) as e:
+            log.warning("cannot read the control state, keeping draft v%s: %s", self.version, e)
             return None
-        wanted = None if ctl is None else ctl.version_for(self.pod)
-        if wanted is None or wanted == self.version or wanted in self.refused:
+        if ctl is None:
+            return None  # no operator yet: keep what we serve
+        self.role, self.collect = ctl.role_of(self.pod), ctl.collect
+        wanted = ctl.version_for(self.pod)
+        if wanted == self.version or wanted in self.refused:
             return None
-        if wanted == 0:
-            log.info("back to the initial draft (v0)")
-            self.version = 0
-            return SwapTo(version=0, draft=self.initial)
         return self._load(wanted)
 
     def _load(self, version: int) -> SwapTo | None:
@@ -66,6 +71,7 @@ class DraftFollower:
             draft = self.registry.load(version, self.embed, device=str(self.device)).to(self.dtype).eval()
         except (DraftVerificationError, OSError, ValueError, KeyError, RuntimeError) as e:
             self.refused[version] = str(e)
+            self.swap_failures += 1
             log.error("refusing draft v%d, keeping v%s: %s", version, self.version, e)
             if self.reporter is not None:
                 self.reporter.add(version, swap_failures=1)
@@ -74,3 +80,32 @@ class DraftFollower:
         log.info("swapped to draft v%d in %.3f s", version, time.perf_counter() - t0)
         self.version = version
         return SwapTo(version=version, draft=draft)
+
+    # -- heartbeats ---------------------------------------------------------------------------------------
+
+    def heartbeat(self) -> rollout.Heartbeat | None:
+        """Write what this pod serves; None (nothing written) before it serves any version or when Redis fails."""
+        if self.version is None:
+            return None
+        beat = rollout.Heartbeat(pod=self.pod, role=self.role, version=self.version, swap_failures=self.swap_failures,
+                                 trigger=self.trigger() if self.trigger else {}, time=time.time())
+        try:
+            rollout.write_heartbeat(self.client, self.namespace, self.deployment, beat)
+        except rollout.UNAVAILABLE as e:
+            log.warning("cannot write the heartbeat: %s", e)
+            return None
+        return beat
+
+    def start_heartbeats(self, every_s: float) -> threading.Thread:
+        """A heartbeat every `every_s` from a background thread, so an idle engine still reports."""
+        def loop() -> None:
+            while not self._stop.is_set():
+                self.heartbeat()
+                self._stop.wait(every_s)
+
+        thread = threading.Thread(target=loop, name="tide-heartbeat", daemon=True)
+        thread.start()
+        return thread
+
+    def close(self) -> None:
+        self._stop.set()

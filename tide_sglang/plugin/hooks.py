@@ -154,11 +154,17 @@ def _swapper(settings: TideSettings, draft_worker: Any, metrics: PluginMetrics, 
                          shared={"lm_head.weight"} if getattr(model, "load_lm_head_from_target", False) else set(),
                          hot_token_ids=list(hot.values()), pin=torch.cuda.is_available())
     swapper = Swapper(registry, baseline, handle, version, pod=settings.pod_name, namespace=settings.namespace,
-                      deployment=settings.deployment,
-                      client=lambda: client, metrics=metrics, stats=stats,
-                      allow_vocab_change=settings.swap_allow_vocab_change)
-    swapper.start(settings.swap_poll_s)
+                      deployment=settings.deployment, client=lambda: client, metrics=metrics, stats=stats,
+                      allow_vocab_change=settings.swap_allow_vocab_change, trigger=_trigger_report)
+    # One heartbeat per pod: the publishing rank's (the one given `stats`).
+    swapper.start(settings.swap_poll_s, settings.heartbeat_s if stats is not None else None)
     return swapper
+
+
+def _trigger_report() -> dict[str, float | bool | str]:
+    """The training trigger's state for the heartbeat; empty while TIDE's controller is off."""
+    controller = _runtime.controller if _runtime is not None else None
+    return controller.trigger.report() if controller is not None else {}
 
 
 def _guarded(fn: Callable[..., None]) -> Callable[..., None]:

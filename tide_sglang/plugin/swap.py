@@ -1,6 +1,6 @@
 """Hot-swap of the draft: pure checks over tensors, a stager thread, and the in-place copy between batches.
 
-Order of events for version N named by `tide:{<deployment>}:ctl` for this pod's role:
+Order of events for version N named by the control state `tide:{<ns>/<deployment>}:ctl` for this pod:
 1. the stager thread (off the scheduler's critical path) runs `DraftRegistry.load_tensors(N)` (verify() first:
    checksums, config, tensor names/shapes/dtypes, vocabulary hash), then `plan_swap` checks the tensors against
    the checkpoint the engine serves (same names, shapes, dtypes; no embed_tokens; d2t unchanged or allowed to
@@ -73,9 +73,11 @@ def _dtype(name: str) -> torch.dtype:
 
 def plan_swap(version: int, staged: dict[str, torch.Tensor], baseline: Baseline, *,
               allow_vocab_change: bool) -> SwapPlan:
-    """Check `staged` can be copied over the serving draft; raise `SwapRefused` naming every problem."""
-    want = {n: s for n, s in baseline.specs.items() if not never_loaded(n)}
-    have = {n: (tuple(t.shape), t.dtype) for n, t in staged.items() if not never_loaded(n)}
+    """Check `staged` can be copied over the serving draft; raise `SwapRefused` naming every problem. The served
+    checkpoint may be the user's own (imported as v0): `layers.0.*` names for `midlayer.*`, and no d2t (the whole
+    vocabulary, which is what an imported v0 writes as an identity d2t)."""
+    want = {_canonical(n): s for n, s in baseline.specs.items() if not never_loaded(n) and n not in MAPS}
+    have = {n: (tuple(t.shape), t.dtype) for n, t in staged.items() if not never_loaded(n) and n not in MAPS}
     problems = []
     if missing := sorted(set(want) - set(have)):
         problems.append(f"missing {missing}")
@@ -86,13 +88,18 @@ def plan_swap(version: int, staged: dict[str, torch.Tensor], baseline: Baseline,
     if problems:
         raise SwapRefused(f"draft v{version} does not fit the serving draft: " + "; ".join(problems))
     hot = None
-    if "d2t" in staged and baseline.d2t is not None and not torch.equal(staged["d2t"], baseline.d2t):
-        if not allow_vocab_change:
+    served = baseline.d2t if baseline.d2t is not None else torch.zeros_like(staged.get("d2t", torch.zeros(0)))
+    if "d2t" in staged and not torch.equal(staged["d2t"], served):
+        if not allow_vocab_change or baseline.d2t is None:  # without d2t SGLang keeps no hot_token_id to copy into
             raise SwapRefused(f"draft v{version} has another draft vocabulary (d2t differs); this engine keeps "
                               "the vocabulary fixed within a lineage")
         hot = staged["d2t"] + torch.arange(staged["d2t"].shape[0])
     weights = {n: t for n, t in staged.items() if n not in MAPS and not never_loaded(n)}
     return SwapPlan(version=version, weights=weights, hot_token_id=hot)
+
+
+def _canonical(name: str) -> str:
+    return "midlayer." + name.removeprefix("layers.0.") if name.startswith("layers.0.") else name
 
 
 def sglang_name(name: str) -> str:
@@ -133,6 +140,6 @@ def agreed_version(reduced: torch.Tensor) -> int | None:
 
 
 def desired_version(ctl: ControlState | None, pod: str) -> int | None:
-    """The version the control state names for this pod, None when there is no control state.
-    Version 0 (the initial draft) is not reloaded in place."""
-    return None if ctl is None else ctl.version_for(pod) or None
+    """The version the control state names for this pod (version 0, the imported draft, too); None when there is
+    no control state yet."""
+    return None if ctl is None else ctl.version_for(pod)

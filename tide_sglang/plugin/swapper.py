@@ -1,4 +1,5 @@
-"""`Swapper`: the stateful side of hot-swap (swap.py holds the checks). One per scheduler process."""
+"""`Swapper`: the stateful side of hot-swap (swap.py holds the checks). One per scheduler process; its background
+thread follows the control state and, on the publishing rank, writes the pod's heartbeat."""
 
 import logging
 import threading
@@ -8,10 +9,10 @@ from collections.abc import Callable
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from tide_sglang import rollout
 from tide_sglang.draft.registry import DraftRegistry, DraftVerificationError
 from tide_sglang.plugin.metrics import PluginMetrics
 from tide_sglang.plugin.swap import Baseline, SwapPlan, SwapRefused, apply_swap, desired_version, plan_swap, uncovered
-from tide_sglang.rollout import StatsReporter, read_control
 from tide_sglang.stream.connection import Client
 
 log = logging.getLogger("tide.plugin.swap")
@@ -32,9 +33,13 @@ class DraftHandle(BaseModel):
 class Swapper:
     def __init__(self, registry: DraftRegistry, baseline: Baseline, handle: DraftHandle, version: int, *,
                  pod: str, namespace: str, deployment: str, client: Callable[[], Client], metrics: PluginMetrics,
-                 stats: StatsReporter | None, allow_vocab_change: bool = False) -> None:
+                 stats: rollout.StatsReporter | None, allow_vocab_change: bool = False,
+                 trigger: Callable[[], dict[str, float | bool | str]] | None = None) -> None:
         self.registry, self.baseline, self.handle = registry, baseline, handle
         self.current = version
+        self.trigger = trigger
+        self.role: rollout.Role = "stable"
+        self.swap_failures = 0
         self.pod, self.namespace, self.deployment, self._client = pod, namespace, deployment, client
         self.metrics, self.stats = metrics, stats
         self.allow_vocab_change = allow_vocab_change
@@ -45,24 +50,50 @@ class Swapper:
 
     # -- stager (background thread) ------------------------------------------------------------------------
 
-    def start(self, poll_s: float) -> threading.Thread:
-        thread = threading.Thread(target=self._poll, args=(poll_s,), name="tide-swap-stager", daemon=True)
+    def start(self, poll_s: float, heartbeat_s: float | None = None) -> threading.Thread:
+        """Read the control state every `poll_s`; write the heartbeat every `heartbeat_s` (None: not this rank)."""
+        thread = threading.Thread(target=self._run, args=(poll_s, heartbeat_s), name="tide-swap-stager", daemon=True)
         thread.start()
         return thread
 
     def stop(self) -> None:
         self._stop.set()
 
-    def _poll(self, poll_s: float) -> None:
-        while not self._stop.wait(poll_s):
-            try:
-                ctl = read_control(self._client(), self.namespace, self.deployment)
-            except Exception as e:  # Redis down or a bad hash: keep serving the loaded version, try again next poll
-                log.warning("cannot read the control key: %s", e)
-                continue
-            wanted = desired_version(ctl, self.pod)
-            if wanted is not None:
-                self.stage(wanted)
+    def _run(self, poll_s: float, heartbeat_s: float | None) -> None:
+        next_poll = next_beat = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= next_poll:
+                next_poll = now + poll_s
+                self.follow()
+            if heartbeat_s is not None and now >= next_beat:
+                next_beat = now + heartbeat_s
+                self.heartbeat()
+            self._stop.wait(min(poll_s, heartbeat_s or poll_s))
+
+    def follow(self) -> None:
+        """Stage the version the control state names for this pod."""
+        try:
+            ctl = rollout.read_control(self._client(), self.namespace, self.deployment)
+        except Exception as e:  # Redis down or a bad hash: keep serving the loaded version, try again next poll
+            log.warning("cannot read the control state: %s", e)
+            return
+        if ctl is not None:
+            self.role = ctl.role_of(self.pod)
+        wanted = desired_version(ctl, self.pod)
+        if wanted is not None:
+            self.stage(wanted)
+
+    def heartbeat(self) -> rollout.Heartbeat | None:
+        """Report the version this pod serves (copied in place, not just staged); None when Redis failed."""
+        beat = rollout.Heartbeat(pod=self.pod, role=self.role, version=self.current, swap_failures=self.swap_failures,
+                                 trigger=self.trigger() if self.trigger else {}, time=time.time())
+        try:
+            rollout.write_heartbeat(self._client(), self.namespace, self.deployment, beat)
+        except Exception as e:  # never into the engine: the operator sees a missing heartbeat instead
+            log.warning("cannot write the heartbeat: %s", e)
+            return None
+        return beat
 
     def stage(self, version: int) -> SwapPlan | None:
         """Verify, load and check `version` (idempotent); on any failure keep the old weights and report."""
@@ -86,6 +117,7 @@ class Swapper:
 
     def _refuse(self, version: int, error: Exception) -> None:
         self.failed[version] = f"{type(error).__name__}: {error}"
+        self.swap_failures += 1
         log.error("draft v%d refused, keeping v%d: %s", version, self.current, error)
         self.metrics.swap_failures.labels(**self.metrics.labels(version)).inc()
         if self.stats is not None:  # only the publishing rank reports, so TP ranks do not multiply counts

@@ -1,0 +1,78 @@
+"""`tide engine`: the reference engine as one inference pod of a TideDeployment, on the CPU.
+
+It does what an SGLang pod with the TIDE plugin does, through the same protocol (docs/rollout.md): serves a
+workload schedule round after round, captures hidden states to the stream while the control state's `collect`
+is on, adds per-version stats, loads the version the control state names for its pod (`TIDE_POD_NAME`), and
+writes a heartbeat every `TIDE_HEARTBEAT_S`. Tests run several of them as stand-ins for pods.
+"""
+
+import logging
+import signal
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from tide_sglang import keys, rollout
+from tide_sglang.draft import DraftRegistry
+from tide_sglang.draft.target import heads_of, load_target
+from tide_sglang.engine.engine import FixedSteps, SpecEngine
+from tide_sglang.engine.serve import ServeOptions, serve
+from tide_sglang.engine.swap import DraftFollower
+from tide_sglang.settings import TideSettings
+from tide_sglang.stream import StreamWriter, connect
+from tide_sglang.workloads import parse_schedule, plan_schedule
+
+log = logging.getLogger("tide.engine.pod")
+
+
+class PodOptions(BaseModel):
+    registry: Path = Field(description="the draft registry (the pods' read-only volume)")
+    target: str = Field(description="target checkpoint directory, or smollm2-135m")
+    schedule: str = Field(description="workload:requests,... served each round")
+    version: int | None = Field(None, ge=0, description="draft the pod starts with (SGLang: the draft model path)")
+    steps: int = Field(3, ge=1, description="draft steps per verify")
+    batch_size: int = Field(2, ge=1)
+    max_new_tokens: int = Field(32, ge=1)
+    rounds: int | None = Field(None, ge=1, description="rounds of the schedule; None: until SIGTERM")
+    seed: int = 0
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops between steps, like Ctrl-C
+
+
+def run_pod(options: PodOptions, settings: TideSettings) -> int:
+    """Serve until `rounds` are done or SIGTERM; returns the verify steps served."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    target = load_target(options.target)
+    heads = heads_of(target.model)
+    dtype = next(target.model.parameters()).dtype
+    registry = DraftRegistry(options.registry)
+    client = connect(settings)
+    writer = StreamWriter(lambda: connect(settings, check=False),
+                          keys.hidden_states(settings.namespace, settings.deployment),
+                          budget_bytes=settings.stream_budget_mib << 20, queue_entries=settings.stream_queue_entries)
+    reporter = rollout.StatsReporter(client, settings.namespace, settings.deployment, interval_s=settings.stats_flush_s)
+    follower = DraftFollower(client, registry, settings.namespace, settings.deployment, settings.pod_name, heads.embed,
+                             dtype=dtype, reporter=reporter, poll_s=settings.swap_poll_s, version=options.version)
+    draft = None if options.version is None else registry.load(options.version, heads.embed).to(dtype).eval()
+    engine = SpecEngine(target, draft=draft, draft_version=options.version or 0,
+                        controller=FixedSteps(options.steps), writer=writer)
+    follower.start_heartbeats(settings.heartbeat_s)
+    log.info("pod %s serving (draft v%s)", settings.pod_name, options.version)
+    steps, round_ = 0, 0
+    try:
+        while options.rounds is None or round_ < options.rounds:
+            plans = plan_schedule(parse_schedule(options.schedule), seed=options.seed + round_)
+            steps += len(serve(engine, plans, ServeOptions(batch_size=options.batch_size,
+                                                            max_new_tokens=options.max_new_tokens),
+                               follower=follower, reporter=reporter))
+            round_ += 1
+    except KeyboardInterrupt:
+        log.info("pod %s stopping after %d steps", settings.pod_name, steps)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        follower.close()
+        reporter.flush()
+        writer.close()
+    return steps
