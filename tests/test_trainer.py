@@ -127,6 +127,13 @@ def test_acceptance_counts_the_chain_like_the_engine() -> None:
     assert sum(accepted) > 0
 
 
+def test_acceptance_skips_batches_of_chunks_too_short_for_a_chain() -> None:
+    draft = tiny_draft(3)
+    short = [Chunk(hidden=torch.randn(n, 96), tokens=draft.vocab.token_ids[:n], positions=torch.arange(n))
+             for n in (1, 2, 3)]
+    assert acceptance(draft, short, 3, batch_size=2).rows == 0  # once raised on the shapes of a [B, 2] batch
+
+
 def test_ttt_loss_trains_a_tiny_draft_to_higher_acceptance() -> None:
     torch.manual_seed(0)
     draft = tiny_draft(4)

@@ -64,6 +64,8 @@ def acceptance(draft: Eagle3Draft, chunks: list[Chunk], steps: int, batch_size: 
     dtype = draft.fc.weight.dtype
     for i in range(0, len(chunks), batch_size):
         batch = collate(chunks[i : i + batch_size], device, dtype)
+        if batch.valid.shape[1] <= steps:
+            continue  # no chunk long enough for a full chain (the shapes below assume one)
         logits = draft.unroll(batch.aux, batch.tokens, batch.positions, steps, batch.valid)
         # A chain started at row t needs tokens[t+1 .. t+steps] to exist, so it is counted in full.
         full = F.pad(batch.valid[:, steps:], (0, steps))  # [B, T]
