@@ -98,3 +98,9 @@ def test_tide_engine_serves_as_one_pod(target, settings, tmp_path):
     assert (beats["pod-z"].version, beats["pod-z"].role) == (0, "stable")
     assert read_stats(client, settings.namespace, settings.deployment, 0).tokens > 0
     assert client.xlen(keys.hidden_states(settings.namespace, settings.deployment)) > 0
+
+
+def test_tide_engine_rounds_draw_new_prompts_unless_repeat(tmp_path):
+    options = PodOptions(registry=tmp_path, target="smollm2-135m", schedule="writing:2", seed=5)
+    assert [options.round_seed(r) for r in range(3)] == [5, 6, 7]
+    assert [options.model_copy(update={"repeat": True}).round_seed(r) for r in range(3)] == [5, 5, 5]

@@ -38,7 +38,7 @@ def delete_unnamed(registry: "DraftRegistry", named: set[int]) -> list[int]:
         if v in named or v >= max(named, default=0):
             continue
         try:
-            registry.delete(v)
+            registry.delete(v, in_use=named)  # the registry refuses a named version too
         except OSError as e:  # retried on the next pass: the rule is level-based
             log.warning("could not delete draft v%d from the registry %s: %s", v, registry.root, e)
             continue

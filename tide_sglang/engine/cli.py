@@ -18,6 +18,8 @@ import click
 @click.option("--max-new-tokens", type=click.IntRange(1, 1024), default=32, show_default=True)
 @click.option("--rounds", type=click.IntRange(1), help="Rounds of the schedule (default: until SIGTERM).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--repeat", is_flag=True, help="Serve the same prompts every round (greedy: the same completions), "
+              "traffic a draft learns fast; each round draws new ones otherwise.")
 def engine(**options: object) -> None:
     """Serve a workload schedule through the reference engine as one inference pod of a TideDeployment: the
     version the control state names for TIDE_POD_NAME, heartbeats, stats and capture, as an SGLang pod with the

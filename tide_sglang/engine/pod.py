@@ -35,6 +35,10 @@ class PodOptions(BaseModel):
     max_new_tokens: int = Field(32, ge=1)
     rounds: int | None = Field(None, ge=1, description="rounds of the schedule; None: until SIGTERM")
     seed: int = 0
+    repeat: bool = Field(False, description="serve the same prompts every round (else each round draws anew)")
+
+    def round_seed(self, round_: int) -> int:
+        return self.seed if self.repeat else self.seed + round_
 
 
 def _interrupt(*_: object) -> None:
@@ -63,7 +67,7 @@ def run_pod(options: PodOptions, settings: TideSettings) -> int:
     steps, round_ = 0, 0
     try:
         while options.rounds is None or round_ < options.rounds:
-            plans = plan_schedule(parse_schedule(options.schedule), seed=options.seed + round_)
+            plans = plan_schedule(parse_schedule(options.schedule), seed=options.round_seed(round_))
             steps += len(serve(engine, plans, ServeOptions(batch_size=options.batch_size,
                                                             max_new_tokens=options.max_new_tokens),
                                follower=follower, reporter=reporter))
