@@ -3,6 +3,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -10,10 +11,11 @@ from prometheus_client import CollectorRegistry
 
 from tide_sglang.cli import main
 from tide_sglang.control import Profile, SpeculationController
-from tide_sglang.plugin import rows
+from tide_sglang.plugin import rows, wire
 from tide_sglang.plugin.cli import serve_argv
 from tide_sglang.plugin.metrics import PluginMetrics
 from tide_sglang.plugin.runtime import Runtime
+from tide_sglang.plugin.slab import FREE, Slab
 from tide_sglang.plugin.speculation import (
     ProfileError,
     acceptance_sample,
@@ -27,25 +29,57 @@ from tide_sglang.settings import TideSettings
 
 
 def test_decode_rows_take_the_accepted_prefix_of_each_kept_request() -> None:
-    row, req, pos = rows.decode_rows([1, 3, 4, 2], [10, 20, 30, 40], nd=4, keep=[0, 1, 3])
+    row, req, pos = rows.decode_rows(np.array([1, 3, 4, 2]), np.array([10, 20, 30, 40]), nd=4,
+                                     keep=np.array([0, 1, 3]))
     assert row.tolist() == [0, 4, 5, 6, 12, 13]
     assert req.tolist() == [0, 1, 1, 1, 2, 2]
     assert pos.tolist() == [10, 20, 21, 22, 40, 41]
     with pytest.raises(ValueError, match=r"outside 1\.\.4"):
-        rows.decode_rows([0], [5], nd=4, keep=[0])
+        rows.decode_rows(np.array([0]), np.array([5]), nd=4, keep=np.array([0]))
 
 
-def test_hard_example_filter_and_commit_mask() -> None:
-    accept = [1, 4, 3, 2]  # acceptance 0, 1, 2/3, 1/3 at nd=4
-    keep = rows.keep_requests(accept, 4, [True, True, True, False], [True] * 4, max_acceptance=0.5)
-    assert keep == [0]  # 1 and 2 too easy, 3 not committed
-    assert rows.keep_requests(accept, 4, [True] * 4, [True, False, True, True], 1.0) == [0, 2, 3]
+def test_hard_example_filter() -> None:
+    accept = np.array([1, 4, 3, 2])  # acceptance 0, 1, 2/3, 1/3 at nd=4
+    assert rows.hard_enough(accept, 4, max_acceptance=0.5).tolist() == [True, False, False, True]
+    assert rows.hard_enough(accept, 1, max_acceptance=0.0).all()  # no drafts: nothing is easy
 
 
 def test_prefill_rows_chain_prompt_tokens_then_the_sampled_one() -> None:
-    row, req, pos, src = rows.prefill_rows([3, 2], [0, 5], complete=[True, False], keep=[0, 1])
+    row, req, pos, src = rows.prefill_rows([3, 2], [0, 5], complete=[True, False])
     assert (row.tolist(), req.tolist(), pos.tolist()) == ([0, 1, 2, 3], [0, 0, 0, 1], [0, 1, 2, 5])
     assert src.tolist() == [1, 2, 5, 4]  # 5 = len(input_ids) + 0: request 0's sampled token
+    row, req, pos, src = rows.prefill_rows([1, 2], [4, 0], complete=[False, True])  # a one-row chunk: no row
+    assert (row.tolist(), req.tolist(), pos.tolist(), src.tolist()) == ([1, 2], [1, 1], [0, 1], [2, 4])
+
+
+def test_capture_frames_round_trip_through_any_split_of_the_byte_stream() -> None:
+    slot = wire.SlotReady(3, "decode", 7, 64, 4, 256, 1728, torch.bfloat16, 4, 4, 8)
+    frames = [wire.reg(5, "rid-ü", "code"), wire.tick(7, 9, 3, 3, 12345, 1), wire.slot_ready(slot), wire.fin(5)]
+    data = b"".join(frames)
+    assert all(len(f) <= wire.MAX_FRAME for f in frames)
+    for cut in range(len(data)):
+        decoder = wire.Decoder()
+        got = decoder.feed(data[:cut]) + decoder.feed(data[cut:])
+        assert got == [wire.Reg(5, "rid-ü", "code"), wire.Tick(7, 9, 3, 3, 12345, 1), slot, wire.Fin(5)]
+    with pytest.raises(ValueError, match="kind 9"):
+        wire.Decoder().feed(b"\x00\x00\x09")
+
+
+def test_slab_slots_are_shared_between_mappings_and_acquire_never_waits() -> None:
+    owner = Slab.create(slots=2, slot_bytes=100)
+    other = Slab.attach(owner.name, owner.slots, owner.slot_bytes)
+    try:
+        assert owner.slot_bytes == 4096  # whole pages
+        a, b = owner.acquire(), owner.acquire()
+        assert (a, b) == (0, 1) and owner.acquire() is None
+        owner.data(1)[:3] = b"abc"
+        owner.side(1)[:2] = b"xy"
+        assert bytes(other.data(1)[:3]) == b"abc" and bytes(other.side(1)[:2]) == b"xy"
+        other.flags[0] = FREE  # the helper frees a slot: the scheduler sees it
+        assert owner.acquire() == 0
+    finally:
+        other.close()
+        owner.close()
 
 
 def _baseline() -> Baseline:

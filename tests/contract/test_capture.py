@@ -1,11 +1,18 @@
-"""The capture hook, driven with tensors shaped as SGLang's verify produces them and real ScheduleBatch/Req
-objects, delivers exactly the accepted rows of committed requests to a real redis-server.
+"""The capture hooks, driven with tensors shaped as SGLang's verify produces them and real ScheduleBatch/Req
+objects, deliver exactly the accepted rows of committed requests to a real redis-server, through the real capture
+helper process and the shared slab.
 
 Mocked, because it needs a GPU: `run_eagle_verify` (the target's verify forward) returns a real
-GenerationBatchResult built here. The worker objects are minimal (their real constructors load models onto a GPU)
-and carry exactly the attributes the patched `verify` and the hooks read.
+GenerationBatchResult built here. The worker and scheduler objects are minimal (their real constructors load
+models onto a GPU) and carry exactly the attributes the patched methods and the hooks read. The admission hook is
+called directly: the real `Scheduler._add_request_to_queue` it wraps needs a running scheduler (that the method
+is patched is checked by `register()` and tests/contract/test_registration.py).
 """
 
+import os
+import signal
+import subprocess
+import sys
 import types
 from collections.abc import Iterator
 
@@ -23,19 +30,18 @@ import tide_sglang.plugin
 from tests.helpers import wait_for
 from tide_sglang import keys
 from tide_sglang.capture import CaptureBatch
-from tide_sglang.plugin import hooks
+from tide_sglang.plugin import hooks, slab, targets, versions
 from tide_sglang.stream import StreamReader, connect
 from tide_sglang.stream.server import LocalRedis
 
-K, H, ND = 3, 32, 4
-VOCAB = 2048  # the target's vocabulary size, as SGLang's target ModelConfig reports it
+K, H, ND, VOCAB = 3, 32, 4, 2000
 
 
 @pytest.fixture
 def tide_env(redis_server: LocalRedis, monkeypatch) -> Iterator[LocalRedis]:
     tide_sglang.plugin.register()
     for name, value in {"TIDE_REDIS_URL": redis_server.url, "TIDE_DEPLOYMENT": "test",
-                        "TIDE_STATS_FLUSH_S": "0.05"}.items():
+                        "TIDE_STATS_FLUSH_S": "0.05", "TIDE_CAPTURE_SLOT_MIB": "1"}.items():
         monkeypatch.setenv(name, value)
     hooks.reset_runtime()
     yield redis_server
@@ -43,9 +49,9 @@ def tide_env(redis_server: LocalRedis, monkeypatch) -> Iterator[LocalRedis]:
 
 
 def draft_worker() -> types.SimpleNamespace:
-    return types.SimpleNamespace(draft_runner=types.SimpleNamespace(
-        model=types.SimpleNamespace(model=types.SimpleNamespace(num_aux_hidden_states=K))), device="cpu",
-        target_worker=types.SimpleNamespace(model_config=types.SimpleNamespace(vocab_size=VOCAB)))
+    model = types.SimpleNamespace(model=types.SimpleNamespace(num_aux_hidden_states=K))
+    return types.SimpleNamespace(draft_runner=types.SimpleNamespace(model=model), device="cpu",
+                                 target_worker=types.SimpleNamespace(model_config=types.SimpleNamespace(vocab_size=VOCAB)))
 
 
 def eagle_worker() -> eagle.EAGLEWorkerV2:
@@ -59,104 +65,164 @@ def eagle_worker() -> eagle.EAGLEWorkerV2:
     return worker
 
 
-def reqs(n: int) -> list[Req]:
-    return [Req(f"r{i}", "", [1, 2, 3], SamplingParams(max_new_tokens=64)) for i in range(n)]
+def admitted(n: int, worker: eagle.EAGLEWorkerV2) -> list[Req]:
+    reqs = [Req(f"r{i}", "", [1, 2, 3], SamplingParams(max_new_tokens=64)) for i in range(n)]
+    scheduler = types.SimpleNamespace(draft_worker=worker)
+    for r in reqs:
+        hooks.before_admit(scheduler, r)
+    return reqs
+
+
+def verify_result(accept: list[int], seed: int = 0) -> GenerationBatchResult:
+    bs = len(accept)
+    gen = torch.Generator().manual_seed(seed)
+    return GenerationBatchResult(
+        logits_output=LogitsProcessorOutput(next_token_logits=None,
+                                            hidden_states=torch.randn(bs * ND, K * H, generator=gen).bfloat16()),
+        next_token_ids=torch.arange(bs * ND, dtype=torch.int32) + 1000,
+        accept_lens=torch.tensor(accept, dtype=torch.int32),
+        speculative_num_draft_tokens=ND, num_correct_drafts_per_req_cpu=[a - 1 for a in accept])
+
+
+def verify(worker: eagle.EAGLEWorkerV2, batch: ScheduleBatch, result: GenerationBatchResult, monkeypatch) -> None:
+    monkeypatch.setattr(eagle, "run_eagle_verify", lambda batch, **kw: result)
+    assert eagle.EAGLEWorkerV2.verify(worker, batch) is result  # the patched method, through the hook
+
+
+def commit(batch: ScheduleBatch, result: GenerationBatchResult) -> None:
+    hooks.before_commit(None, batch, result)
+    hooks.after_commit(None, None, batch, result)
 
 
 def read_all(server: LocalRedis, count: int) -> list[CaptureBatch]:
-    reader = StreamReader(connect_for(server), keys.hidden_states("default", "test"),
-                          keys.dead_letter("default", "test"), "t", block_ms=50)
+    from tide_sglang.settings import TideSettings
+
+    client = connect(TideSettings(redis_url=server.url, deployment="test"))
+    reader = StreamReader(client, keys.hidden_states("default", "test"), keys.dead_letter("default", "test"), "t", block_ms=50)
     got: list[CaptureBatch] = []
     wait_for(lambda: bool(got.extend(e.batch for e in reader.read())) or len(got) >= count, what="captured rows")
     return got
 
 
-def connect_for(server: LocalRedis):
-    from tide_sglang.settings import TideSettings
-
-    return connect(TideSettings(redis_url=server.url, deployment="test"))
+def settled(capturer) -> bool:
+    return all(f == slab.FREE for f in capturer.slab.flags)
 
 
 def test_verify_capture_emits_exactly_accepted_rows_of_committed_requests(tide_env, monkeypatch) -> None:
-    accept = torch.tensor([1, 3, 4, 2], dtype=torch.int32)  # [bs], bonus token included
-    bs = len(accept)
-    hidden = torch.randn(bs * ND, K * H).to(torch.bfloat16)  # [bs*nd, K*H]: EAGLE-3 aux states
-    next_ids = torch.arange(bs * ND, dtype=torch.int32) + 1000  # [bs*nd]
-    batch = ScheduleBatch(reqs=reqs(bs), seq_lens=torch.tensor([10, 20, 30, 40]), forward_mode=ForwardMode.DECODE)
-    result = GenerationBatchResult(logits_output=LogitsProcessorOutput(next_token_logits=None, hidden_states=hidden),
-                                   next_token_ids=next_ids, accept_lens=accept, speculative_num_draft_tokens=ND)
-    monkeypatch.setattr(eagle, "run_eagle_verify", lambda batch, **kw: result)
-
-    assert eagle.EAGLEWorkerV2.verify(eagle_worker(), batch) is result  # the patched method, through the hook
+    worker = eagle_worker()
+    batch = ScheduleBatch(reqs=admitted(4, worker), seq_lens=torch.tensor([10, 20, 30, 40]),
+                          forward_mode=ForwardMode.DECODE)
+    result = verify_result([1, 3, 4, 2])
+    hidden = result.logits_output.hidden_states.clone()
+    verify(worker, batch, result, monkeypatch)
     batch.reqs[2].finished_reason = FINISH_LENGTH(64)  # finished in the previous batch (overlap scheduling)
-    hooks.before_commit(None, batch, result)
+    commit(batch, result)
 
     [got] = read_all(tide_env, 1)
     rows = [0, 4, 5, 6, 12, 13]  # r0: 1 row, r1: 3 rows, r2: finished, r3: 2 rows
     assert got.rids == ["r0", "r1", "r3"]
     assert got.req_index.tolist() == [0, 1, 1, 1, 2, 2]
     assert got.positions.tolist() == [10, 20, 21, 22, 40, 41]
-    assert got.token_ids.tolist() == next_ids[rows].tolist()
+    assert got.token_ids.tolist() == [1000 + r for r in rows]
     assert torch.equal(got.hidden, hidden[rows]) and got.aux_layers == K
-    assert got.acceptance == [0.0, 2.0, 1.0]
-    assert not got.is_prompt.any() and got.vocab_size == VOCAB  # accepted decode rows: generated
-    wait_for(lambda: b"tokens" in redis.Redis.from_url(tide_env.url).hgetall(keys.stats("default", "test", 0)),
-             what="stats flush")
-    stats = redis.Redis.from_url(tide_env.url).hgetall(keys.stats("default", "test", 0))
+    assert got.acceptance == [0.0, 2.0, 1.0] and got.vocab_size == VOCAB and not got.is_prompt.any()
+    client = redis.Redis.from_url(tide_env.url)
+    wait_for(lambda: b"tokens" in client.hgetall(keys.stats("default", "test", 0)), what="stats flush")
+    stats = client.hgetall(keys.stats("default", "test", 0))
     # 3 committed requests x (ND - 1) draft tokens verified; accepted drafts exclude each bonus token.
     assert (int(stats[b"tokens"]), int(stats[b"accepted"]), int(stats[b"verify_steps"])) == (3 * (ND - 1), 3, 3)
 
 
 def test_prefill_capture_emits_prompt_rows_and_leaves_out_a_chunks_last_row(tide_env) -> None:
-    batch = ScheduleBatch(reqs=reqs(2), seq_lens=torch.tensor([3, 7]), forward_mode=ForwardMode.EXTEND)
+    worker = eagle_worker()
+    batch = ScheduleBatch(reqs=admitted(2, worker), seq_lens=torch.tensor([3, 7]), forward_mode=ForwardMode.EXTEND)
     batch.extend_lens, batch.prefix_lens = [3, 2], [0, 5]
     batch.input_ids = torch.tensor([11, 12, 13, 14, 15])  # [sum extend_lens]
     batch.chunked_req = batch.reqs[1]  # its prompt continues in the next chunk
     hidden = torch.randn(5, K * H)  # [sum extend_lens, K*H]: full capture during prefill
-    hooks.before_prefill(draft_worker(), batch, hidden, torch.tensor([99, 98]))
+    hooks.before_prefill(worker.draft_worker, batch, hidden, torch.tensor([99, 98]))
+    hooks.after_commit(None, None, batch, verify_result([1, 1]))  # no flags: nothing counted, pending slots posted
 
     [got] = read_all(tide_env, 1)
     assert got.rids == ["r0", "r1"]
     assert got.positions.tolist() == [0, 1, 2, 5]
     assert got.token_ids.tolist() == [12, 13, 99, 15]  # next prompt token, then the sampled one
-    assert torch.equal(got.hidden, hidden[[0, 1, 2, 3]])
-    assert got.is_prompt.all() and got.vocab_size == VOCAB
+    assert torch.equal(got.hidden, hidden[[0, 1, 2, 3]]) and got.is_prompt.all()
 
 
 def test_no_rows_when_every_request_was_retracted(tide_env, monkeypatch) -> None:
-    batch = ScheduleBatch(reqs=reqs(2), seq_lens=torch.tensor([5, 6]), forward_mode=ForwardMode.DECODE)
-    result = GenerationBatchResult(
-        logits_output=LogitsProcessorOutput(next_token_logits=None, hidden_states=torch.randn(2 * ND, K * H)),
-        next_token_ids=torch.zeros(2 * ND, dtype=torch.int64), accept_lens=torch.tensor([2, 2]),
-        speculative_num_draft_tokens=ND)
-    monkeypatch.setattr(eagle, "run_eagle_verify", lambda batch, **kw: result)
-    eagle.EAGLEWorkerV2.verify(eagle_worker(), batch)
+    worker = eagle_worker()
+    batch = ScheduleBatch(reqs=admitted(2, worker), seq_lens=torch.tensor([5, 6]), forward_mode=ForwardMode.DECODE)
+    result = verify_result([2, 2])
+    verify(worker, batch, result, monkeypatch)
     for r in batch.reqs:
         r.is_retracted = True
-    hooks.before_commit(None, batch, result)
-    rt = hooks._runtime
-    wait_for(lambda: rt.capturer.ring.in_flight == 0, what="finisher")
-    assert rt.capturer.writer.stats.submitted == 0 and rt.capturer.dropped == 0
+    commit(batch, result)
+    capturer = hooks._runtime.capturer
+    wait_for(lambda: settled(capturer), what="the helper to release the slot")
+    assert not redis.Redis.from_url(tide_env.url).exists(keys.hidden_states("default", "test"))
+    assert capturer.dropped == 0
 
 
-def test_a_full_ring_drops_and_counts_instead_of_blocking(tide_env, monkeypatch) -> None:
+def test_a_full_slab_drops_and_counts_instead_of_blocking_and_counts_still_arrive(tide_env, monkeypatch) -> None:
     monkeypatch.setenv("TIDE_CAPTURE_RING_SLOTS", "1")
     hooks.reset_runtime()
-    batch = ScheduleBatch(reqs=reqs(1), seq_lens=torch.tensor([5]), forward_mode=ForwardMode.DECODE)
-
-    def result() -> GenerationBatchResult:
-        return GenerationBatchResult(
-            logits_output=LogitsProcessorOutput(next_token_logits=None, hidden_states=torch.randn(ND, K * H)),
-            next_token_ids=torch.zeros(ND, dtype=torch.int64), accept_lens=torch.tensor([3]),
-            speculative_num_draft_tokens=ND)
-
-    first, second = result(), result()
-    monkeypatch.setattr(eagle, "run_eagle_verify", lambda batch, **kw: first)
-    eagle.EAGLEWorkerV2.verify(eagle_worker(), batch)
-    monkeypatch.setattr(eagle, "run_eagle_verify", lambda batch, **kw: second)
-    eagle.EAGLEWorkerV2.verify(eagle_worker(), batch)  # the only slot still waits for the first commit
+    worker = eagle_worker()
+    batch = ScheduleBatch(reqs=admitted(1, worker), seq_lens=torch.tensor([5]), forward_mode=ForwardMode.DECODE)
+    first, second = verify_result([3]), verify_result([2])
+    verify(worker, batch, first, monkeypatch)
+    verify(worker, batch, second, monkeypatch)  # the only slot still waits for the first commit
     capturer = hooks._runtime.capturer
     assert capturer.dropped == 1 and not hasattr(second, "_tide_capture")
-    hooks.before_commit(None, batch, first)
+    commit(batch, first)
+    commit(batch, second)  # its rows were dropped, its counts are not
     [got] = read_all(tide_env, 1)
     assert got.positions.tolist() == [5, 6, 7]
+    client = redis.Redis.from_url(tide_env.url)
+    wait_for(lambda: client.hget(keys.stats("default", "test", 0), "verify_steps") == b"2", what="both batches counted")
+    assert int(client.hget(keys.stats("default", "test", 0), "accepted")) == 2 + 1
+
+
+def test_a_killed_helper_is_restarted_and_its_losses_counted(tide_env, monkeypatch) -> None:
+    worker = eagle_worker()
+    batch = ScheduleBatch(reqs=admitted(1, worker), seq_lens=torch.tensor([5]), forward_mode=ForwardMode.DECODE)
+    first = verify_result([2])
+    verify(worker, batch, first, monkeypatch)
+    commit(batch, first)
+    read_all(tide_env, 1)
+    link = hooks._runtime.capturer.link
+    os.kill(link.proc.pid, signal.SIGKILL)
+    link.proc.wait()
+    assert not link.check() and link.restarts == 1 and link.proc.poll() is None
+    reqs = admitted(1, worker)  # the new helper knows only requests admitted after it started
+    batch = ScheduleBatch(reqs=reqs, seq_lens=torch.tensor([9]), forward_mode=ForwardMode.DECODE)
+    again = verify_result([3])
+    verify(worker, batch, again, monkeypatch)
+    commit(batch, again)
+    got = read_all(tide_env, 2)
+    assert got[-1].positions.tolist() == [9, 10, 11]
+
+
+def test_without_tide_enabled_nothing_is_patched_and_the_version_is_not_checked(monkeypatch) -> None:
+    """In a fresh process, as SGLang's `load_plugins()` runs the entry point in every process it spawns."""
+    code = ("import tide_sglang.plugin as p, tide_sglang.plugin.versions as v\n"
+            "v.installed = lambda: '0.4.0'\n"  # unsupported, and not looked at while TIDE is off
+            "p.register()\n"
+            "from tide_sglang.plugin import hooks\n"
+            "print(sum(hooks._safe_is_patched(t.path, h) for t, h in hooks.HOOKS))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TIDE_ENABLED"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "0"
+    monkeypatch.setattr(versions, "installed", lambda: "0.4.0")
+    with pytest.raises(SystemExit, match=r"0\.4\.0"):  # TIDE_ENABLED=1 (the fixture): an unsupported SGLang stops
+        tide_sglang.plugin.register()
+
+
+def test_the_admission_target_takes_the_request() -> None:
+    import inspect
+
+    from sglang.srt.managers.scheduler import Scheduler
+
+    params = list(inspect.signature(Scheduler._add_request_to_queue).parameters)
+    assert params[: len(targets.ADMIT.params)] == list(targets.ADMIT.params)

@@ -6,18 +6,26 @@ and it does so only when `register()` runs, so `tide --help` works without SGLan
 """
 
 import logging
+import os
 
 from tide_sglang.plugin import versions
 
 log = logging.getLogger("tide.plugin")
 
 
+ENABLED = "TIDE_ENABLED"  # `tide serve` and the operator set it to 1: installing the package patches nothing
+
+
 def register() -> None:
-    """Entry point: check the SGLang version, register and apply every hook, check each was patched.
+    """Entry point: with TIDE_ENABLED=1, check the SGLang version, register and apply every hook, check each was
+    patched. Without it, nothing is patched and the SGLang version is not looked at.
 
     SGLang's loader logs and swallows exceptions from plugins, which would leave a server running without TIDE
     while the operator believes it has it; so a failure here exits the process (SystemExit is not caught).
     """
+    if os.environ.get(ENABLED) != "1":
+        log.debug("TIDE plugin installed but not enabled (%s=1 enables it)", ENABLED)
+        return
     try:
         version = versions.check(versions.installed())
     except versions.UnsupportedSGLang as e:

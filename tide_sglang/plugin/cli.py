@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from tide_sglang.plugin import versions
+from tide_sglang.plugin import ENABLED, versions
 from tide_sglang.plugin.speculation import ProfileError, load_profile
 from tide_sglang.settings import TideSettings
 
@@ -91,4 +91,5 @@ def serve(tide_candidate_steps: str, tide_dry_run: bool, sglang_args: tuple[str,
     if tide_dry_run:
         click.echo(" ".join(command))
         return
+    os.environ[ENABLED] = "1"  # the entry point patches SGLang only when asked (installing TIDE changes nothing)
     os.execv(sys.executable, command)

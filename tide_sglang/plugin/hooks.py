@@ -9,6 +9,7 @@ at its first batch instead of serving without the controller.
 import functools
 import logging
 import pkgutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,26 +18,27 @@ import torch
 import torch.distributed as dist
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-from tide_sglang import keys
 from tide_sglang.control import SpeculationController
 from tide_sglang.draft.registry import MANIFEST, DraftRegistry, Manifest
 from tide_sglang.plugin import targets
-from tide_sglang.plugin.capture import Capturer, committed
+from tide_sglang.plugin.capture import FLAGS, TAG, Capturer, flags
+from tide_sglang.plugin.link import HelperLink
 from tide_sglang.plugin.metrics import PluginMetrics
 from tide_sglang.plugin.runtime import ControllerFactory, Runtime
+from tide_sglang.plugin.slab import Slab
 from tide_sglang.plugin.speculation import StepDecider, StepTable, load_profile
 from tide_sglang.plugin.swap import SwapRefused, baseline_from_dir
 from tide_sglang.plugin.swapper import DraftHandle, Swapper
 from tide_sglang.rollout import StatsReporter
 from tide_sglang.settings import TideSettings
-from tide_sglang.stream import StreamWriter, connect
+from tide_sglang.stream import connect
 
 log = logging.getLogger("tide.plugin")
 
 _runtime: Runtime | None = None
 _decider: StepDecider | None = None
 _metrics: dict[str, PluginMetrics] = {}  # Prometheus metrics exist once per process (a rebuilt runtime reuses them)
-COMMITTED = "_tide_committed"  # set on SGLang's GenerationBatchResult from before to after its processing
+_thread_ns = time.thread_time_ns
 
 
 class PluginPatchError(RuntimeError):
@@ -95,22 +97,28 @@ def build_runtime(settings: TideSettings, draft_worker: Any) -> Runtime:
     """`draft_worker`: SGLang's EagleDraftWorker, None on pipeline stages that do not host the draft."""
     metrics = _metrics.get(settings.deployment) or _metrics.setdefault(settings.deployment,
                                                                        PluginMetrics(settings.deployment))
-    client = connect(settings, check=False)  # lazy: connects on first command, from a background thread
-    # flushed by the writer thread
-    stats = StatsReporter(lambda: client, settings.namespace, settings.deployment, interval_s=None)
-    capturer = None
-    if draft_worker is not None and _is_publisher():
-        stream = keys.hidden_states(settings.namespace, settings.deployment)
-        writer = StreamWriter(lambda: connect(settings, check=False), stream,
-                              budget_bytes=settings.stream_budget_mib << 20,
-                              queue_entries=settings.stream_queue_entries)
-        capturer = Capturer(settings, writer, metrics, stats, _aux_layers(draft_worker.draft_runner.model),
-                            str(draft_worker.device), int(draft_worker.target_worker.model_config.vocab_size))
-    swapper = _swapper(settings, draft_worker, metrics, stats if capturer is not None else None, client)
+    client = connect(settings, check=False)  # lazy: connects on first command, from the swapper's thread
+    publisher = draft_worker is not None and _is_publisher()
+    capturer = _capturer(settings, draft_worker) if publisher else None
+    # Swap failures are rare: the publishing rank adds each at once, from the swapper's thread.
+    stats = StatsReporter(lambda: client, settings.namespace, settings.deployment, interval_s=0.0) if publisher else None
+    swapper = _swapper(settings, draft_worker, metrics, stats, client)
     if swapper is not None and capturer is not None:
         capturer.version = swapper.current
     steps = StepTable(_decider) if _decider is not None else None
     return Runtime(settings, metrics, capturer, swapper, steps, _all_reduce_min, _controller(settings))
+
+
+def _capturer(settings: TideSettings, draft_worker: Any) -> Capturer:
+    """The publishing rank's capture: a slab shared with a helper process that writes rows and counts to Redis."""
+    runner = draft_worker.draft_runner
+    slab = Slab.create(settings.capture_ring_slots, settings.capture_slot_mib << 20)
+    device = str(draft_worker.device)
+    if device.startswith("cuda"):
+        slab.pin()
+    config = {"slab": slab.name, "slots": slab.slots, "slot_bytes": slab.slot_bytes,
+              "aux_layers": _aux_layers(runner.model), "vocab_size": int(draft_worker.target_worker.model_config.vocab_size)}
+    return Capturer(slab, HelperLink(slab, config), device, collect=settings.capture_sample_rate > 0)
 
 
 def _controller(settings: TideSettings) -> ControllerFactory | None:
@@ -167,6 +175,20 @@ def _trigger_report() -> dict[str, float | bool | str]:
     return controller.trigger.report() if controller is not None else {}
 
 
+def _timed(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Adds the scheduler thread's CPU time in `fn` to what the next tick reports (tide_plugin_scheduler_seconds)."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        t0 = _thread_ns()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if _runtime is not None and _runtime.capturer is not None:
+                _runtime.capturer.ns += _thread_ns() - t0
+
+    return wrapper
+
+
 def _guarded(fn: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> None:
@@ -175,12 +197,22 @@ def _guarded(fn: Callable[..., None]) -> Callable[..., None]:
         except Exception:
             log.exception("TIDE %s failed; the batch goes on without it", fn.__name__)
             if _runtime is not None and _runtime.capturer is not None:
-                _runtime.capturer.drop("hook_error")
+                _runtime.capturer.dropped += 1
 
-    return wrapper
+    return _timed(wrapper)
 
 
 # -- hooks (signatures: HookRegistry's BEFORE fn(*args), AFTER fn(result, *args), AROUND fn(original, *args)) ---
+
+
+@_guarded
+def before_admit(scheduler: Any, req: Any, *args: Any, **kwargs: Any) -> None:
+    """Once per request (and again after a retraction): its tag and rid go to the capture helper."""
+    worker = scheduler.draft_worker
+    if worker is not None and worker.draft_worker is not None:
+        rt = get_runtime(worker.draft_worker)
+        if rt.capturer is not None:
+            rt.capturer.on_admit(req)
 
 
 @_guarded
@@ -201,12 +233,13 @@ def before_prefill(draft_worker: Any, batch: Any, target_hidden_states: torch.Te
 
 @_guarded
 def before_commit(processor: Any, batch: Any, result: Any, *args: Any, **kwargs: Any) -> None:
-    if _runtime is None:
+    """Which requests commit this result, decided before SGLang's processing marks this batch's finishes."""
+    if _runtime is None or (_runtime.capturer is None and _runtime.controller is None):
         return
+    fin, committed = flags(batch.reqs)
+    setattr(result, FLAGS, (fin, committed))
     if _runtime.capturer is not None:
-        _runtime.capturer.on_commit(batch, result)
-    if _runtime.controller is not None:  # decided before SGLang's processing marks this batch's finishes
-        setattr(result, COMMITTED, committed(batch.reqs))
+        _runtime.capturer.on_commit(result, committed)
 
 
 @_guarded
@@ -214,12 +247,17 @@ def after_commit(_: Any, processor: Any, batch: Any, result: Any, *args: Any, **
     """Every rank: SGLang has waited for the result's device-to-host copy (`copy_done`) and turned the accept
     lengths into the host list `num_correct_drafts_per_req_cpu`, so reading them adds no GPU sync. The verify ran
     `speculative_num_draft_tokens - 1` draft steps (adaptive speculation runs topk 1: a chain)."""
-    mask = result.__dict__.pop(COMMITTED, None)
+    fin, committed = result.__dict__.pop(FLAGS, (None, None))
     correct, nd = result.num_correct_drafts_per_req_cpu, result.speculative_num_draft_tokens
-    if _runtime is not None and mask is not None and correct is not None and nd is not None:
-        _runtime.observe(correct, mask, nd - 1)
+    if _runtime is None or fin is None or nd is None:
+        return
+    if correct is not None:
+        _runtime.observe(correct, committed, nd - 1)
+    if _runtime.capturer is not None:
+        _runtime.capturer.on_committed(batch.reqs, fin, committed, correct, nd)
 
 
+@_timed
 def before_forward(worker: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
     draft_worker = worker.draft_worker
     if draft_worker is None:  # this pipeline stage hosts no draft: nothing to swap or steer
@@ -240,6 +278,7 @@ def _slots(params: Any) -> dict[int, list[int]]:
     return _slots_of[1]
 
 
+@_timed
 def _agreed_steps(params: Any, batch_size: int) -> int | None:
     """TIDE's agreed steps for the slot SGLang routes `batch_size` to; None before an agreement."""
     if _runtime is None or _runtime.steps is None:
@@ -265,6 +304,7 @@ def around_adaptive_update(original: Callable[..., int | None], params: Any, num
 
 
 HOOKS: tuple[tuple[targets.Target, Callable[..., Any]], ...] = (
+    (targets.ADMIT, before_admit),
     (targets.VERIFY, after_verify),
     (targets.PREFILL, before_prefill),
     (targets.COMMIT, before_commit),
@@ -290,6 +330,10 @@ def is_patched(path: str, hook: Callable[..., Any]) -> bool:
 def install(hooks: tuple[tuple[targets.Target, Callable[..., Any]], ...], sglang_version: str) -> None:
     """Register and apply `hooks`; raise `PluginPatchError` naming every target that was not patched
     (`apply_hooks` only logs a failure, and a silently missing hook would serve without TIDE)."""
+    from sglang.srt.managers.schedule_batch import Req
+
+    if not hasattr(Req, TAG):
+        setattr(Req, TAG, -1)  # requests admitted before the plugin saw them are unregistered, not an error
     for target, hook in hooks:
         if not is_patched(target.path, hook):
             HookRegistry.register(target.path, hook, HookType[target.hook_type])

@@ -28,6 +28,9 @@ class PluginMetrics:
                                       LABELS, **r, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
         self.swap_failures = Counter("tide_draft_swap_failures_total", "Versions refused or failed to stage",
                                      LABELS, **r)
+        self.scheduler_seconds = Histogram(
+            "tide_plugin_scheduler_seconds", "Scheduler-thread CPU time in TIDE code per decode batch", LABELS, **r,
+            buckets=(5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2))
         self.version = Gauge("tide_draft_version", "Draft version loaded in this engine", ("deployment",),
                              multiprocess_mode="mostrecent", **r)
         self.steps = Gauge("tide_speculation_steps", "Draft steps TIDE chose, by batch-size slot",

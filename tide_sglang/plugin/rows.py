@@ -1,4 +1,5 @@
-"""Which rows of a verify or an extend are captured: pure functions over CPU lists and tensors, no SGLang.
+"""Which rows of a verify or an extend are captured: pure, vectorized functions, no SGLang, no Python loop over
+rows (the prefill rule runs on the scheduler thread once per extend; the decode rule in the capture helper).
 
 Decode (verify): request i owns rows [i*nd, i*nd + accept_lens[i]) of the verify output. Row j of it is the
 target at position seq_lens[i] + j, and next_token_ids[i*nd + j] is the token it emitted there, which was
@@ -10,57 +11,55 @@ prefix_lens[i] + j. The token after row j is the next prompt token, and after th
 sampled, known only when the request's prompt is complete (not a chunk of a chunked prefill).
 """
 
+import numpy as np
 import torch
+import xxhash
 
 
-def _long(xs: list[int]) -> torch.Tensor:
-    return torch.tensor(xs, dtype=torch.long)
+def sampled(rid: str, rate: float) -> bool:
+    """Per request, so a captured request's rows are all there (the trainer chains them by position)."""
+    return rate >= 1.0 or xxhash.xxh3_64_intdigest(rid.encode()) / 2**64 < rate
 
 
-def acceptance(accept_len: int, nd: int) -> float:
-    """Share of drafted tokens the target accepted in one verify (the bonus token is not a draft)."""
-    return 0.0 if nd <= 1 else (accept_len - 1) / (nd - 1)
+def hard_enough(accept_lens: np.ndarray, nd: int, max_acceptance: float) -> np.ndarray:
+    """TIDE's hard-example filter: False for requests the draft already predicts well (share of drafted tokens
+    accepted above `max_acceptance`; the bonus token is not a draft)."""
+    if nd <= 1:
+        return np.ones(len(accept_lens), dtype=bool)
+    return (accept_lens - 1) / (nd - 1) <= max_acceptance
 
 
-def keep_requests(accept_lens: list[int], nd: int, committed: list[bool], sampled: list[bool],
-                  max_acceptance: float) -> list[int]:
-    """Requests whose rows go to the stream: committed, sampled, and hard enough (TIDE's hard-example filter
-    skips requests the draft already predicts well: acceptance above `max_acceptance`)."""
-    return [i for i, a in enumerate(accept_lens)
-            if committed[i] and sampled[i] and acceptance(a, nd) <= max_acceptance]
+def _ranks(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(owner, j) per element of the concatenation of ranges [0, counts[k]): owner k and offset j."""
+    owner = np.repeat(np.arange(len(counts)), counts)
+    return owner, np.arange(len(owner)) - np.repeat(np.cumsum(counts) - counts, counts)
 
 
-def decode_rows(accept_lens: list[int], seq_lens: list[int], nd: int,
-                keep: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def decode_rows(accept_lens: np.ndarray, seq_lens: np.ndarray, nd: int,
+                keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(rows into the [bs*nd] verify output, req_index into `keep`, positions) of the accepted tokens."""
-    rows, req, pos = [], [], []
-    for k, i in enumerate(keep):
-        a = accept_lens[i]
-        if not 1 <= a <= nd:
-            raise ValueError(f"accept length {a} of request {i} is outside 1..{nd}")
-        rows.extend(range(i * nd, i * nd + a))
-        req.extend([k] * a)
-        pos.extend(range(seq_lens[i], seq_lens[i] + a))
-    return _long(rows), _long(req), _long(pos)
+    a = np.asarray(accept_lens)[keep]
+    bad = (a < 1) | (a > nd)
+    if bad.any():
+        raise ValueError(f"accept lengths {a[bad].tolist()} are outside 1..{nd}")
+    req, j = _ranks(a)
+    return np.asarray(keep)[req] * nd + j, req, np.asarray(seq_lens)[keep][req] + j
 
 
-def prefill_rows(extend_lens: list[int], prefix_lens: list[int], complete: list[bool],
-                 keep: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(rows into the extend's hidden states, req_index into `keep`, positions, token sources).
+def prefill_rows(extend_lens: list[int], prefix_lens: list[int],
+                 complete: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows into the extend's hidden states, req_index, positions, token sources) of every request.
 
     A token source indexes the concatenation [input_ids (sum extend_lens), next_token_ids (bs)]: the next prompt
     token for every row but the last, the sampled token for the last row of a complete prompt (a chunk's last row
     has no known next token yet and is left out).
     """
-    starts = [sum(extend_lens[:i]) for i in range(len(extend_lens))]
-    total = sum(extend_lens)
-    rows, req, pos, src = [], [], [], []
-    for k, i in enumerate(keep):
-        n = extend_lens[i] if complete[i] else extend_lens[i] - 1
-        for j in range(max(n, 0)):
-            row = starts[i] + j
-            rows.append(row)
-            req.append(k)
-            pos.append(prefix_lens[i] + j)
-            src.append(row + 1 if j < extend_lens[i] - 1 else total + i)
-    return _long(rows), _long(req), _long(pos), _long(src)
+    ext = torch.tensor(extend_lens, dtype=torch.long)
+    starts = torch.cumsum(ext, 0) - ext
+    n = (ext - (~torch.tensor(complete, dtype=torch.bool)).long()).clamp(min=0)
+    req = torch.repeat_interleave(torch.arange(len(ext)), n)
+    j = torch.arange(len(req)) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+    row = starts[req] + j
+    last = j == ext[req] - 1
+    src = torch.where(last, int(ext.sum()) + req, row + 1)
+    return row, req, torch.tensor(prefix_lens, dtype=torch.long)[req] + j, src

@@ -70,7 +70,7 @@ class Runtime:
         self.steps = StepTable(self.controller.steps_for_batch)
         log.info("TIDE's speculation controller chooses among %s draft steps", self.controller.policy.candidates)
 
-    def observe(self, correct_drafts: Sequence[int], committed: Sequence[bool], draft_steps: int) -> None:
+    def observe(self, correct_drafts: Sequence[int], committed: bytes, draft_steps: int) -> None:
         """A decode verify whose result SGLang processed, on every rank (each sees the same accept lengths, so
         every rank's controller proposes the same steps): the committed requests' acceptance at `draft_steps`."""
         if self.controller is None:
@@ -83,5 +83,4 @@ class Runtime:
             self.swapper.stop()
         if self.capturer is not None:
             self.capturer.close()
-            self.capturer.writer.close()
 

@@ -9,6 +9,7 @@ built from the cost profile `TIDE_CONTROL_PROFILE` once the slots are known, and
 committed decode verify on every rank (the same data on every rank, so the ranks propose the same table).
 """
 
+import itertools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -40,11 +41,13 @@ def candidate_steps(slots: dict[int, list[int]]) -> list[int]:
     return sorted({0, *(g for steps in slots.values() for g in steps)})
 
 
-def acceptance_sample(correct_drafts: Sequence[int], committed: Sequence[bool]) -> tuple[int, int]:
-    """(accepted draft tokens, request verify steps) of one verify's committed requests. `correct_drafts` per
-    request is accept_len - 1: the bonus token is not a draft token (SGLang's `num_correct_drafts_per_req_cpu`)."""
-    kept = [c for c, ok in zip(correct_drafts, committed, strict=True) if ok]
-    return sum(kept), len(kept)
+def acceptance_sample(correct_drafts: Sequence[int], committed: bytes | Sequence[bool]) -> tuple[int, int]:
+    """(accepted draft tokens, request verify steps) of one verify's committed requests (C-level, no Python loop
+    over the batch). `correct_drafts` per request is accept_len - 1: the bonus token is not a draft token
+    (SGLang's `num_correct_drafts_per_req_cpu`)."""
+    if len(correct_drafts) != len(committed):
+        raise ValueError(f"{len(correct_drafts)} accept counts for {len(committed)} requests")
+    return sum(itertools.compress(correct_drafts, committed)), sum(committed)
 
 
 class StepTable:

@@ -37,4 +37,8 @@ ADAPTIVE_UPDATE = Target(
     ("self", "num_correct_drafts_per_req", "batch_size"),
     "speculation control: SGLang's own acceptance EMA stops switching a slot that TIDE decides")
 
-ALL = (VERIFY, PREFILL, COMMIT, COMMITTED, FORWARD, STEPS, ADAPTIVE_UPDATE)
+ADMIT = Target("sglang.srt.managers.scheduler.Scheduler._add_request_to_queue", "BEFORE", ("self", "req"),
+               "capture: a request is registered with the capture helper once, when it enters the waiting queue "
+               "(again, under a new tag, after a retraction)")
+
+ALL = (ADMIT, VERIFY, PREFILL, COMMIT, COMMITTED, FORWARD, STEPS, ADAPTIVE_UPDATE)

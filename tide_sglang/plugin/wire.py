@@ -1,0 +1,134 @@
+"""Messages from the scheduler process to its capture helper, over a pipe: small fixed-layout frames.
+
+A frame is `u16 body length | u8 kind | body`, at most PIPE_BUF bytes, so a non-blocking write either lands
+whole or fails whole (the sender then counts a drop). The bulk data never travels here: it is in the slab.
+
+- REG: a request was admitted (tag, rid, domain), once per request;
+- FIN: it finished (its tag is forgotten), once per request;
+- TICK: one decode batch was processed: per-version counts for the rollout stats, the scheduler thread's time
+  in TIDE code since the last tick, and drops the scheduler counted;
+- SLOT: a slot's device-to-host copy completed; its layout, so the helper can read the rows.
+"""
+
+import struct
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+_HEAD = struct.Struct("<HB")
+REG, FIN, TICK, SLOT = 1, 2, 3, 4
+_REG = struct.Struct("<qHH")  # tag, rid length, domain length, then the two utf-8 strings
+_FIN = struct.Struct("<q")
+_TICK = struct.Struct("<IIIIQI")  # version, tokens, accepted, verify_steps, scheduler ns, drops
+# slot, kind (0 decode, 1 prefill), version, requests, nd, rows, width, hidden dtype, ids/accept/seq item sizes
+_SLOT = struct.Struct("<HBIIHIIBBBB")
+MAX_FRAME = 4096  # PIPE_BUF on Linux
+MAX_TEXT = 1024
+
+DTYPES = {1: torch.bfloat16, 2: torch.float16, 3: torch.float32}
+DTYPE_CODES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Reg:
+    tag: int
+    rid: str
+    domain: str
+
+
+@dataclass(frozen=True, slots=True)
+class Fin:
+    tag: int
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    version: int
+    tokens: int
+    accepted: int
+    verify_steps: int
+    scheduler_ns: int
+    drops: int
+
+
+@dataclass(frozen=True, slots=True)
+class SlotReady:
+    """Decode: the data region holds hidden [rows, width] | next ids [rows] | accept lens [reqs] | seq lens
+    [reqs] (item sizes given), the side region tags int64 [reqs] | committed uint8 [reqs]; rows = reqs * nd.
+    Prefill: the data region holds hidden [rows, width] | token ids [rows]; the side region tags int64 [reqs] |
+    req_index int32 [rows] | positions int32 [rows]."""
+
+    slot: int
+    kind: Literal["decode", "prefill"]
+    version: int
+    reqs: int
+    nd: int
+    rows: int
+    width: int
+    dtype: torch.dtype
+    id_size: int = 8
+    accept_size: int = 8
+    seq_size: int = 8
+
+
+def _frame(kind: int, body: bytes) -> bytes:
+    return _HEAD.pack(len(body), kind) + body
+
+
+def reg(tag: int, rid: str, domain: str = "") -> bytes:
+    r, d = rid.encode()[:MAX_TEXT], domain.encode()[:64]
+    return _frame(REG, _REG.pack(tag, len(r), len(d)) + r + d)
+
+
+def fin(tag: int) -> bytes:
+    return _frame(FIN, _FIN.pack(tag))
+
+
+def tick(version: int, tokens: int, accepted: int, verify_steps: int, scheduler_ns: int, drops: int) -> bytes:
+    return _frame(TICK, _TICK.pack(version, tokens, accepted, verify_steps, scheduler_ns, drops))
+
+
+def slot_ready(s: SlotReady) -> bytes:
+    return _frame(SLOT, _SLOT.pack(s.slot, s.kind == "prefill", s.version, s.reqs, s.nd, s.rows, s.width,
+                                   DTYPE_CODES[s.dtype], s.id_size, s.accept_size, s.seq_size))
+
+
+Message = Reg | Fin | Tick | SlotReady
+
+
+def _decode(kind: int, body: bytes) -> Message:
+    if kind == REG:
+        tag, nr, nd = _REG.unpack_from(body)
+        at = _REG.size
+        return Reg(tag, body[at:at + nr].decode(errors="replace"), body[at + nr:at + nr + nd].decode(errors="replace"))
+    if kind == FIN:
+        return Fin(*_FIN.unpack(body))
+    if kind == TICK:
+        return Tick(*_TICK.unpack(body))
+    if kind == SLOT:
+        slot, prefill, version, reqs, nd, rows, width, dt, ids, acc, seq = _SLOT.unpack(body)
+        return SlotReady(slot, "prefill" if prefill else "decode", version, reqs, nd, rows, width, DTYPES[dt],
+                         ids, acc, seq)
+    raise ValueError(f"unknown capture message kind {kind}")
+
+
+class Decoder:
+    """Splits a byte stream back into messages (a read may end inside a frame)."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[Message]:
+        self._buf += data
+        out: list[Message] = []
+        at = 0
+        while len(self._buf) - at >= _HEAD.size:
+            length, kind = _HEAD.unpack_from(self._buf, at)
+            end = at + _HEAD.size + length
+            if end > len(self._buf):
+                break
+            out.append(_decode(kind, bytes(self._buf[at + _HEAD.size:end])))
+            at = end
+        del self._buf[:at]
+        return out
