@@ -139,7 +139,7 @@ class Capturer:
         done = bytes(map(operator.truth, map(_finished, reqs)))
         if done != fin:
             self._finish(reqs, bytes(map(operator.gt, done, fin)))
-        self._post_ready()
+        self.post_ready()
         self.batches += 1
         if self.batches % CHECK_EVERY == 0:
             self.link.check()
@@ -177,7 +177,7 @@ class Capturer:
         packed.record_stream(self.stream)
         return slot
 
-    def _post_ready(self) -> None:
+    def post_ready(self) -> None:
         """Post, in order, every slot whose device-to-host copy finished (`query` never waits)."""
         while self._awaiting:
             event, layout = self._awaiting[0]
@@ -191,6 +191,6 @@ class Capturer:
     def close(self) -> None:
         if self.stream is not None:
             self.stream.synchronize()
-        self._post_ready()
+        self.post_ready()
         self.link.close()
         self.slab.close()

@@ -117,7 +117,8 @@ def _capturer(settings: TideSettings, draft_worker: Any) -> Capturer:
     if device.startswith("cuda"):
         slab.pin()
     config = {"slab": slab.name, "slots": slab.slots, "slot_bytes": slab.slot_bytes,
-              "aux_layers": _aux_layers(runner.model), "vocab_size": int(draft_worker.target_worker.model_config.vocab_size)}
+              "aux_layers": _aux_layers(runner.model),
+              "vocab_size": int(draft_worker.target_worker.model_config.vocab_size)}
     return Capturer(slab, HelperLink(slab, config), device, collect=settings.capture_sample_rate > 0)
 
 
@@ -216,6 +217,13 @@ def before_admit(scheduler: Any, req: Any, *args: Any, **kwargs: Any) -> None:
 
 
 @_guarded
+def after_idle(_: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
+    """Idle: post the slots of the last batches (their copies finish after the last commit hook ran)."""
+    if _runtime is not None and _runtime.capturer is not None:
+        _runtime.capturer.post_ready()
+
+
+@_guarded
 def after_verify(result: Any, worker: Any, batch: Any, *args: Any, **kwargs: Any) -> None:
     rt = get_runtime(worker.draft_worker)
     if rt.capturer is not None and not batch.forward_mode.is_idle():
@@ -305,6 +313,7 @@ def around_adaptive_update(original: Callable[..., int | None], params: Any, num
 
 HOOKS: tuple[tuple[targets.Target, Callable[..., Any]], ...] = (
     (targets.ADMIT, before_admit),
+    (targets.IDLE, after_idle),
     (targets.VERIFY, after_verify),
     (targets.PREFILL, before_prefill),
     (targets.COMMIT, before_commit),

@@ -41,4 +41,7 @@ ADMIT = Target("sglang.srt.managers.scheduler.Scheduler._add_request_to_queue", 
                "capture: a request is registered with the capture helper once, when it enters the waiting queue "
                "(again, under a new tag, after a retraction)")
 
-ALL = (ADMIT, VERIFY, PREFILL, COMMIT, COMMITTED, FORWARD, STEPS, ADAPTIVE_UPDATE)
+IDLE = Target("sglang.srt.managers.scheduler.Scheduler.on_idle", "AFTER", ("self",),
+              "capture: with no batch to run, slots whose copy finished are still posted (the last batch's rows)")
+
+ALL = (ADMIT, IDLE, VERIFY, PREFILL, COMMIT, COMMITTED, FORWARD, STEPS, ADAPTIVE_UPDATE)
