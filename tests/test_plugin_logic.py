@@ -214,3 +214,23 @@ def test_without_adaptive_slots_the_controller_stays_off() -> None:
     rt.sync(None)
     rt.observe([1], [True], draft_steps=3)
     assert rt.controller is None and rt.steps is None and rt.make_controller is None
+
+
+def test_the_control_states_collect_switches_row_copies_at_the_sync_point() -> None:
+    """The swapper reads `collect` with the control state; the scheduler thread takes it at the next sync point
+    (stand-ins: Runtime only reads these attributes of its capturer and swapper)."""
+    import types
+
+    swapper = types.SimpleNamespace(collect=False, local_version=lambda: 3, apply_agreed=lambda v: False,
+                                    current=3)
+    capturer = types.SimpleNamespace(sampling=True, collect=True, version=3)
+    rt = Runtime(TideSettings(sync_interval_batches=1), PluginMetrics("unit", registry=CollectorRegistry()),
+                 capturer, swapper, None, lambda t: None)
+    rt.sync(None)
+    assert capturer.collect is False
+    swapper.collect = True
+    rt.sync(None)
+    assert capturer.collect is True
+    capturer.sampling = False  # TIDE_CAPTURE_SAMPLE_RATE=0 wins over the control state
+    rt.sync(None)
+    assert capturer.collect is False

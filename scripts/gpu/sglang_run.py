@@ -475,7 +475,7 @@ def main() -> None:
                  "--decode-log-interval", str(DECODE_LOG_INTERVAL), "--max-running-requests", "128"]
         servers = report["phases"].setdefault("capture", {"servers": []})["servers"]
         for name in a.capture_servers.split(","):
-            client.delete(keys.control(DEPLOYMENT))
+            rollout.delete_control(client, NAMESPACE, DEPLOYMENT)
             try:
                 servers.append(phase_capture(name, a.out, cargs, env, tok,
                                              [int(b) for b in a.capture_batches.split(",")], a.capture_seconds))

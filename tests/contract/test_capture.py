@@ -98,7 +98,8 @@ def read_all(server: LocalRedis, count: int) -> list[CaptureBatch]:
     from tide_sglang.settings import TideSettings
 
     client = connect(TideSettings(redis_url=server.url, deployment="test"))
-    reader = StreamReader(client, keys.hidden_states("default", "test"), keys.dead_letter("default", "test"), "t", block_ms=50)
+    reader = StreamReader(client, keys.hidden_states("default", "test"), keys.dead_letter("default", "test"), "t",
+                          block_ms=50)
     got: list[CaptureBatch] = []
     wait_for(lambda: bool(got.extend(e.batch for e in reader.read())) or len(got) >= count, what="captured rows")
     return got

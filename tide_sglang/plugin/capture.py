@@ -55,7 +55,8 @@ class Capturer:
         cuda = device.startswith("cuda") and torch.cuda.is_available()
         self.stream = torch.cuda.Stream(device=device) if cuda else None
         self.events = [torch.cuda.Event() if cuda else None for _ in range(slab.slots)]
-        self.collect = collect  # False: counts only, no rows copied (sample rate 0, or the control state)
+        self.sampling = collect  # False: TIDE_CAPTURE_SAMPLE_RATE is 0
+        self.collect = collect  # False: counts only, no rows copied (sample rate 0, or the control state's collect)
         self.version = 0
         self.dropped = 0  # scheduler-side drops not yet reported in a tick
         self.ns = 0  # scheduler-thread nanoseconds in TIDE code not yet reported in a tick

@@ -114,7 +114,8 @@ class Helper:
         self.slab = Slab.attach(config.slab, config.slots, config.slot_bytes)
         self.assembler = Assembler(config, settings.capture_sample_rate, settings.capture_max_acceptance)
         self.metrics = PluginMetrics(settings.deployment)
-        self.writer = StreamWriter(lambda: connect(settings, check=False), keys.hidden_states(settings.namespace, settings.deployment),
+        stream = keys.hidden_states(settings.namespace, settings.deployment)
+        self.writer = StreamWriter(lambda: connect(settings, check=False), stream,
                                    budget_bytes=settings.stream_budget_mib << 20,
                                    queue_entries=settings.stream_queue_entries)
         client = connect(settings, check=False)

@@ -101,7 +101,8 @@ def build_runtime(settings: TideSettings, draft_worker: Any) -> Runtime:
     publisher = draft_worker is not None and _is_publisher()
     capturer = _capturer(settings, draft_worker) if publisher else None
     # Swap failures are rare: the publishing rank adds each at once, from the swapper's thread.
-    stats = StatsReporter(lambda: client, settings.namespace, settings.deployment, interval_s=0.0) if publisher else None
+    stats = (StatsReporter(lambda: client, settings.namespace, settings.deployment, interval_s=0.0)
+             if publisher else None)
     swapper = _swapper(settings, draft_worker, metrics, stats, client)
     if swapper is not None and capturer is not None:
         capturer.version = swapper.current

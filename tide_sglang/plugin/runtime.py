@@ -46,6 +46,8 @@ class Runtime:
             self._start_controller(slots)
         if self.batches % self.settings.sync_interval_batches or (self.swapper is None and self.steps is None):
             return
+        if self.capturer is not None and self.swapper is not None:
+            self.capturer.collect = self.capturer.sampling and self.swapper.collect
         local = self.swapper.local_version() if self.swapper is not None else 0
         proposals = self.steps.proposals(slots) if self.steps is not None and slots else []
         vector = torch.tensor([local, -local, *proposals], dtype=torch.int64)

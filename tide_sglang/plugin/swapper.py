@@ -39,6 +39,7 @@ class Swapper:
         self.current = version
         self.trigger = trigger
         self.role: rollout.Role = "stable"
+        self.collect = True  # the control state's `collect`: whether this deployment's engines capture now
         self.swap_failures = 0
         self.pod, self.namespace, self.deployment, self._client = pod, namespace, deployment, client
         self.metrics, self.stats = metrics, stats
@@ -79,7 +80,7 @@ class Swapper:
             log.warning("cannot read the control state: %s", e)
             return
         if ctl is not None:
-            self.role = ctl.role_of(self.pod)
+            self.role, self.collect = ctl.role_of(self.pod), ctl.collect
         wanted = desired_version(ctl, self.pod)
         if wanted is not None:
             self.stage(wanted)
