@@ -376,7 +376,17 @@ def phase_capture(name: str, out: Path, args: list[str], env: dict[str, str], to
     try:
         startup = server.wait_ready()
         for i, b in enumerate(batches):
+            before = server.metrics() if plugin else {}
             rows.append(capture_wave(server, tok, b, seconds, offset=1000 + 200 * i))
+            if plugin:  # TIDE's scheduler-thread time per decode batch, during this wave only
+                after = server.metrics()
+                d = {k: (metric(after, k) or 0.0) - (metric(before, k) or 0.0)
+                     for k in ("tide_plugin_scheduler_seconds_sum", "tide_plugin_scheduler_seconds_count",
+                               "tide_capture_drops_total", "tide_captured_tokens_total")}
+                n = d["tide_plugin_scheduler_seconds_count"]
+                rows[-1].update(tide_us_per_batch=1e6 * d["tide_plugin_scheduler_seconds_sum"] / n if n else None,
+                                tide_batches=n, drops=d["tide_capture_drops_total"],
+                                captured_tokens=d["tide_captured_tokens_total"])
             log(f"capture {name} batch {b}: {rows[-1].get('decode_tokens_per_s')} tok/s, "
                 f"{rows[-1].get('steady_s', 0):.0f} s steady")
         m = server.metrics() if plugin else {}
@@ -425,7 +435,11 @@ def main() -> None:
             "--cuda-graph-max-bs", "64", "--tide-candidate-steps", "1,3", *a.sglang_arg]
     if a.no_cuda_graph:
         args.append("--disable-cuda-graph")
-    report: dict[str, Any] = {"args": args, "device": torch.cuda.get_device_name(0), "phases": {}}
+    import importlib.metadata as md
+
+    versions = {p: md.version(p) for p in ("sglang", "sglang-kernel", "torch", "transformers", "tide-sglang")}
+    report: dict[str, Any] = {"args": args, "device": torch.cuda.get_device_name(0), "versions": versions,
+                              "date": time.strftime("%Y-%m-%d"), "phases": {}}
 
     def save() -> None:
         (a.out / "sglang-run.json").write_text(json.dumps(report, indent=1, default=str))

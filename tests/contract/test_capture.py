@@ -30,7 +30,7 @@ import tide_sglang.plugin
 from tests.helpers import wait_for
 from tide_sglang import keys
 from tide_sglang.capture import CaptureBatch
-from tide_sglang.plugin import hooks, slab, targets, versions
+from tide_sglang.plugin import capture, hooks, slab, targets, versions
 from tide_sglang.stream import StreamReader, connect
 from tide_sglang.stream.server import LocalRedis
 
@@ -226,3 +226,20 @@ def test_the_admission_target_takes_the_request() -> None:
 
     params = list(inspect.signature(Scheduler._add_request_to_queue).parameters)
     assert params[: len(targets.ADMIT.params)] == list(targets.ADMIT.params)
+
+
+def test_a_result_never_committed_gives_its_slot_back(tide_env, monkeypatch) -> None:
+    monkeypatch.setenv("TIDE_CAPTURE_RING_SLOTS", "1")
+    hooks.reset_runtime()
+    worker = eagle_worker()
+    batch = ScheduleBatch(reqs=admitted(1, worker), seq_lens=torch.tensor([5]), forward_mode=ForwardMode.DECODE)
+    lost, later = verify_result([3]), verify_result([2])
+    verify(worker, batch, lost, monkeypatch)  # SGLang drops this result: its commit hooks never run
+    capturer = hooks._runtime.capturer
+    monkeypatch.setattr(capture, "STALE_S", 0.0)
+    verify(worker, batch, later, monkeypatch)
+    assert capturer.dropped == 1  # the lost result's rows, not the new batch's
+    commit(batch, later)
+    commit(batch, lost)  # arriving after all: ignored, the slot is no longer its
+    [got] = read_all(tide_env, 1)
+    assert got.positions.tolist() == [5, 6]

@@ -16,6 +16,7 @@ Requests are registered once, at admission (`on_admit`): a tag on SGLang's `Req`
 import itertools
 import logging
 import operator
+import time
 from array import array
 from collections import deque
 from typing import Any
@@ -32,6 +33,7 @@ TAG = "_tide_tag"  # set on SGLang's Req at admission; -1 (the class default the
 ATTR = "_tide_capture"  # on SGLang's GenerationBatchResult from verify to commit: (slot, event, layout)
 FLAGS = "_tide_flags"  # on the result from before to after its processing: (finished, committed) bytes
 CHECK_EVERY = 256  # batches between looks at the helper process
+STALE_S = 5.0  # a verify result not committed this long after its verify is taken as never committed
 
 _tags = operator.attrgetter(TAG)
 _finished = operator.attrgetter("finished_reason")  # Req.finished() is `finished_reason is not None`
@@ -63,6 +65,7 @@ class Capturer:
         self.batches = 0
         self._tag = itertools.count()
         self._awaiting: deque[tuple[Any, wire.SlotReady]] = deque()  # committed slots whose copy may be running
+        self._filling: dict[int, float] = {}  # decode slot -> verify time, until its result is committed
 
     # -- once per request ----------------------------------------------------------------------------------
 
@@ -92,6 +95,7 @@ class Capturer:
                                 ids.element_size(), accept.element_size(), seq.element_size())
         self.slab.side(slot)[: 8 * bs] = memoryview(array("q", map(_tags, reqs))).cast("B")
         setattr(result, ATTR, (slot, layout))
+        self._filling[slot] = time.monotonic()
 
     def on_prefill(self, batch: Any, hidden: torch.Tensor, next_token_ids: torch.Tensor) -> None:
         """Prompt rows (once per request and chunk): rows chosen on the host from the extend's lengths, gathered
@@ -129,6 +133,8 @@ class Capturer:
         pending = result.__dict__.pop(ATTR, None)
         if pending is not None:
             slot, layout = pending
+            if self._filling.pop(slot, None) is None:  # reclaimed as never committed: the slot is no longer its
+                return
             self.slab.side(slot)[8 * layout.reqs: 9 * layout.reqs] = committed
             self._awaiting.append((self.events[slot], layout))
 
@@ -164,6 +170,8 @@ class Capturer:
             return None
         slot = self.slab.acquire()
         if slot is None:
+            slot = self._reclaim()
+        if slot is None:
             self.dropped += 1
             return None
         dst = torch.frombuffer(self.slab.data(slot), dtype=torch.uint8, count=size)
@@ -177,6 +185,16 @@ class Capturer:
             self.events[slot].record(self.stream)
         packed.record_stream(self.stream)
         return slot
+
+    def _reclaim(self) -> int | None:
+        """Free the slots of verify results SGLang never committed (a dropped result would hold its slot forever),
+        each counted as a drop; then try again."""
+        stale = time.monotonic() - STALE_S
+        for slot in [s for s, since in self._filling.items() if since < stale]:
+            del self._filling[slot]
+            self.slab.flags[slot] = FREE
+            self.dropped += 1
+        return self.slab.acquire()
 
     def post_ready(self) -> None:
         """Post, in order, every slot whose device-to-host copy finished (`query` never waits)."""
