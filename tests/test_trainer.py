@@ -15,11 +15,14 @@ from tide_sglang.trainer import (
     SequenceAssembler,
     acceptance,
     collate,
+    new_optimizer,
+    optimizer_step,
     publish_decision,
     ttt_loss,
 )
 from tide_sglang.trainer import state as ckpt
 from tide_sglang.trainer.lineage import version_to_readopt
+from tide_sglang.trainer.replay import held_out
 
 
 def step_batch(rows: dict[str, list[int]], width: int = 6, domains: list[str] | None = None) -> CaptureBatch:
@@ -60,7 +63,8 @@ def test_assembler_closes_least_recent_requests_beyond_max_open() -> None:
 
 
 def _chunk(i: int, domain: str) -> Chunk:
-    return Chunk(hidden=torch.zeros(2, 6), tokens=torch.tensor([i, i]), positions=torch.arange(2), domain=domain)
+    return Chunk(hidden=torch.zeros(2, 6), tokens=torch.tensor([i, i]), positions=torch.arange(2),
+                 is_prompt=torch.tensor([True, False]), prompt_key=f"k{i}", domain=domain)
 
 
 def test_replay_keeps_recent_window_and_a_reservoir_and_samples_domains_evenly() -> None:
@@ -100,7 +104,9 @@ def test_acceptance_counts_the_chain_like_the_engine() -> None:
     draft = tiny_draft(3)
     g = torch.Generator().manual_seed(0)
     tokens = draft.vocab.token_ids[torch.randint(0, 40, (9,), generator=g)]
-    chunk = Chunk(hidden=torch.randn(9, 96, generator=g), tokens=tokens, positions=torch.arange(9))
+    prompt = 2  # rows 0, 1 are prompt rows: no chain starts there (serving never drafts inside a prompt)
+    chunk = Chunk(hidden=torch.randn(9, 96, generator=g), tokens=tokens, positions=torch.arange(9),
+                  is_prompt=torch.arange(9) < prompt)
     steps = 2
     # make the chain succeed sometimes: set the truth to the draft's own first proposal at some rows
     with torch.no_grad():
@@ -110,7 +116,7 @@ def test_acceptance_counts_the_chain_like_the_engine() -> None:
     got = acceptance(draft, [chunk], steps)
     accepted = []
     with torch.no_grad():
-        for t in range(9 - steps):
+        for t in range(prompt, 9 - steps):
             cache = draft.new_cache(1, 32)
             out = draft.step(chunk.hidden[None, : t + 1], tokens[None, : t + 1], torch.arange(t + 1)[None], cache)
             n, hidden = 0, out.hidden[:, -1:]
@@ -122,7 +128,7 @@ def test_acceptance_counts_the_chain_like_the_engine() -> None:
                 out = draft.step(hidden, torch.tensor([[proposed]]), torch.tensor([[t + j + 1]]), cache)
                 hidden = out.hidden
             accepted.append(n)
-    assert got.rows == 9 - steps
+    assert got.rows == 9 - steps - prompt
     assert got.accept_length == pytest.approx(1 + sum(accepted) / len(accepted))
     assert sum(accepted) > 0
 
@@ -146,16 +152,71 @@ def test_ttt_loss_trains_a_tiny_draft_to_higher_acceptance() -> None:
         for _ in range(16):
             idx.append(int(perm[idx[-1]]))
         seq = torch.tensor(idx)
-        chunks.append(Chunk(hidden=states[seq[:-1]], tokens=table[seq[1:]], positions=torch.arange(16)))
+        chunks.append(Chunk(hidden=states[seq[:-1]], tokens=table[seq[1:]], positions=torch.arange(16),
+                            is_prompt=torch.zeros(16, dtype=torch.bool)))
     before = acceptance(draft, chunks, 3).accept_length
-    opt = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=3e-3)
+    opt = new_optimizer(draft, lr=3e-3, weight_decay=0.0)
     for _ in range(60):
-        loss, report = ttt_loss(draft, collate(chunks[:8]), steps=3)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert report.step_accuracy[0] > 0.5
+        stats = optimizer_step(draft, opt, collate(chunks[:8]), steps=3)
+    assert stats.report().step_accuracy[0] > 0.5 and stats.rows == 8 * 16
     assert acceptance(draft, chunks, 3).accept_length > before + 0.3
+
+
+def test_ttt_loss_equals_the_loss_over_selected_rows_in_value_and_gradient() -> None:
+    """The mask-weighted loss (no host sync) against a plain reference that selects the scored rows."""
+    import torch.nn.functional as F
+
+    draft = tiny_draft(5)
+    g = torch.Generator().manual_seed(1)
+    chunks = [Chunk(hidden=torch.randn(n, 96, generator=g), positions=torch.arange(n),
+                    tokens=torch.randint(0, 100, (n,), generator=g), is_prompt=torch.zeros(n, dtype=torch.bool))
+              for n in (11, 7, 3)]  # padding, and tokens outside the 40-token draft vocabulary
+    batch = collate(chunks)
+    loss, stats = ttt_loss(draft, batch, steps=3)
+    got = torch.autograd.grad(loss, draft.fc.weight)[0]
+
+    index = draft.vocab.draft_index()
+    logits = draft.unroll(batch.aux, batch.tokens, batch.positions, 3, batch.valid)
+    want = torch.zeros(())
+    for j, step_logits in enumerate(logits):
+        target = index[F.pad(batch.tokens[:, j + 1 :], (0, j + 1))]
+        mask = F.pad(batch.valid[:, j + 1 :], (0, j + 1)) & (target >= 0)
+        if mask.any():
+            want = want + 0.8**j * F.cross_entropy(step_logits[mask], target[mask])
+    assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    assert torch.allclose(got, torch.autograd.grad(want, draft.fc.weight)[0], rtol=1e-4, atol=1e-7)
+    assert stats.rows == 21 and stats.report().loss == pytest.approx(float(want), rel=1e-5)
+
+
+def test_draft_index_on_the_device_equals_the_vocabularys() -> None:
+    draft = tiny_draft(2)
+    assert torch.equal(draft.draft_index(), draft.vocab.draft_index())
+
+
+def test_requests_with_the_same_prompt_share_a_key_and_a_side_of_the_held_out_split() -> None:
+    """Disjoint data in the trainer: a prompt sent by many requests (a cycled workload) is held out or trained
+    on as a whole, so no held-out prompt is ever trained on."""
+    asm = SequenceAssembler(chunk_len=4)
+    prompts = {f"p{k}": [100 + 7 * k + i for i in range(5)] for k in range(40)}
+    chunks: list[Chunk] = []
+    for r in range(120):
+        name = f"p{r % 40}"
+        tokens = prompts[name] + [900 + r, 901 + r, 902 + r]  # 5 prompt rows, then 3 generated rows
+        n = len(tokens)
+        chunks += asm.add(CaptureBatch(
+            rids=[f"req-{r}"], req_index=torch.zeros(n, dtype=torch.int64), positions=torch.arange(n),
+            token_ids=torch.tensor(tokens), is_prompt=torch.arange(n) < 5, hidden=torch.zeros(n, 6),
+            vocab_size=2048, aux_layers=3))
+    chunks += asm.flush()
+    side: dict[str, set[bool]] = {}
+    keys: dict[str, set[str]] = {}
+    for c in chunks:
+        name = f"p{int(c.rid.split('-')[1]) % 40}"
+        side.setdefault(name, set()).add(held_out(c, 0.3))
+        keys.setdefault(name, set()).add(c.prompt_key)
+    assert all(len(k) == 1 for k in keys.values()) and len({k for ks in keys.values() for k in ks}) == 40
+    assert all(len(s) == 1 for s in side.values()), "a prompt is on one side of the split only"
+    assert 0 < sum(True in s for s in side.values()) < 40
 
 
 def test_checkpoint_chunks_round_trip(tmp_path: Path) -> None:
@@ -167,8 +228,9 @@ def test_checkpoint_chunks_round_trip(tmp_path: Path) -> None:
     assert len(list(tmp_path.iterdir())) == 1, "older checkpoints are removed once a newer one is complete"
     loaded, raw = ckpt.load_latest(tmp_path)
     back = ckpt.unpack_chunks(loaded.chunks, raw)
-    assert loaded.steps == 8 and [(s, c.domain, c.tokens.tolist()) for s, c in back] == [
-        ("recent", "a", [1, 1]), ("heldout", "b", [2, 2])]
+    assert loaded.steps == 8 and [(s, c.domain, c.prompt_key, c.tokens.tolist(), c.is_prompt.tolist())
+                                  for s, c in back] == [("recent", "a", "k1", [1, 1], [True, False]),
+                                                        ("heldout", "b", "k2", [2, 2], [True, False])]
 
 
 def test_trainer_metrics_are_exposed_under_the_documented_names():
@@ -177,9 +239,9 @@ def test_trainer_metrics_are_exposed_under_the_documented_names():
     from tide_sglang.trainer.metrics import TrainerMetrics
 
     m = TrainerMetrics("chat")
-    m.step(2.5, 64)
-    m.step(2.0, 32)
-    m.evaluation(candidate=1.9, deployed=1.7, deployed_version=None)
+    m.step(64)
+    m.step(32)
+    m.evaluation(candidate=1.9, deployed=1.7, deployed_version=None, loss=2.0)
     m.stream(lag=12, pending=3)
     text = generate_latest(m.registry).decode()
     assert 'tide_trainer_loss{deployment="chat"} 2.0' in text

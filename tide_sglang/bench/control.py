@@ -1,9 +1,10 @@
 """`tide bench control`: the speculation policy against its alternatives, batch size by batch size, in one run.
 
-On the reference engine with one draft (trained offline on writing prompts, as `tide bench adapt`'s static
-draft), each batch size serves the same writing requests four ways: no speculation, static g = 3, TIDE's binary
-switch (g = 3 when the model predicts S > 1) and this policy (g in 0..k, hysteresis). Also: the speedup the model
-predicts for static g = 3 at its measured acceptance against the speedup measured. CPU figures are labelled CPU.
+On the reference engine with one draft (trained offline on "train" writing prompts, as `tide bench adapt`'s
+static draft), each batch size serves the same "eval" writing requests four ways: no speculation, static g = 3,
+TIDE's binary switch (g = 3 when the model predicts S > 1) and this policy (g in 0..k, hysteresis). Also: the
+speedup the model predicts for static g = 3 at its measured acceptance against the speedup measured. CPU figures
+are labelled CPU.
 """
 
 import tempfile
@@ -15,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tide_sglang.bench import BenchReport, goal
-from tide_sglang.bench.adapt import Size, train_offline_draft
+from tide_sglang.bench.adapt import Size, static_plans, train_offline_draft
 from tide_sglang.control import SpeculationController, acceptance_from_tokens, speedup
 from tide_sglang.draft import DraftRegistry
 from tide_sglang.draft.target import heads_of, load_target
@@ -24,7 +25,7 @@ from tide_sglang.engine.online import CPU_TRAINER_ENV
 from tide_sglang.engine.profile import profile_engine
 from tide_sglang.engine.serve import ServeOptions, chat_ids
 from tide_sglang.settings import TideSettings
-from tide_sglang.workloads import load_workload, parse_schedule, plan_schedule
+from tide_sglang.workloads import Prompt, load_workload
 
 STATIC = 3
 WAYS = ("no-spec", "static", "binary", "policy")
@@ -36,6 +37,11 @@ SIZES = {
     "gpu": (Size(workloads=["writing"], requests=8, batches=[1, 2, 4, 8, 16, 32, 64], max_new_tokens=64,
                  offline_requests=96, offline_steps=600), 2),
 }
+
+
+def eval_prompts() -> list[Prompt]:
+    """What every way serves: the "eval" side of the writing workload, never the static draft's training text."""
+    return load_workload("writing", 64, 7, split="eval")
 
 
 def _controller(way: str, profile, settings: TideSettings):
@@ -69,14 +75,14 @@ def run(quick: bool, console: Console) -> BenchReport:
     target = load_target(device=device, dtype=torch.bfloat16 if gpu else torch.float32)
     param = next(target.model.parameters())
     with tempfile.TemporaryDirectory(prefix="tide-bench-control-", dir=Path.cwd()) as tmp:
-        offline = plan_schedule(parse_schedule(f"writing:{size.offline_requests}"), seed=1000)
+        offline = static_plans(size)
         with console.status("static draft: capture and train offline"):
             train_offline_draft(target, offline, size, Path(tmp), device)
         draft = DraftRegistry(tmp).load(1, heads_of(target.model).embed, str(param.device)).to(param.dtype).eval()
     settings = TideSettings(control_max_steps=4, control_probe_interval=16)
     profile = profile_engine(target, draft, max(size.batches), settings.control_max_steps)
     opts = ServeOptions(max_new_tokens=size.max_new_tokens)
-    prompts = [chat_ids(target.tokenizer, p.text, opts.max_prompt_tokens) for p in load_workload("writing", 64, 7)]
+    prompts = [chat_ids(target.tokenizer, p.text, opts.max_prompt_tokens) for p in eval_prompts()]
     rows = []
     for b in size.batches:
         row: dict[str, float] = {"batch": b}

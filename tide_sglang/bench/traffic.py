@@ -8,12 +8,19 @@ batched engine emits them: one entry per verify step, holding `rows_per_step` ac
 import hashlib
 import itertools
 import json
+import time
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from tide_sglang import keys
 from tide_sglang.capture import CaptureBatch
-from tide_sglang.draft.target import MODEL_CACHE, Target, aux_hidden_states
+from tide_sglang.draft import DraftRegistry
+from tide_sglang.draft.target import MODEL_CACHE, Target, aux_hidden_states, heads_of
+from tide_sglang.settings import TideSettings
+from tide_sglang.stream import StreamReader, StreamWriter, connect
+from tide_sglang.trainer import DraftTrainer
 
 TOPICS = ["the ocean", "a small robot", "bread baking", "the moon", "a lost key", "winter in a city", "bees",
           "a chess game", "trains", "a lighthouse", "volcanoes", "an old library", "rain", "coffee", "a violin",
@@ -36,11 +43,11 @@ def generate(target: Target, texts: list[str], max_new: int, batch: int = 16) ->
         tok.pad_token = tok.eos_token
     out: list[torch.Tensor] = []
     for i in range(0, len(texts), batch):
-        enc = tok(_chats(target, texts[i : i + batch]), return_tensors="pt", padding=True)
+        enc = tok(_chats(target, texts[i : i + batch]), return_tensors="pt", padding=True).to(target.model.device)
         gen = target.model.generate(**enc, max_new_tokens=max_new, do_sample=False,
                                     pad_token_id=tok.pad_token_id or tok.eos_token_id)
         for row, mask in zip(gen, enc.attention_mask, strict=True):
-            seq = row[int((mask == 0).sum()) :]  # drop left padding
+            seq = row[int((mask == 0).sum()) :].cpu()  # drop left padding
             out.append(seq[seq != tok.pad_token_id] if tok.pad_token_id is not None else seq)
     return out
 
@@ -55,14 +62,14 @@ def prompt_lengths(target: Target, texts: list[str]) -> list[int]:
     return [len(ids) for ids in target.tokenizer(_chats(target, texts))["input_ids"]]
 
 
-def cached_generate(target: Target, texts: list[str], max_new: int) -> list[torch.Tensor]:
+def cached_generate(target: Target, texts: list[str], max_new: int, batch: int = 16) -> list[torch.Tensor]:
     """`generate`, memoised on disk (greedy decoding is deterministic): CPU generation is the slow part of a run."""
     key = hashlib.sha256(json.dumps([target.name, texts, max_new]).encode()).hexdigest()[:16]
     path = MODEL_CACHE.parent / "traffic" / f"{key}.safetensors"
     if path.is_file():
         stored = load_file(str(path))
         return [stored[f"seq{i}"] for i in range(len(stored))]
-    sequences = generate(target, texts, max_new)
+    sequences = generate(target, texts, max_new, batch)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file({f"seq{i}": s.contiguous() for i, s in enumerate(sequences)}, str(tmp))
@@ -72,12 +79,12 @@ def cached_generate(target: Target, texts: list[str], max_new: int) -> list[torc
 
 @torch.no_grad()
 def batched_aux(target: Target, sequences: list[torch.Tensor], batch: int = 16) -> list[torch.Tensor]:
-    """Aux hidden states [L, K*H] of each sequence, from right-padded batched forwards (causal: padding at the
-    end changes nothing before it)."""
+    """Aux hidden states [L, K*H] of each sequence, on the target's device, from right-padded batched forwards
+    (causal: padding at the end changes nothing before it)."""
     out = []
     for i in range(0, len(sequences), batch):
         group = sequences[i : i + batch]
-        ids = torch.nn.utils.rnn.pad_sequence(group, batch_first=True)  # [B, Lmax]
+        ids = torch.nn.utils.rnn.pad_sequence(group, batch_first=True).to(target.model.device)  # [B, Lmax]
         aux, _ = aux_hidden_states(target, ids)  # [B, Lmax, K*H]
         out += [a[: s.numel()] for a, s in zip(aux, group, strict=True)]
     return out
@@ -93,7 +100,7 @@ def capture(target: Target, sequences: list[torch.Tensor], rids: list[str], prom
     for a, seq, p in zip(aux, sequences, prompt_lens, strict=True):
         n = seq.numel() - 1  # the last token has no successor yet
         positions = torch.arange(n)
-        per_request.append((a[:n].to(dtype), seq[1:], positions, positions < p))
+        per_request.append((a[:n].to(dtype).cpu(), seq[1:], positions, positions < p))
     step_rows = [_steps(r[1].numel(), rows_per_step, p) for r, p in zip(per_request, prompt_lens, strict=True)]
     batches = []
     for step in range(max(len(s) for s in step_rows)):
@@ -113,3 +120,28 @@ def _steps(rows: int, rows_per_step: int, prompt_len: int) -> list[slice]:
     """The prompt rows in one step (the prefill), then decode steps of `rows_per_step` accepted rows."""
     first = min(max(1, prompt_len), rows)
     return [slice(0, first)] + [slice(s, s + rows_per_step) for s in range(first, rows, rows_per_step)]
+
+
+def drain_into_trainer(settings: TideSettings, batches: list[CaptureBatch], registry: Path,
+                       target: Target) -> tuple[DraftTrainer, float]:
+    """Write the captures to the stream (untimed, as serving does), then let a fresh trainer read, decode and
+    stitch all of them; returns the trainer and the seconds that took."""
+    size = sum(b.hidden.numel() * b.hidden.itemsize for b in batches)
+    # A budget that holds every entry: MAXLEN must not trim what the trainer has not read yet.
+    with StreamWriter(lambda: connect(settings), keys.hidden_states(settings.namespace, settings.deployment),
+                      budget_bytes=max(1 << 30, 2 * size)) as writer:
+        for b in batches:
+            while not writer.submit(b):  # a full queue drops the entry: wait for the writer thread instead
+                writer.flush(60)
+        writer.flush(60)
+    reader = StreamReader(connect(settings), keys.hidden_states(settings.namespace, settings.deployment),
+                          keys.dead_letter(settings.namespace, settings.deployment), "bench", count=64, block_ms=10)
+    trainer = DraftTrainer(settings, DraftRegistry(registry, create=True), reader, heads_of(target.model))
+    total = sum(b.num_tokens for b in batches)
+    start, idle = time.perf_counter(), 0
+    while trainer.ingested_rows < total:
+        idle = 0 if trainer.poll() else idle + 1
+        if idle > 500:  # 5 s with nothing to read
+            raise RuntimeError(f"the stream holds {trainer.ingested_rows} of the {total} rows written")
+    trainer.close_sequences()  # the traffic ends here; the service closes them at each checkpoint
+    return trainer, time.perf_counter() - start

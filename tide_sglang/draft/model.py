@@ -189,6 +189,13 @@ class Eagle3Draft(nn.Module):
     def vocab(self) -> DraftVocab:
         return DraftVocab.from_d2t(self.d2t.cpu(), self.config.vocab_size)
 
+    def draft_index(self) -> torch.Tensor:
+        """[V] int64 on the draft's device: the draft id of each target token, -1 where the draft cannot propose
+        it (built from d2t where it lives: `vocab` would read d2t back to the host)."""
+        ids = torch.arange(self.d2t.numel(), device=self.d2t.device)
+        index = torch.full((self.config.vocab_size,), -1, dtype=torch.int64, device=self.d2t.device)
+        return index.index_put_((ids + self.d2t,), ids)
+
     def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids + self.d2t[draft_ids]
 

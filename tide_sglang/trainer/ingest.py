@@ -1,17 +1,16 @@
-"""Stream entries into training data: request sequences cut into chunks, whole requests held out by a hash of
-their id (so no held-out row was trained on), the rest into the replay buffer; token counts for a new lineage's
-vocabulary."""
+"""Stream entries into training data: request sequences cut into chunks, whole prompts held out by a hash of their
+tokens (`replay.held_out`: requests sending the same prompt fall on one side, so no held-out prompt was trained
+on), the rest into the replay buffer; token counts for a new lineage's vocabulary."""
 
 import logging
 from collections import deque
 
 import torch
-import xxhash
 
 from tide_sglang.capture import CaptureBatch
 from tide_sglang.settings import TideSettings
 from tide_sglang.trainer import state as ckpt
-from tide_sglang.trainer.replay import Chunk, ReplayBuffer, SequenceAssembler
+from tide_sglang.trainer.replay import Chunk, ReplayBuffer, SequenceAssembler, held_out
 
 log = logging.getLogger("tide.trainer")
 
@@ -45,7 +44,7 @@ class Ingest:
             self._store(chunk)
 
     def _store(self, chunk: Chunk) -> None:
-        if xxhash.xxh3_64_intdigest(chunk.rid.encode()) % 10_000 < self.heldout_fraction * 10_000:
+        if held_out(chunk, self.heldout_fraction):
             self.heldout.append(chunk)
         else:
             self.replay.add(chunk)

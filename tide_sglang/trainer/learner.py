@@ -9,7 +9,7 @@ from tide_sglang.draft import Eagle3Draft
 from tide_sglang.settings import TideSettings
 from tide_sglang.trainer import distributed
 from tide_sglang.trainer import state as ckpt
-from tide_sglang.trainer.objective import LossReport, ttt_loss
+from tide_sglang.trainer.objective import LossStats, new_optimizer, optimizer_step
 from tide_sglang.trainer.replay import TrainBatch
 
 
@@ -21,23 +21,17 @@ class Learner:
         if dist is not None:
             ids = [device.index] if device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(draft, device_ids=ids)  # broadcasts rank 0's
-        self.optimizer = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=settings.train_lr,
-                                           weight_decay=settings.train_weight_decay)
+        self.optimizer = new_optimizer(draft, settings.train_lr, settings.train_weight_decay)
         self.state = ckpt.TrainerState(parent=parent, config=draft.config, vocab_sha256=draft.vocab.sha256(),
                                        ingested_rows=ingested_rows)
         self.parked = False
 
-    def step(self, batch: TrainBatch) -> LossReport:
-        # bf16 autocast on GPU (weights and AdamW stay fp32); plain fp32 on CPU.
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            loss, report = ttt_loss(self.draft, batch, self.s.train_ttt_steps, model=self.model)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.draft.parameters(), 1.0)
-        self.optimizer.step()
+    def step(self, batch: TrainBatch) -> LossStats:
+        """One optimizer step, queued on the device without waiting for it (objective.optimizer_step)."""
+        stats = optimizer_step(self.draft, self.optimizer, batch, self.s.train_ttt_steps, model=self.model)
         self.state.steps += 1
-        self.state.trained_rows += report.rows
-        return report
+        self.state.trained_rows += stats.rows
+        return stats
 
     def park(self) -> bool:
         """Give the GPU back (weights and optimizer moments wait on the CPU); True when it moved."""

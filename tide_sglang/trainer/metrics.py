@@ -12,7 +12,9 @@ class TrainerMetrics:
         self.deployment = deployment
         self.registry = registry or CollectorRegistry()
         r, d = self.registry, ("deployment",)
-        self.loss = Gauge("tide_trainer_loss", "Training-time-test loss of the last step", d, registry=r)
+        self.loss = Gauge("tide_trainer_loss", "Training-time-test loss of the last step before the last "
+                          "evaluation (read back only then: reading it every step would wait for the GPU)", d,
+                          registry=r)
         self.tokens = Counter("tide_trainer_tokens", "Captured tokens trained on", d, registry=r)
         self.heldout = Gauge("tide_trainer_heldout_acceptance", "Held-out acceptance length of the candidate "
                              "and the deployed draft", (*d, "draft_version", "model"), registry=r)
@@ -21,11 +23,11 @@ class TrainerMetrics:
         self.pending = Gauge("tide_stream_pending_entries", "Entries delivered and not yet acknowledged", d,
                              registry=r)
 
-    def step(self, loss: float, rows: int) -> None:
-        self.loss.labels(self.deployment).set(loss)
+    def step(self, rows: int) -> None:
         self.tokens.labels(self.deployment).inc(rows)
 
-    def evaluation(self, candidate: float, deployed: float, deployed_version: int | None) -> None:
+    def evaluation(self, candidate: float, deployed: float, deployed_version: int | None, loss: float) -> None:
+        self.loss.labels(self.deployment).set(loss)
         version = str(deployed_version if deployed_version is not None else 0)
         self.heldout.labels(self.deployment, version, "deployed").set(deployed)
         self.heldout.labels(self.deployment, version, "candidate").set(candidate)

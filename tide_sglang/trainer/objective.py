@@ -4,7 +4,12 @@ Both read only captured rows: row t holds the target's state at position p and t
 unroll step j at row t must predict x_{p+j+2} = tokens[t+j+1]. Greedy verification accepts draft token j only if
 tokens 0..j-1 were accepted too, and teacher forcing (step j reads the true token) is exact on an accepted
 prefix: acceptance is computed without running the target.
+
+Nothing here waits for the device: masks weight the loss instead of selecting rows (a boolean index needs the
+row count on the host), and figures stay tensors until someone reads them (`LossStats.report`).
 """
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +25,21 @@ class LossReport(BaseModel):
     rows: int
 
 
+@dataclass(frozen=True)
+class LossStats:
+    """One step's figures, still on the training device; `report()` reads them back (one sync), so a trainer
+    calls it only at its log and eval intervals."""
+
+    loss: torch.Tensor  # [] detached
+    correct: torch.Tensor  # [steps] scored rows whose argmax was the target's token
+    scored: torch.Tensor  # [steps] rows scored
+    rows: int  # training rows in the batch, counted on the host
+
+    def report(self) -> LossReport:
+        accuracy = (self.correct / self.scored.clamp(min=1)).tolist()
+        return LossReport(loss=float(self.loss), step_accuracy=accuracy, rows=self.rows)
+
+
 def _targets(batch: TrainBatch, j: int, draft_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Draft-vocabulary targets for unroll step j [B, T] and where they count (row t+j+1 exists and is draftable)."""
     shift = j + 1
@@ -30,37 +50,58 @@ def _targets(batch: TrainBatch, j: int, draft_index: torch.Tensor) -> tuple[torc
 
 
 def ttt_loss(draft: Eagle3Draft, batch: TrainBatch, steps: int, decay: float = 0.8,
-             model: torch.nn.Module | None = None) -> tuple[torch.Tensor, LossReport]:
+             model: torch.nn.Module | None = None) -> tuple[torch.Tensor, LossStats]:
     """Sum over steps of decay^j x cross-entropy; tokens outside the draft vocabulary are not scored.
 
     `model`: the draft wrapped in DistributedDataParallel, whose forward (= `unroll`) syncs the gradients."""
-    draft_index = draft.vocab.draft_index().to(batch.tokens.device)  # [V]
+    draft_index = draft.draft_index()  # [V], on the draft's device
     logits = (model or draft)(batch.aux, batch.tokens, batch.positions, steps, batch.valid)
     loss = batch.aux.new_zeros((), dtype=torch.float32)
-    accuracy = []
+    correct, scored = [], []
     for j, step_logits in enumerate(logits):
         target, mask = _targets(batch, j, draft_index)
-        if not bool(mask.any()):
-            accuracy.append(0.0)
-            continue
-        scored = step_logits[mask].float()  # [n, Vd]
-        loss = loss + decay**j * F.cross_entropy(scored, target[mask])
-        accuracy.append(float((scored.argmax(-1) == target[mask]).float().mean()))
-    return loss, LossReport(loss=float(loss.detach()), step_accuracy=accuracy, rows=batch.rows)
+        weight = mask.float()  # [B, T]
+        n = weight.sum()
+        ce = F.cross_entropy(step_logits.float().transpose(1, 2), target.clamp(min=0), reduction="none")  # [B, T]
+        loss = loss + decay**j * (ce * weight).sum() / n.clamp(min=1)  # a step with no scored row adds 0
+        correct.append(((step_logits.argmax(-1) == target) & mask).sum())
+        scored.append(n)
+    return loss, LossStats(loss=loss.detach(), correct=torch.stack(correct).float(), scored=torch.stack(scored),
+                           rows=batch.rows)
+
+
+def new_optimizer(draft: Eagle3Draft, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; fused (one kernel for all of them) when the draft is on CUDA."""
+    params = [p for p in draft.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=params[0].device.type == "cuda")
+
+
+def optimizer_step(draft: Eagle3Draft, optimizer: torch.optim.Optimizer, batch: TrainBatch, steps: int,
+                   model: torch.nn.Module | None = None) -> LossStats:
+    """One step, queued on the device without waiting for it: bf16 autocast on CUDA (weights and AdamW moments
+    stay fp32), plain fp32 on the CPU, gradients clipped at norm 1.0."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=batch.aux.device.type == "cuda"):
+        loss, stats = ttt_loss(draft, batch, steps, model=model)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
+    optimizer.step()
+    return stats
 
 
 class Acceptance(BaseModel):
     accept_length: float  # 1 + mean accepted draft tokens per verify step (SGLang's spec_accept_length)
-    rows: int  # verify steps simulated: rows with a full chain of `steps` true tokens after them
+    rows: int  # verify steps simulated: generated rows with a full chain of `steps` true tokens after them
     step_rate: list[float]  # P(draft token j accepted), chained
 
 
 @torch.no_grad()
 def acceptance(draft: Eagle3Draft, chunks: list[Chunk], steps: int, batch_size: int = 16,
                device: torch.device | str = "cpu") -> Acceptance:
-    """Expected acceptance length of a chain of `steps` greedy draft tokens, started at every held-out row."""
-    accepted = torch.zeros(steps)
-    rows = 0
+    """Expected acceptance length of a chain of `steps` greedy draft tokens, started at every held-out generated
+    row (serving drafts after generated tokens, never inside a prompt), so it reads like served acceptance."""
+    accepted = torch.zeros(steps, device=device)
+    rows = torch.zeros((), dtype=torch.int64, device=device)
     dtype = draft.fc.weight.dtype
     for i in range(0, len(chunks), batch_size):
         batch = collate(chunks[i : i + batch_size], device, dtype)
@@ -68,13 +109,14 @@ def acceptance(draft: Eagle3Draft, chunks: list[Chunk], steps: int, batch_size: 
             continue  # no chunk long enough for a full chain (the shapes below assume one)
         logits = draft.unroll(batch.aux, batch.tokens, batch.positions, steps, batch.valid)
         # A chain started at row t needs tokens[t+1 .. t+steps] to exist, so it is counted in full.
-        full = F.pad(batch.valid[:, steps:], (0, steps))  # [B, T]
+        full = F.pad(batch.valid[:, steps:], (0, steps)) & ~batch.prompt  # [B, T]
         chain = torch.ones_like(full)
         for j, step_logits in enumerate(logits):
             proposed = draft.to_target_ids(step_logits.argmax(-1))  # [B, T] target ids
             truth = F.pad(batch.tokens[:, j + 1 :], (0, j + 1))  # [B, T]
             chain = chain & (proposed == truth)
-            accepted[j] += float((chain & full).sum())
-        rows += int(full.sum())
-    rate = (accepted / max(rows, 1)).tolist()
-    return Acceptance(accept_length=1.0 + sum(rate), rows=rows, step_rate=rate)
+            accepted[j] += (chain & full).sum()
+        rows += full.sum()
+    total = int(rows)  # the one sync of an evaluation
+    rate = (accepted / max(total, 1)).tolist()
+    return Acceptance(accept_length=1.0 + sum(rate), rows=total, step_rate=rate)

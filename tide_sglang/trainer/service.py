@@ -1,6 +1,6 @@
 """`DraftTrainer`: the `tide train` service loop, composed of its jobs.
 
-    StreamReader.read ─► Ingest (held-out | ReplayBuffer) ─► Learner.step (ttt_loss, AdamW)
+    StreamReader.read ─► Ingest (held-out by prompt hash | ReplayBuffer) ─► Learner.step (ttt_loss, AdamW)
     every eval interval: Publisher.evaluate(candidate, served) ─► gate ─► DraftRegistry.publish + Published event
     every loop: the control state (rollout) says whether to train and which served version to go back to
     every checkpoint interval: flush open sequences, save state, then ack the entries it contains
@@ -31,7 +31,7 @@ from tide_sglang.trainer.ingest import Ingest
 from tide_sglang.trainer.learner import Learner
 from tide_sglang.trainer.lineage import TrainerError
 from tide_sglang.trainer.metrics import TrainerMetrics
-from tide_sglang.trainer.objective import LossReport
+from tide_sglang.trainer.objective import LossStats
 from tide_sglang.trainer.publisher import EvalReport, Publisher
 from tide_sglang.trainer.replay import collate
 
@@ -67,7 +67,7 @@ class DraftTrainer:
         self.publisher = Publisher(settings, registry, reader.client, heads.embed, self.device)
         self.pending: list[StreamEntry] = []  # used but not acked: their rows live only in memory until a checkpoint
         self.published: list[int] = []
-        self.last_loss: LossReport | None = None
+        self.last_loss: LossStats | None = None
         self.learner: Learner | None = None
         self._initial: Eagle3Draft | None = None  # the baseline of a new lineage, before its first version
         self._ctl: tuple[float, rollout.ControlState | None] | None = None
@@ -137,13 +137,14 @@ class DraftTrainer:
 
     # -- training, evaluation, publishing ------------------------------------------------------------------
 
-    def train_step(self) -> LossReport:
+    def train_step(self) -> LossStats:
+        """One optimizer step; nothing waits for the device (the loss is read back at evaluation)."""
         assert self.learner is not None
         batch = collate(self.ingest.replay.sample(self.s.train_batch_chunks), self.device)
-        report = self.learner.step(batch)
-        self.last_loss = report
-        self.metrics.step(report.loss, report.rows)
-        return report
+        stats = self.learner.step(batch)
+        self.last_loss = stats
+        self.metrics.step(stats.rows)
+        return stats
 
     def evaluate(self) -> EvalReport:
         """Score the candidate and the served draft on the same held-out rows; publish when the gate says so."""
@@ -156,7 +157,8 @@ class DraftTrainer:
             served = self.publisher.deployed(version)
         report = self.publisher.evaluate(self.learner.draft, served, version, list(self.ingest.heldout))
         cand, base, state = report.candidate, report.deployed, self.learner.state
-        self.metrics.evaluation(cand.accept_length, base.accept_length, version)
+        loss = self.last_loss.report().loss if self.last_loss is not None else float("nan")
+        self.metrics.evaluation(cand.accept_length, base.accept_length, version, loss)
         log.info("step %d: held-out acceptance %.3f vs served %s %.3f over %d rows: %s", state.steps,
                  cand.accept_length, version, base.accept_length, cand.rows, report.decision.reason)
         if report.decision.publish:

@@ -1,7 +1,8 @@
 """The trainer's own checkpoint: draft, AdamW moments, replay and held-out sequences, counters. No pickle.
 
     <dir>/ckpt-000000123-<ns>/state.json           TrainerState (counters, lineage, chunk index, optimizer groups)
-                            /state.safetensors    draft.*, base.*, opt.<i>.<key>, chunks.{hidden,tokens,positions}
+                            /state.safetensors    draft.*, base.*, opt.<i>.<key>,
+                                                  chunks.{hidden,tokens,positions,is_prompt}
 
 Written aside and renamed, then older checkpoints are removed: a trainer killed at any moment restarts from the
 newest complete one. Stream entries are acked only after the checkpoint that contains their rows is written, so
@@ -21,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from tide_sglang.draft import DraftConfig
 from tide_sglang.trainer.replay import Chunk
 
-FORMAT = 1
+FORMAT = 2  # 2: chunks carry prompt flags and prompt keys
 Store = Literal["recent", "reservoir", "heldout"]
 
 
@@ -29,6 +30,7 @@ class ChunkMeta(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     length: int = Field(ge=1)
     rid: str
+    prompt_key: str
     domain: str
     store: Store
 
@@ -53,12 +55,14 @@ class TrainerState(BaseModel):
 def pack_chunks(stored: list[tuple[Store, Chunk]]) -> tuple[list[ChunkMeta], dict[str, torch.Tensor]]:
     if not stored:
         return [], {}
-    metas = [ChunkMeta(length=c.length, rid=c.rid, domain=c.domain, store=s) for s, c in stored]
+    metas = [ChunkMeta(length=c.length, rid=c.rid, prompt_key=c.prompt_key, domain=c.domain, store=s)
+             for s, c in stored]
     chunks = [c for _, c in stored]
     return metas, {
         "chunks.hidden": torch.cat([c.hidden for c in chunks]).contiguous(),  # [sum T, K*H]
         "chunks.tokens": torch.cat([c.tokens for c in chunks]),
         "chunks.positions": torch.cat([c.positions for c in chunks]),
+        "chunks.is_prompt": torch.cat([c.is_prompt for c in chunks]),
     }
 
 
@@ -66,10 +70,11 @@ def unpack_chunks(metas: list[ChunkMeta], tensors: dict[str, torch.Tensor]) -> l
     if not metas:
         return []
     lengths = [m.length for m in metas]
-    parts = zip(*(torch.split(tensors[f"chunks.{k}"], lengths) for k in ("hidden", "tokens", "positions")),
-                strict=True)
-    return [(m.store, Chunk(hidden=h, tokens=t, positions=p, rid=m.rid, domain=m.domain))
-            for m, (h, t, p) in zip(metas, parts, strict=True)]
+    parts = zip(*(torch.split(tensors[f"chunks.{k}"], lengths) for k in ("hidden", "tokens", "positions",
+                                                                          "is_prompt")), strict=True)
+    return [(m.store, Chunk(hidden=h, tokens=t, positions=p, is_prompt=f, rid=m.rid, prompt_key=m.prompt_key,
+                            domain=m.domain))
+            for m, (h, t, p, f) in zip(metas, parts, strict=True)]
 
 
 def save(directory: Path, state: TrainerState, tensors: dict[str, torch.Tensor]) -> Path:

@@ -8,7 +8,15 @@ Nothing here imports the engine, plugin or trainer.
 from tide_sglang.workloads.benchmarks import load_gsm_symbolic, load_humaneval, load_mtbench, load_writing
 from tide_sglang.workloads.handbook import load_french, load_german, load_handbook
 from tide_sglang.workloads.prompt import Prompt, WorkloadUnavailable
-from tide_sglang.workloads.registry import WORKLOADS, UnknownWorkload, Workload, get_workload, load_workload
+from tide_sglang.workloads.registry import (
+    WORKLOADS,
+    Split,
+    UnknownWorkload,
+    Workload,
+    get_workload,
+    load_workload,
+    split_of,
+)
 from tide_sglang.workloads.schedule import (
     DEFAULT_SPEC,
     Phase,
@@ -29,6 +37,7 @@ __all__ = [
     "Prompt",
     "Schedule",
     "ScheduleError",
+    "Split",
     "TruncatedJSON",
     "UnknownWorkload",
     "Workload",
@@ -47,4 +56,5 @@ __all__ = [
     "load_writing",
     "parse_schedule",
     "plan_schedule",
+    "split_of",
 ]

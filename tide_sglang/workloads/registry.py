@@ -4,6 +4,9 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+import xxhash
 
 from tide_sglang.workloads.benchmarks import load_gsm_symbolic, load_humaneval, load_mtbench, load_writing
 from tide_sglang.workloads.handbook import load_french, load_german
@@ -12,6 +15,8 @@ from tide_sglang.workloads.sharegpt import load_sharegpt
 
 SNAPSHOTS = Path(__file__).resolve().parents[2] / ".cache" / "workloads"
 Loader = Callable[[int, int], list[Prompt]]  # (limit, seed) -> prompts; deterministic
+Split = Literal["train", "eval"]
+EVAL_SHARE = 0.5  # of every workload's prompts, by a stable hash of the text
 
 
 @dataclass(frozen=True)
@@ -47,11 +52,30 @@ def get_workload(name: str) -> Workload:
         raise UnknownWorkload(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}") from None
 
 
-def load_workload(name: str, limit: int, seed: int = 0) -> list[Prompt]:
-    """Up to `limit` prompts of workload `name` (fewer if the source is smaller), fixed by `seed`.
+def split_of(prompt: Prompt) -> Split:
+    """The side of a prompt, from a stable hash of its text: the same in every run, seed, limit and workload, so a
+    draft trained on "train" prompts is never graded on its own training text."""
+    return "eval" if xxhash.xxh3_64_intdigest(prompt.text.encode()) % 10_000 < EVAL_SHARE * 10_000 else "train"
+
+
+def load_workload(name: str, limit: int, seed: int = 0, split: Split | None = None) -> list[Prompt]:
+    """Up to `limit` prompts of workload `name` (fewer if the source is smaller), fixed by `seed`; with `split`,
+    only prompts of that side (`split_of`).
 
     Where the source package is missing (a GPU machine with no package registry), a snapshot written by
     `snapshot_workload` on a machine that has it is used instead."""
+    if split is None:
+        return _load(name, limit, seed)
+    asked = limit
+    while True:  # loaders give a prefix of one seeded order: ask for more until enough are on this side
+        pool = _load(name, asked, seed)
+        kept = [p for p in pool if split_of(p) == split]
+        if len(kept) >= limit or len(pool) < asked:  # enough, or the whole source
+            return kept[:limit]
+        asked *= 2
+
+
+def _load(name: str, limit: int, seed: int) -> list[Prompt]:
     try:
         return get_workload(name).load(limit, seed)
     except WorkloadUnavailable:
@@ -60,7 +84,7 @@ def load_workload(name: str, limit: int, seed: int = 0) -> list[Prompt]:
             raise
         snap = json.loads(path.read_text())
         prompts = [Prompt.model_validate(p) for p in snap["prompts"]]
-        if limit > snap["limit"]:  # up to its limit a snapshot holds what the loader gives (all of a small source)
+        if limit > snap["limit"] and len(prompts) == snap["limit"]:  # fewer than its limit: the whole source
             raise WorkloadUnavailable(f"snapshot {path} was taken with limit {snap['limit']}, {limit} asked") from None
         return prompts[:limit]
 

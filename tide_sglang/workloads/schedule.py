@@ -10,7 +10,7 @@ from collections import Counter
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tide_sglang.workloads.prompt import Prompt, WorkloadUnavailable
-from tide_sglang.workloads.registry import WORKLOADS, get_workload, load_workload
+from tide_sglang.workloads.registry import WORKLOADS, Split, get_workload, load_workload
 
 RECUR_SEED_STRIDE = 1_000_003  # seed offset per recurrence of a workload: far from any small seed
 
@@ -100,17 +100,18 @@ def default_schedule() -> Schedule:
     return parse_schedule(DEFAULT_SPEC)
 
 
-def plan_schedule(schedule: Schedule, seed: int = 0) -> list[PhasePlan]:
-    """Resolve every phase to its prompts; the same (schedule, seed) always gives the same plan.
+def plan_schedule(schedule: Schedule, seed: int = 0, split: Split | None = None) -> list[PhasePlan]:
+    """Resolve every phase to its prompts; the same (schedule, seed, split) always gives the same plan.
 
-    A source smaller than the phase (MT-Bench writing has 30 questions) is cycled in its seeded order.
+    A source smaller than the phase (MT-Bench writing has 30 questions) is cycled in its seeded order. `split`:
+    only prompts of that side of each workload (`split_of`).
     """
     seen: Counter[str] = Counter()
     plans = []
     for phase in schedule.phases:
         phase_seed = seed + RECUR_SEED_STRIDE * seen[phase.workload]
         seen[phase.workload] += 1
-        pool = load_workload(phase.workload, phase.requests, phase_seed)
+        pool = load_workload(phase.workload, phase.requests, phase_seed, split)
         if not pool:
             raise WorkloadUnavailable(f"workload {phase.workload!r} yielded no prompts for phase {phase.name!r}")
         prompts = tuple(pool[i % len(pool)] for i in range(phase.requests))
