@@ -55,7 +55,7 @@ class Plan(BaseModel):
 
 
 PLANS = {
-    "quick": Plan(requests=24, max_new=40, steps=30, eval_every=5),
+    "quick": Plan(requests=24, max_new=40, steps=20, eval_every=5, batch_sequences=2),
     "cpu": Plan(requests=48, max_new=64, steps=120, eval_every=10),
     "cuda": Plan(requests=80, max_new=256, steps=600, eval_every=25, batch_sequences=8, vocab=8192, lr=1e-3),
 }
@@ -207,8 +207,19 @@ def _traffic(target: Target, plan: Plan, console: Console) -> tuple[list, dict[s
 
 
 def run(quick: bool, console: Console, *, device: str | None = None) -> BenchReport:
-    """`device`: "cpu" (the default) or "cuda"; `tide bench train --device cuda`."""
+    """`device`: "cpu" (the default) or "cuda"; `tide bench train --device cuda`. On the CPU torch runs on one
+    thread: on a shared machine two OpenMP threads that lose their core wait for each other (10x slower steps)."""
     dev = torch.device(device or "cpu")
+    threads = torch.get_num_threads()
+    if dev.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        return _run(quick, console, dev)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(quick: bool, console: Console, dev: torch.device) -> BenchReport:
     plan = PLANS["quick" if quick else dev.type]
     target = load_target(device=str(dev), dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
     batches, by_rid, longest = _traffic(target, plan, console)
