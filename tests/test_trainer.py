@@ -135,8 +135,8 @@ def test_acceptance_counts_the_chain_like_the_engine() -> None:
 
 def test_acceptance_skips_batches_of_chunks_too_short_for_a_chain() -> None:
     draft = tiny_draft(3)
-    short = [Chunk(hidden=torch.randn(n, 96), tokens=draft.vocab.token_ids[:n], positions=torch.arange(n))
-             for n in (1, 2, 3)]
+    short = [Chunk(hidden=torch.randn(n, 96), tokens=draft.vocab.token_ids[:n], positions=torch.arange(n),
+                   is_prompt=torch.zeros(n, dtype=torch.bool)) for n in (1, 2, 3)]
     assert acceptance(draft, short, 3, batch_size=2).rows == 0  # once raised on the shapes of a [B, 2] batch
 
 
