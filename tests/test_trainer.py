@@ -188,6 +188,16 @@ def test_ttt_loss_equals_the_loss_over_selected_rows_in_value_and_gradient() -> 
     assert stats.rows == 21 and stats.report().loss == pytest.approx(float(want), rel=1e-5)
 
 
+def test_ttt_loss_of_a_batch_shorter_than_the_unroll_scores_only_the_steps_it_can() -> None:
+    draft = tiny_draft(6)
+    tokens = draft.vocab.token_ids[:2]
+    batch = collate([Chunk(hidden=torch.randn(2, 96), tokens=tokens, positions=torch.arange(2),
+                           is_prompt=torch.zeros(2, dtype=torch.bool))])  # T = 2 rows, 3 unroll steps
+    loss, stats = ttt_loss(draft, batch, steps=3)
+    assert torch.isfinite(loss) and float(loss.detach()) > 0
+    assert stats.scored.tolist() == [1.0, 0.0, 0.0]  # only step 0 has a row with a token after it
+
+
 def test_draft_index_on_the_device_equals_the_vocabularys() -> None:
     draft = tiny_draft(2)
     assert torch.equal(draft.draft_index(), draft.vocab.draft_index())

@@ -42,7 +42,7 @@ class LossStats:
 
 def _targets(batch: TrainBatch, j: int, draft_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Draft-vocabulary targets for unroll step j [B, T] and where they count (row t+j+1 exists and is draftable)."""
-    shift = j + 1
+    shift = min(j + 1, batch.tokens.shape[1])  # a batch shorter than the unroll scores nothing at this step
     tokens = F.pad(batch.tokens[:, shift:], (0, shift))  # [B, T]: tokens[t+j+1]
     present = F.pad(batch.valid[:, shift:], (0, shift))  # [B, T]
     target = draft_index[tokens]  # [B, T], -1 when the draft vocabulary lacks the token
