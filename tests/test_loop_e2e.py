@@ -91,7 +91,9 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TIDE_")}
     procs = Processes(tmp_path, {**env, **CPU_TRAINER_ENV, "TIDE_TRAIN_MIN_HELDOUT_ROWS": "32",
                                 # the first publish decision after 80 steps: v1 is then clearly better when served
-                                "TIDE_TRAIN_EVAL_INTERVAL_STEPS": "80"})
+                                "TIDE_TRAIN_EVAL_INTERVAL_STEPS": "80",
+                                # whole prompts are held out: with 12 prompts, about 4 are never trained on
+                                "TIDE_TRAIN_HELDOUT_FRACTION": "0.3"})
     yield procs
     procs.close()
 
@@ -168,7 +170,7 @@ async def test_specforge_draft_to_promoted_v1_rolled_back_worse_version_and_pin_
                                 "--checkpoint-dir", str(tmp_path / "ckpt"), "--consumer", "trainer"],
                     **common, TIDE_TRAIN_METRICS_PORT="0")
     for pod in PODS:  # the same few short requests over and over: traffic a draft learns within a minute on a CPU
-        processes.start(pod, ["-m", "tide_sglang.cli", "engine", "--version", "0", "--schedule", "writing:4",
+        processes.start(pod, ["-m", "tide_sglang.cli", "engine", "--version", "0", "--schedule", "writing:12",
                               "--repeat", "--max-new-tokens", "24"],
                         **common, TIDE_POD_NAME=pod, TIDE_HEARTBEAT_S=f"{HEARTBEAT_S:g}", TIDE_SWAP_POLL_S="0.3",
                         TIDE_STATS_FLUSH_S="0.5")

@@ -4,6 +4,7 @@ Shared by `tide demo` and `tide bench adapt`, so both measure exactly the same s
 """
 
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 
 from pydantic import BaseModel
@@ -107,7 +108,9 @@ def serve(engine: SpecEngine, plans: list[PhasePlan], options: ServeOptions, *,
     for plan in plans:
         for n, wave in enumerate(_waves(plan, options.batch_size)):
             ids = [chat_ids(tokenizer, p.text, options.max_prompt_tokens) for p in wave]
-            rids = [f"{plan.phase.name}-{n}-{i}" for i in range(len(wave))]
+            # unique, as SGLang's are: two pods (or two rounds) reusing a rid would interleave in the trainer's
+            # sequences, which are stitched by rid and position
+            rids = [f"{plan.phase.name}-{n}-{i}-{uuid.uuid4().hex[:12]}" for i in range(len(wave))]
             engine.generate(ids, options.max_new_tokens, rids=rids, domain=plan.phase.workload,
                             on_step=lambda s, name=plan.phase.name: on_step(s, name))
     if reporter is not None:
