@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from tide_sglang.bench import static
 from tide_sglang.workloads.registry import load_workload, snapshot_workload
 from tide_sglang.workloads.schedule import RECUR_SEED_STRIDE
 
@@ -25,7 +26,12 @@ DRAFT_VOCAB = 8192
 
 
 def snapshots() -> list[Path]:
-    return [snapshot_workload(name, SNAPSHOT_PROMPTS, seed) for name in WORKLOADS for seed in SEEDS]
+    """Every workload at every seed the GPU scripts load, each as large as its largest reader needs (a larger
+    snapshot holds the smaller one's prompts as its prefix); bench.static trains on thousands of chat prompts."""
+    limits = {(name, seed): SNAPSHOT_PROMPTS for name in WORKLOADS for seed in SEEDS}
+    for name, limit, seed in static.SNAPSHOTS:
+        limits[name, seed] = max(limits.get((name, seed), 0), limit)
+    return [snapshot_workload(name, limit, seed) for (name, seed), limit in limits.items()]
 
 
 def _token_counts(tokenizer, vocab_size: int) -> torch.Tensor:

@@ -19,6 +19,8 @@ each server's log to OUT/server-<name>.log. A phase that fails is recorded and t
   (one candidate, 3 draft steps), in the order --capture-servers gives (no plugin, plugin capturing, plugin at
   sample rate 0, no plugin again), each serving one wave per steady batch size with about --capture-seconds of
   decode, read from SGLang's own log; TIDE's scheduler-thread time per batch from tide_plugin_scheduler_seconds.
+- static: the static draft of `python -m tide_sglang.bench.static train` served by SGLang itself at 3 pinned steps
+  on the evaluation prompts (MT-Bench writing "eval" side): its accept length (issue: a draft worth serving).
 - throughput: decode tokens/s with the plugin (capture on) and without it (TIDE_ENABLED unset), same
   server arguments, alternated `--repeats` times: SGLang's own decode throughput at a steady batch (its "Decode
   batch" log lines, read back by `decode_log`) and the client's wall-clock tokens/s, prefill included.
@@ -43,6 +45,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from tide_sglang import keys, rollout
+from tide_sglang.draft import DraftRegistry
 from tide_sglang.draft.target import resolve
 from tide_sglang.stream import codec, connect
 from tide_sglang.stream.server import LocalRedis, free_port
@@ -102,9 +105,10 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
 
-    def generate(self, input_ids: list[int], max_new_tokens: int, rid: str | None = None, **extra: Any) -> dict:
+    def generate(self, input_ids: list[int], max_new_tokens: int, rid: str | None = None, ignore_eos: bool = True,
+                 **extra: Any) -> dict:
         body = {"input_ids": input_ids, "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens,
-                                                            "ignore_eos": True}, **extra}
+                                                            "ignore_eos": ignore_eos}, **extra}
         if rid is not None:
             body["rid"] = rid
         r = requests.post(f"{self.url}/generate", json=body, timeout=300)
@@ -144,12 +148,15 @@ def prompts(tokenizer: Any, n: int, offset: int = 0) -> list[list[int]]:
     """`n` chat-templated prompts, interleaving writing, code, math and chat (snapshots of seed 0), from `offset`."""
     if not _POOL:
         by_domain = [load_workload(name, 256, 0) for name in ("writing", "code", "math", "chat")]
-        for group in itertools.zip_longest(*by_domain):
-            for p in filter(None, group):
-                ids = tokenizer.apply_chat_template([{"role": "user", "content": p.text}],
-                                                    add_generation_prompt=True, tokenize=True)
-                _POOL.append(list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids))
+        _POOL.extend(chat_ids(tokenizer, p.text) for group in itertools.zip_longest(*by_domain)
+                     for p in filter(None, group))
     return [_POOL[(offset + i) % len(_POOL)][:768] for i in range(n)]
+
+
+def chat_ids(tokenizer: Any, text: str) -> list[int]:
+    """One user turn, chat-templated as a client of SGLang's chat endpoint would send it."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 
 def run_many(server: Server, ids: list[list[int]], max_new_tokens: int, concurrency: int,
@@ -399,6 +406,26 @@ def phase_capture(name: str, out: Path, args: list[str], env: dict[str, str], to
             "capture_drops": metric(m, "tide_capture_drops_total")}
 
 
+def phase_static(out: Path, args: list[str], env: dict[str, str], tok: Any, draft: Path, evals: Path) -> dict:
+    """The static draft (`python -m tide_sglang.bench.static train`) served by SGLang alone (no plugin) at 3
+    pinned steps on the evaluation prompts it never trained on, to natural ends (EOS or 256 tokens), 16 at a time.
+    Accept length = completion tokens / verify steps, SGLang's own counts per request."""
+    texts = [p["text"] for p in json.loads(evals.read_text())]
+    i = args.index("--speculative-draft-model-path")
+    server = Server("static", out, [*args[:i + 1], str(draft), *args[i + 2:]], env, plugin=False)
+    try:
+        startup = server.wait_ready()
+        results, wall = run_many(server, [chat_ids(tok, t) for t in texts], 256, 16, ignore_eos=False)
+    finally:
+        server.stop()
+    ok = [r for r in results if not isinstance(r, Exception)]
+    tokens = sum(r["meta_info"]["completion_tokens"] for r in ok)
+    verify = sum(r["meta_info"].get("spec_verify_ct", 0) for r in ok)
+    return {"draft": str(draft), "prompts": len(texts), "failed": len(results) - len(ok), "startup_s": startup,
+            "tokens": tokens, "spec_verify_ct": verify, "accept_length": tokens / verify if verify else None,
+            "tokens_per_s": tokens / wall}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -414,6 +441,9 @@ def main() -> None:
                     help="capture phase: servers in order (off: no plugin, on: capturing, rate0: sample rate 0)")
     ap.add_argument("--capture-batches", default="1,8,32,64,128")
     ap.add_argument("--capture-seconds", type=float, default=22.0, help="steady decode per batch size")
+    ap.add_argument("--static-dir", type=Path, default=None,
+                    help="static phase: the OUT of `python -m tide_sglang.bench.static train` (static-draft.json, "
+                         "eval-prompts.json)")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     phases = a.phases.split(",")
@@ -497,6 +527,16 @@ def main() -> None:
                 servers.append({"server": name, "error": f"{type(e).__name__}: {e}"})
                 log(f"capture {name} FAILED: {e}")
             save()
+    if "static" in phases:
+        if a.static_dir is None:
+            ap.error("the static phase needs --static-dir")
+        trained = json.loads((a.static_dir / "static-draft.json").read_text())
+        draft = DraftRegistry(Path(trained["registry"])).path(trained["version"])
+        pinned = a.out / "adaptive-3.json"
+        pinned.write_text(json.dumps({str(bs): {"candidate_steps": [3]} for bs in (1, 8, 16, 32, 64)}))
+        run_phase("static", lambda: {"trained": trained, **phase_static(
+            a.out, [*args, "--speculative-adaptive-config", str(pinned)], env, tok, draft,
+            a.static_dir / "eval-prompts.json")})
     if "throughput" in phases:
         rollout.delete_control(client, NAMESPACE, DEPLOYMENT)
         ids = prompts(tok, 128, offset=128)

@@ -122,11 +122,13 @@ def main() -> None:
     """A static draft for the GPU comparisons (docs/sglang.md)."""
 
 
+SNAPSHOTS = (("writing", 64, TRAIN_SEED), ("writing", 64, EVAL_SEED), ("chat", CHAT_SNAPSHOT, TRAIN_SEED))
+
+
 @main.command()
 def prepare() -> None:
     """On a machine with the workload packages: snapshot what `train` reads (into .cache/workloads)."""
-    for name, limit, seed in (("writing", 64, TRAIN_SEED), ("writing", 64, EVAL_SEED),
-                              ("chat", CHAT_SNAPSHOT, TRAIN_SEED)):
+    for name, limit, seed in SNAPSHOTS:
         click.echo(snapshot_workload(name, limit, seed))
 
 
