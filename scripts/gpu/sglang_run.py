@@ -375,11 +375,13 @@ def capture_wave(server: Server, tok: Any, batch: int, seconds: float, offset: i
 
 
 def phase_capture(name: str, out: Path, args: list[str], env: dict[str, str], tok: Any, batches: list[int],
-                  seconds: float) -> dict:
-    """Capture cost: one server (no plugin, plugin capturing, or plugin at sample rate 0) at each steady batch."""
+                  seconds: float, partial: dict, on_row: Any) -> dict:
+    """Capture cost: one server (no plugin, plugin capturing, or plugin at sample rate 0) at each steady batch.
+    `partial` holds the rows so far; `on_row` saves them (a run cut off by the call's time limit keeps its rows)."""
     plugin, extra = CAPTURE_SERVERS[name.rstrip("0123456789")]
     server = Server(f"capture-{name}", out, args, {**env, **extra}, plugin=plugin)
-    rows = []
+    rows = partial.setdefault("rows", [])
+    partial.update(server=name, plugin=plugin)
     try:
         startup = server.wait_ready()
         for i, b in enumerate(batches):
@@ -396,6 +398,7 @@ def phase_capture(name: str, out: Path, args: list[str], env: dict[str, str], to
                                 captured_tokens=d["tide_captured_tokens_total"])
             log(f"capture {name} batch {b}: {rows[-1].get('decode_tokens_per_s')} tok/s, "
                 f"{rows[-1].get('steady_s', 0):.0f} s steady")
+            on_row()
         m = server.metrics() if plugin else {}
     finally:
         server.stop()
@@ -520,11 +523,13 @@ def main() -> None:
         servers = report["phases"].setdefault("capture", {"servers": []})["servers"]
         for name in a.capture_servers.split(","):
             rollout.delete_control(client, NAMESPACE, DEPLOYMENT)
+            partial: dict[str, Any] = {}
+            servers.append(partial)
             try:
-                servers.append(phase_capture(name, a.out, cargs, env, tok,
-                                             [int(b) for b in a.capture_batches.split(",")], a.capture_seconds))
+                batches = [int(b) for b in a.capture_batches.split(",")]
+                servers[-1] = phase_capture(name, a.out, cargs, env, tok, batches, a.capture_seconds, partial, save)
             except Exception as e:  # recorded, the next server still runs
-                servers.append({"server": name, "error": f"{type(e).__name__}: {e}"})
+                servers[-1] = {"server": name, "rows": partial.get("rows", []), "error": f"{type(e).__name__}: {e}"}
                 log(f"capture {name} FAILED: {e}")
             save()
     if "static" in phases:
