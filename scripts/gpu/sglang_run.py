@@ -363,19 +363,23 @@ CAPTURE_SERVERS = {  # name -> (plugin loaded, extra environment)
     "off": (False, {}), "on": (True, {}), "rate0": (True, {"TIDE_CAPTURE_SAMPLE_RATE": "0"})}
 
 
-def capture_wave(server: Server, tok: Any, batch: int, seconds: float, offset: int) -> dict:
+def capture_wave(server: Server, tok: Any, batch: int, seconds: float, offset: int, sizes: dict[int, int]) -> dict:
     """One wave of `batch` identical-length requests (ignore_eos), long enough for about `seconds` of decode at a
-    steady batch; a first short wave measures the per-request decode rate to size it."""
+    steady batch. The first server sizes it with a short probe wave and records it in `sizes`; every later server
+    decodes the same number of tokens (a longer wave decodes at longer contexts, slower: on the H200, waves sized
+    per server differed by up to 40 % and moved the on/off ratio by ±14 %)."""
     ids = prompts(tok, batch, offset=offset)
-    probe = throughput(server, ids, batch, 256)
-    per_request = (probe.get("decode_tokens_per_s") or probe["tokens_per_s"]) / batch
-    max_new = int(min(7000, max(256, per_request * seconds * 1.15)))
+    if batch not in sizes:
+        probe = throughput(server, ids, batch, 256)
+        per_request = (probe.get("decode_tokens_per_s") or probe["tokens_per_s"]) / batch
+        sizes[batch] = int(min(7000, max(256, per_request * seconds * 1.15)))
+    max_new = sizes[batch]
     row = throughput(server, ids, batch, max_new)
     return {"batch": batch, "max_new_tokens": max_new, **row}
 
 
 def phase_capture(name: str, out: Path, args: list[str], env: dict[str, str], tok: Any, batches: list[int],
-                  seconds: float, partial: dict, on_row: Any) -> dict:
+                  seconds: float, sizes: dict[int, int], partial: dict, on_row: Any) -> dict:
     """Capture cost: one server (no plugin, plugin capturing, or plugin at sample rate 0) at each steady batch.
     `partial` holds the rows so far; `on_row` saves them (a run cut off by the call's time limit keeps its rows)."""
     plugin, extra = CAPTURE_SERVERS[name.rstrip("0123456789")]
@@ -386,7 +390,7 @@ def phase_capture(name: str, out: Path, args: list[str], env: dict[str, str], to
         startup = server.wait_ready()
         for i, b in enumerate(batches):
             before = server.metrics() if plugin else {}
-            rows.append(capture_wave(server, tok, b, seconds, offset=1000 + 200 * i))
+            rows.append(capture_wave(server, tok, b, seconds, 1000 + 200 * i, sizes))
             if plugin:  # TIDE's scheduler-thread time per decode batch, during this wave only
                 after = server.metrics()
                 d = {k: (metric(after, k) or 0.0) - (metric(before, k) or 0.0)
@@ -521,13 +525,15 @@ def main() -> None:
         cargs = [*args, "--speculative-adaptive-config", str(pinned), "--cuda-graph-max-bs", "128",
                  "--decode-log-interval", str(DECODE_LOG_INTERVAL), "--max-running-requests", "128"]
         servers = report["phases"].setdefault("capture", {"servers": []})["servers"]
+        sizes: dict[int, int] = {}  # batch -> tokens per request, the same for every server
         for name in a.capture_servers.split(","):
             rollout.delete_control(client, NAMESPACE, DEPLOYMENT)
             partial: dict[str, Any] = {}
             servers.append(partial)
             try:
                 batches = [int(b) for b in a.capture_batches.split(",")]
-                servers[-1] = phase_capture(name, a.out, cargs, env, tok, batches, a.capture_seconds, partial, save)
+                servers[-1] = phase_capture(name, a.out, cargs, env, tok, batches, a.capture_seconds, sizes, partial,
+                                            save)
             except Exception as e:  # recorded, the next server still runs
                 servers[-1] = {"server": name, "rows": partial.get("rows", []), "error": f"{type(e).__name__}: {e}"}
                 log(f"capture {name} FAILED: {e}")
