@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.specforge import write_specforge_export
 from tide_sglang.cli import main
-from tide_sglang.draft import DraftConfig, DraftRegistry, Eagle3Draft, select_vocab
+from tide_sglang.draft import DirectoryRegistry, DraftConfig, Eagle3Draft, select_vocab
 from tide_sglang.draft.importer import DraftImportError, import_draft, read_source
 
 SHAPE = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -26,7 +26,7 @@ def export(tmp_path: Path, name: str = "sf", **kw) -> Path:
 @pytest.mark.parametrize("layout", ["sglang", "hf"])
 def test_specforge_export_becomes_version_0(tmp_path: Path, layout: str) -> None:
     source = export(tmp_path, layout=layout)
-    registry = DraftRegistry(tmp_path / "registry", create=True)
+    registry = DirectoryRegistry(tmp_path / "registry", create=True)
     manifest = import_draft(source, registry)
     assert (manifest.version, manifest.parent, registry.versions()) == (0, None, [0])
     verified, tensors = registry.load_tensors(0)
@@ -56,9 +56,9 @@ def test_sglang_draft_without_d2t_covers_the_whole_vocabulary(tmp_path: Path) ->
 def test_tide_version_is_checked_against_its_manifest(tmp_path: Path) -> None:
     config = DraftConfig(**SHAPE, target_hidden_size=32, draft_vocab_size=10, aux_layer_ids=[1, 2, 3],
                          torch_dtype="bfloat16")
-    other = DraftRegistry(tmp_path / "other", create=True)
+    other = DirectoryRegistry(tmp_path / "other", create=True)
     other.publish(Eagle3Draft(config, select_vocab(torch.rand(100), 10)))
-    mine = DraftRegistry(tmp_path / "mine", create=True)
+    mine = DirectoryRegistry(tmp_path / "mine", create=True)
     import_draft(other.path(1), mine)
     assert mine.verify(0).config == config and mine.vocab_sha256() == other.vocab_sha256()
     weights = other.path(1) / "model.safetensors"
@@ -70,7 +70,7 @@ def test_tide_version_is_checked_against_its_manifest(tmp_path: Path) -> None:
 
 
 def test_what_cannot_be_imported_is_refused_with_the_reason(tmp_path: Path) -> None:
-    registry = DraftRegistry(tmp_path / "registry", create=True)
+    registry = DirectoryRegistry(tmp_path / "registry", create=True)
     import_draft(export(tmp_path), registry)
     with pytest.raises(ValueError, match="already holds versions"):
         import_draft(export(tmp_path, "again"), registry)  # a lineage starts once
@@ -107,6 +107,6 @@ def test_what_cannot_be_imported_is_refused_with_the_reason(tmp_path: Path) -> N
 def test_cli_imports_into_a_new_registry(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["import", str(export(tmp_path)), "--registry", str(tmp_path / "reg")])
     assert result.exit_code == 0, result.output
-    assert "v0" in result.output and DraftRegistry(tmp_path / "reg").versions() == [0]
+    assert "v0" in result.output and DirectoryRegistry(tmp_path / "reg").versions() == [0]
     again = CliRunner().invoke(main, ["import", str(export(tmp_path, "b")), "--registry", str(tmp_path / "reg")])
     assert again.exit_code != 0 and "already holds versions" in again.output

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig
 
 from tests.test_draft import tiny_draft
-from tide_sglang.draft import DraftRegistry
+from tide_sglang.draft import DirectoryRegistry
 
 SGLANG = "0.5.23"
 WHEELS = Path(__file__).parents[1] / ".cache" / "wheels"
@@ -81,7 +81,7 @@ def test_sglang_module_tree_has_the_parameters_we_map_to() -> None:
 
 
 def test_registry_checkpoint_loads_with_sglang_weight_mapping(tmp_path: Path) -> None:
-    registry = DraftRegistry(tmp_path, create=True)
+    registry = DirectoryRegistry(tmp_path, create=True)
     draft = tiny_draft()
     verified = registry.verify(registry.publish(draft).version)
     tensors = load_file(str(verified.weights_path))
@@ -100,7 +100,7 @@ def test_registry_checkpoint_loads_with_sglang_weight_mapping(tmp_path: Path) ->
 
 
 def test_config_json_reads_as_transformers_llama_config(tmp_path: Path) -> None:
-    registry = DraftRegistry(tmp_path, create=True)
+    registry = DirectoryRegistry(tmp_path, create=True)
     path = registry.verify(registry.publish(tiny_draft()).version).path
     config = LlamaConfig.from_pretrained(path)
     assert config.architectures == ["LlamaForCausalLMEagle3"] and config.num_hidden_layers == 1

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tide_sglang import keys
-from tide_sglang.draft import DraftConfig, DraftRegistry, init_draft, select_vocab
+from tide_sglang.draft import DirectoryRegistry, DraftConfig, init_draft, select_vocab
 from tide_sglang.draft.target import Target, heads_of, load_target
 from tide_sglang.engine import FixedSteps, SpecEngine
 from tide_sglang.engine.pod import PodOptions, run_pod
@@ -31,7 +31,7 @@ def _draft(target: Target, seed: int):
 
 def test_follow_swap_refuse_report_and_keep_serving(target, settings, tmp_path):
     client = connect(settings)
-    registry = DraftRegistry(tmp_path / "registry", create=True)
+    registry = DirectoryRegistry(tmp_path / "registry", create=True)
     imported = _draft(target, 0)
     registry.store_initial(imported.config, imported.vocab, imported.draft_tensors())  # `tide import`
     v1 = registry.publish(_draft(target, 1), parent=0).version
@@ -86,11 +86,11 @@ def test_follow_swap_refuse_report_and_keep_serving(target, settings, tmp_path):
 def test_tide_engine_serves_as_one_pod(target, settings, tmp_path):
     """`tide engine` (the stand-in for an SGLang pod in CPU tests): serves the version it was started with,
     reports it in its heartbeat, adds the stats of that version and captures to the stream."""
-    registry = DraftRegistry(tmp_path / "registry", create=True)
+    registry = DirectoryRegistry(tmp_path / "registry", create=True)
     imported = _draft(target, 0)
     registry.store_initial(imported.config, imported.vocab, imported.draft_tensors())
     pod = settings.model_copy(update={"pod_name": "pod-z", "heartbeat_s": 0.2, "stats_flush_s": 0.1})
-    options = PodOptions(registry=registry.root, target="smollm2-135m", schedule="writing:2", version=0, rounds=1,
+    options = PodOptions(registry=registry.location, target="smollm2-135m", schedule="writing:2", version=0, rounds=1,
                          max_new_tokens=8)
     assert run_pod(options, pod) > 0
     client = connect(settings)
@@ -101,6 +101,6 @@ def test_tide_engine_serves_as_one_pod(target, settings, tmp_path):
 
 
 def test_tide_engine_rounds_draw_new_prompts_unless_repeat(tmp_path):
-    options = PodOptions(registry=tmp_path, target="smollm2-135m", schedule="writing:2", seed=5)
+    options = PodOptions(registry=str(tmp_path), target="smollm2-135m", schedule="writing:2", seed=5)
     assert [options.round_seed(r) for r in range(3)] == [5, 6, 7]
     assert [options.model_copy(update={"repeat": True}).round_seed(r) for r in range(3)] == [5, 5, 5]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tide_sglang.bench import static
-from tide_sglang.draft.registry import DraftRegistry
+from tide_sglang.draft.registry import DirectoryRegistry
 from tide_sglang.workloads import registry as workloads
 
 ROOT = Path(__file__).parents[1]
@@ -43,7 +43,7 @@ def test_snapshots_stand_in_for_missing_workload_packages(tmp_path: Path, monkey
 @pytest.mark.slow
 def test_registry_holds_two_verified_versions_that_differ(tmp_path: Path) -> None:
     versions = _payload().registry(tmp_path / "registry")
-    reg = DraftRegistry(tmp_path / "registry")
+    reg = DirectoryRegistry(tmp_path / "registry")
     assert versions == reg.versions()[-2:] and len(versions) == 2
     a, b = (reg.verify(v) for v in versions)
     assert reg.get(versions[1]).parent == versions[0]

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.operator.harness import ApiServer, Cluster, Operator, cluster_fixture, operator_fixture, wait_for  # noqa: F401
 from tests.specforge import write_specforge_export
-from tide_sglang.draft import DraftRegistry
+from tide_sglang.draft import DirectoryRegistry
 from tide_sglang.draft.target import load_heads
 from tide_sglang.engine.online import CPU_TRAINER_ENV
 from tide_sglang.rollout import Published, append_event, read_heartbeats
@@ -141,7 +141,7 @@ async def watching(procs: Processes, cluster: Cluster, predicate: object, timeou
         await asyncio.sleep(0.2)
 
 
-def publish_worse(registry: DraftRegistry, r: redis.Redis, parent: int) -> int:
+def publish_worse(registry: DirectoryRegistry, r: redis.Redis, parent: int) -> int:
     """A trainer gone wrong: v0's weights published again as the newest version."""
     draft = registry.load(0, load_heads().embed)
     version = registry.publish(draft, parent=parent).version
@@ -156,7 +156,7 @@ async def test_specforge_draft_to_promoted_v1_rolled_back_worse_version_and_pin_
                                str(specforge_draft(tmp_path / "specforge")), "--registry", str(reg_dir)],
                               capture_output=True, text=True, env=processes.env, timeout=120)
     assert imported.returncode == 0, imported.stderr
-    registry = DraftRegistry(reg_dir)
+    registry = DirectoryRegistry(reg_dir)
     assert registry.versions() == [0]
     r = redis.Redis.from_url(redis_server.url)
 

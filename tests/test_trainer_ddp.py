@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from tests.test_trainer_redis import SMALL, _write
 from tide_sglang import keys
 from tide_sglang.capture import CaptureBatch
-from tide_sglang.draft import DraftRegistry
+from tide_sglang.draft import DirectoryRegistry
 from tide_sglang.settings import TideSettings
 from tide_sglang.stream import StreamReader, connect
 from tide_sglang.stream.server import free_port
@@ -33,7 +33,7 @@ def _rank(rank: int, port: int, url: str, tmp: str) -> None:
                             train_eval_interval_steps=4, **SMALL)
     reader = StreamReader(connect(settings), keys.hidden_states("default", "test"),
                           keys.dead_letter("default", "test"), f"pod-{rank}", count=4, block_ms=50)
-    trainer = DraftTrainer(settings, DraftRegistry(Path(tmp) / "reg", create=True), reader, load_heads(), dist=dist)
+    trainer = DraftTrainer(settings, DirectoryRegistry(Path(tmp) / "reg", create=True), reader, load_heads(), dist=dist)
     trainer.run(threading.Event(), max_steps=8)
     save_file({k: v.contiguous() for k, v in trainer.draft.state_dict().items() if k != "embed_tokens.weight"},
               str(Path(tmp) / f"rank{rank}.safetensors"))

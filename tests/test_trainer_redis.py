@@ -16,7 +16,7 @@ from tide_sglang import keys, rollout
 from tide_sglang.bench.traffic import cached_generate, capture, prompt_lengths, prompts
 from tide_sglang.capture import CaptureBatch
 from tide_sglang.cli import main
-from tide_sglang.draft import DraftRegistry
+from tide_sglang.draft import DirectoryRegistry
 from tide_sglang.draft.importer import import_draft
 from tide_sglang.draft.target import Target, heads_of, load_target
 from tide_sglang.settings import TideSettings
@@ -56,7 +56,7 @@ def _trainer(settings: TideSettings, registry: Path, smollm2: Target, consumer: 
              count: int = 16) -> DraftTrainer:
     reader = StreamReader(connect(settings), keys.hidden_states(settings.namespace, settings.deployment),
                           keys.dead_letter(settings.namespace, settings.deployment), consumer, count=count, block_ms=50)
-    return DraftTrainer(settings, DraftRegistry(registry, create=True), reader, heads_of(smollm2.model))
+    return DraftTrainer(settings, DirectoryRegistry(registry, create=True), reader, heads_of(smollm2.model))
 
 
 def _drain(trainer: DraftTrainer, rows: int) -> None:
@@ -150,7 +150,7 @@ def test_trainer_refuses_a_vocabulary_change_in_a_lineage(settings: TideSettings
 ])
 def test_tide_train_bad_settings_give_one_error_line(args: list[str], message: str, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("TIDE_REGISTRY_DIR", "TIDE_REDIS_URL"):
+    for name in ("TIDE_REGISTRY_DIR", "TIDE_REGISTRY_URL", "TIDE_REDIS_URL"):
         monkeypatch.delenv(name, raising=False)
     argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
     result = CliRunner().invoke(main, ["train", *argv])
@@ -200,7 +200,7 @@ def test_tide_train_killed_and_restarted_resumes_without_losing_acked_work(
     total = sum(b.num_tokens for b in traffic)
     assert f"stopped after {steps + 1} steps; ingested {total} rows" in result.stdout
     assert client.xpending(stream, keys.TRAINER_GROUP)["pending"] == 0
-    registry = DraftRegistry(tmp_path / "reg")
+    registry = DirectoryRegistry(tmp_path / "reg")
     for version in registry.versions():
         assert registry.verify(version).manifest.metrics.accept_length > 1.0
     assert client.xlen(keys.events("default", "test")) == len(registry.versions())
@@ -222,7 +222,7 @@ def test_an_imported_specforge_draft_is_continued_gated_as_served_and_rolled_bac
     weights["lm_head.weight"] = heads.lm_head[hot].to(torch.bfloat16)
     weights["norm.weight"] = heads.norm.to(torch.bfloat16)
     save_file(weights, str(source / "model.safetensors"), metadata={"format": "pt"})
-    registry = DraftRegistry(tmp_path / "reg", create=True)
+    registry = DirectoryRegistry(tmp_path / "reg", create=True)
     import_draft(source, registry)
 
     _write(settings, traffic)

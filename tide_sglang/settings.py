@@ -4,7 +4,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -50,7 +50,10 @@ class TideSettings(BaseSettings):
     sync_interval_batches: int = Field(16, ge=1, description="batches between TP-rank agreements (swap, steps)")
 
     # Draft registry and online trainer (tide_sglang/draft, tide_sglang/trainer, docs/trainer.md).
-    registry_dir: Path | None = Field(None, description="draft registry directory (a PVC in production)")
+    registry_dir: Path | None = Field(None, description="draft registry directory (a ReadWriteMany volume)")
+    registry_url: str | None = Field(
+        None, pattern=r"^(s3|file)://", description="draft registry as s3://bucket/prefix (endpoint and credentials "
+        "from AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or file:///path; instead of registry_dir")
     target: str = Field("smollm2-135m", description="target checkpoint dir: embedding, lm_head, norm for the draft")
     train_checkpoint_dir: Path | None = Field(None, description="trainer state, to resume after a restart")
     train_checkpoint_interval_s: float = Field(60.0, gt=0, description="entries are acked at each checkpoint")
@@ -107,6 +110,17 @@ class TideSettings(BaseSettings):
         1e-4, gt=0, lt=0.5, description="false alarms per window allowed on a stationary signal"
     )
     changepoint_warmup: int = Field(50, ge=5, description="windows that estimate the baseline after a reset")
+
+    @property
+    def registry(self) -> str | None:
+        """Where the draft registry is, as `draft.open_registry` takes it; None when neither variable is set."""
+        return self.registry_url or (None if self.registry_dir is None else str(self.registry_dir))
+
+    @model_validator(mode="after")
+    def _one_registry(self) -> "TideSettings":
+        if self.registry_dir is not None and self.registry_url is not None:
+            raise ValueError("set one of TIDE_REGISTRY_DIR and TIDE_REGISTRY_URL, not both")
+        return self
 
     @field_validator("redis_url")
     @classmethod

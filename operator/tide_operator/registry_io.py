@@ -8,7 +8,6 @@ is not mounted into the operator, so there only DraftVersions are retired and th
 """
 
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tide_operator.models import RegistrySpec
@@ -23,10 +22,10 @@ def open_registry(spec: RegistrySpec) -> "DraftRegistry | None":
     """The registry when the operator can reach it, else None."""
     if spec.url is None or not spec.url.startswith("file://"):
         return None
-    from tide_sglang.draft import DraftRegistry  # torch: imported only where a registry is reachable
+    from tide_sglang.draft import open_registry  # torch: imported only where a registry is reachable
 
     try:
-        return DraftRegistry(Path(spec.url.removeprefix("file://")))
+        return open_registry(spec.url)
     except FileNotFoundError:
         return None  # the trainer creates it
 
@@ -40,8 +39,8 @@ def delete_unnamed(registry: "DraftRegistry", named: set[int]) -> list[int]:
         try:
             registry.delete(v, in_use=named)  # the registry refuses a named version too
         except OSError as e:  # retried on the next pass: the rule is level-based
-            log.warning("could not delete draft v%d from the registry %s: %s", v, registry.root, e)
+            log.warning("could not delete draft v%d from the registry %s: %s", v, registry.location, e)
             continue
-        log.info("deleted draft v%d from the registry %s: no DraftVersion names it", v, registry.root)
+        log.info("deleted draft v%d from the registry %s: no DraftVersion names it", v, registry.location)
         deleted.append(v)
     return deleted

@@ -49,7 +49,7 @@ def registry(out: Path, target: str = "smollm2-135m") -> list[int]:
 
     from tide_sglang.draft.config import DraftConfig
     from tide_sglang.draft.model import init_draft
-    from tide_sglang.draft.registry import DraftRegistry
+    from tide_sglang.draft.registry import DirectoryRegistry
     from tide_sglang.draft.target import default_aux_layer_ids, load_heads, resolve
     from tide_sglang.draft.vocab import select_vocab
 
@@ -62,7 +62,7 @@ def registry(out: Path, target: str = "smollm2-135m") -> list[int]:
                                      torch_dtype="bfloat16")
     torch.manual_seed(0)
     draft = init_draft(config, vocab, heads.embed, heads.lm_head, heads.norm)
-    reg = DraftRegistry(out, create=True)
+    reg = DirectoryRegistry(out, create=True)
     first = reg.publish(draft)
     with torch.no_grad():
         for p in draft.parameters():

@@ -1,10 +1,10 @@
-"""Tiny TIDE drafts published into a real DraftRegistry, shaped to fit conftest.tiny_target."""
+"""Tiny TIDE drafts published into a real DirectoryRegistry, shaped to fit conftest.tiny_target."""
 
 from pathlib import Path
 
 import torch
 
-from tide_sglang.draft import DraftConfig, DraftRegistry, Eagle3Draft, select_vocab
+from tide_sglang.draft import DirectoryRegistry, DraftConfig, Eagle3Draft, select_vocab
 
 CONFIG = DraftConfig(hidden_size=32, target_hidden_size=32, intermediate_size=64, num_attention_heads=4,
                      num_key_value_heads=2, head_dim=8, vocab_size=100, draft_vocab_size=40,
@@ -17,8 +17,8 @@ def draft(seed: int, config: DraftConfig = CONFIG, vocab_seed: int = 0) -> Eagle
     return Eagle3Draft(config, select_vocab(counts, config.draft_vocab_size))
 
 
-def registry_with(root: Path, *drafts: Eagle3Draft) -> DraftRegistry:
-    registry = DraftRegistry(root, create=True)
+def registry_with(root: Path, *drafts: Eagle3Draft) -> DirectoryRegistry:
+    registry = DirectoryRegistry(root, create=True)
     for i, d in enumerate(drafts):
         registry.publish(d, parent=i or None)
     return registry

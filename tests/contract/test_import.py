@@ -11,7 +11,7 @@ from sglang.srt.server_args import prepare_server_args
 
 from tests.contract.drafts import CONFIG, draft, registry_with, sglang_eagle3
 from tests.specforge import write_specforge_export
-from tide_sglang.draft import DraftRegistry
+from tide_sglang.draft import DirectoryRegistry
 from tide_sglang.draft.importer import import_draft
 from tide_sglang.draft.registry import WEIGHTS
 from tide_sglang.plugin.swap import never_loaded, uncovered
@@ -45,7 +45,7 @@ def test_specforge_export_and_its_v0_serve_the_same_draft(tmp_path: Path, server
         tmp_path / "specforge", layout=layout, hot_ids=hot, hidden_size=CONFIG.hidden_size,
         intermediate_size=CONFIG.intermediate_size, num_attention_heads=CONFIG.num_attention_heads,
         num_key_value_heads=CONFIG.num_key_value_heads, head_dim=CONFIG.head_dim, vocab_size=CONFIG.vocab_size)
-    registry = DraftRegistry(tmp_path / "registry", create=True)
+    registry = DirectoryRegistry(tmp_path / "registry", create=True)
     import_draft(source, registry)
     from_source, hot_source = _served(source, server_args, monkeypatch)
     from_v0, hot_v0 = _served(registry.path(0), server_args, monkeypatch)

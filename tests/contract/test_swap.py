@@ -16,7 +16,7 @@ from tests.contract.drafts import CONFIG, draft, registry_with, sglang_eagle3
 from tests.helpers import wait_for
 from tests.specforge import write_specforge_export
 from tide_sglang import keys
-from tide_sglang.draft import DraftRegistry, DraftVocab, Eagle3Draft
+from tide_sglang.draft import DirectoryRegistry, DraftVocab, Eagle3Draft
 from tide_sglang.draft.importer import import_draft
 from tide_sglang.draft.registry import WEIGHTS
 from tide_sglang.plugin.metrics import PluginMetrics
@@ -109,7 +109,7 @@ def test_the_imported_version_0_is_swapped_to_like_any_other_and_heartbeats_say_
         tmp_path / "specforge", hot_ids=hot, hidden_size=CONFIG.hidden_size,
         intermediate_size=CONFIG.intermediate_size, num_attention_heads=CONFIG.num_attention_heads,
         num_key_value_heads=CONFIG.num_key_value_heads, head_dim=CONFIG.head_dim, vocab_size=CONFIG.vocab_size)
-    registry = DraftRegistry(tmp_path / "registry", create=True)
+    registry = DirectoryRegistry(tmp_path / "registry", create=True)
     import_draft(source, registry)
     v0 = registry.verify(0)
     registry.publish(Eagle3Draft(v0.config, DraftVocab.from_d2t(load_file(str(v0.weights_path))["d2t"], 100)),

@@ -24,7 +24,7 @@ from rich.table import Table
 
 from tide_sglang import keys
 from tide_sglang.bench import BenchReport, goal
-from tide_sglang.draft import DraftRegistry
+from tide_sglang.draft import DirectoryRegistry
 from tide_sglang.draft.target import Target, heads_of, load_target
 from tide_sglang.engine import FixedSteps, SpecEngine
 from tide_sglang.engine.online import CPU_TRAINER_ENV, Promoter, online_engine, start_trainer, stop_trainer
@@ -112,7 +112,7 @@ def train_offline_draft(target: Target, plans: list[PhasePlan], size: Size, regi
         train = _settings(server.url, registry_dir=registry, train_device=device, **env)
         reader = StreamReader(connect(train), keys.hidden_states("default", "bench"),
                               keys.dead_letter("default", "bench"), "offline", block_ms=100)
-        trainer = DraftTrainer(train, DraftRegistry(registry, create=True), reader, heads_of(target.model),
+        trainer = DraftTrainer(train, DirectoryRegistry(registry, create=True), reader, heads_of(target.model),
                                should_train=lambda: True)
         while trainer.poll():
             pass
@@ -120,7 +120,7 @@ def train_offline_draft(target: Target, plans: list[PhasePlan], size: Size, regi
         for _ in range(size.offline_steps):
             trainer.train_step()
         assert trainer.draft is not None
-        DraftRegistry(registry).publish(trainer.draft)
+        DirectoryRegistry(registry).publish(trainer.draft)
 
 
 def _run_arm(arm: str, target: Target, plans: list[PhasePlan], batch: int, size: Size, static: Path,
@@ -131,7 +131,8 @@ def _run_arm(arm: str, target: Target, plans: list[PhasePlan], batch: int, size:
         return _result(arm, batch, records, [])
     if arm == "static":
         param = next(target.model.parameters())
-        draft = DraftRegistry(static).load(1, heads_of(target.model).embed, str(param.device)).to(param.dtype).eval()
+        draft = DirectoryRegistry(static).load(1, heads_of(target.model).embed, str(param.device))
+        draft = draft.to(param.dtype).eval()
         records = serve(SpecEngine(target, draft=draft, draft_version=1, controller=FixedSteps(STATIC_STEPS)),
                         plans, options)
         return _result(arm, batch, records, [])

@@ -18,7 +18,7 @@ from rich.table import Table
 from tide_sglang.bench import BenchReport, goal
 from tide_sglang.bench.adapt import Size, static_plans, train_offline_draft
 from tide_sglang.control import SpeculationController, acceptance_from_tokens, speedup
-from tide_sglang.draft import DraftRegistry
+from tide_sglang.draft import DirectoryRegistry
 from tide_sglang.draft.target import heads_of, load_target
 from tide_sglang.engine import FixedSteps, SpecEngine
 from tide_sglang.engine.online import CPU_TRAINER_ENV
@@ -78,7 +78,7 @@ def run(quick: bool, console: Console) -> BenchReport:
         offline = static_plans(size)
         with console.status("static draft: capture and train offline"):
             train_offline_draft(target, offline, size, Path(tmp), device)
-        draft = DraftRegistry(tmp).load(1, heads_of(target.model).embed, str(param.device)).to(param.dtype).eval()
+        draft = DirectoryRegistry(tmp).load(1, heads_of(target.model).embed, str(param.device)).to(param.dtype).eval()
     settings = TideSettings(control_max_steps=4, control_probe_interval=16)
     profile = profile_engine(target, draft, max(size.batches), settings.control_max_steps)
     opts = ServeOptions(max_new_tokens=size.max_new_tokens)

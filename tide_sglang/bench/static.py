@@ -25,7 +25,7 @@ import torch
 from pydantic import BaseModel
 
 from tide_sglang.bench.traffic import capture, drain_into_trainer, generate, prompt_lengths
-from tide_sglang.draft import DraftMetrics, DraftRegistry
+from tide_sglang.draft import DirectoryRegistry, DraftMetrics
 from tide_sglang.draft.target import DEFAULT_TARGET, Target, load_target
 from tide_sglang.settings import TideSettings
 from tide_sglang.stream.server import LocalRedis
@@ -102,7 +102,7 @@ def train_static(registry: Path, out: Path, device: str, plan: StaticPlan, targe
     evals = eval_prompts()
     _, heldout = _chunks(target, [p.text for p in evals], plan, "eval")
     score: Acceptance = acceptance(draft, heldout, plan.ttt_steps, device=device)
-    manifest = DraftRegistry(registry, create=True).publish(draft.cpu(), metrics=DraftMetrics(
+    manifest = DirectoryRegistry(registry, create=True).publish(draft.cpu(), metrics=DraftMetrics(
         accept_length=score.accept_length, heldout_tokens=score.rows, training_tokens=trainer.state.trained_rows,
         steps=trainer.state.steps, domains=dict(trainer.replay.added_rows)))
     result = {

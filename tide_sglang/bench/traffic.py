@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from tide_sglang import keys
 from tide_sglang.capture import CaptureBatch
-from tide_sglang.draft import DraftRegistry
+from tide_sglang.draft import DirectoryRegistry
 from tide_sglang.draft.target import MODEL_CACHE, Target, aux_hidden_states, heads_of
 from tide_sglang.settings import TideSettings
 from tide_sglang.stream import StreamReader, StreamWriter, connect
@@ -136,7 +136,7 @@ def drain_into_trainer(settings: TideSettings, batches: list[CaptureBatch], regi
         writer.flush(60)
     reader = StreamReader(connect(settings), keys.hidden_states(settings.namespace, settings.deployment),
                           keys.dead_letter(settings.namespace, settings.deployment), "bench", count=64, block_ms=10)
-    trainer = DraftTrainer(settings, DraftRegistry(registry, create=True), reader, heads_of(target.model))
+    trainer = DraftTrainer(settings, DirectoryRegistry(registry, create=True), reader, heads_of(target.model))
     total = sum(b.num_tokens for b in batches)
     start, idle = time.perf_counter(), 0
     while trainer.ingested_rows < total:

@@ -3,16 +3,19 @@
 from tide_sglang.draft.config import DraftConfig
 from tide_sglang.draft.model import DraftCache, DraftOutput, Eagle3Draft, init_draft
 from tide_sglang.draft.registry import (
+    DirectoryRegistry,
     DraftMetrics,
     DraftRegistry,
     DraftVerificationError,
     Manifest,
     VerifiedDraft,
     VocabMismatch,
+    open_registry,
 )
 from tide_sglang.draft.vocab import DraftVocab, select_vocab
 
 __all__ = [
+    "DirectoryRegistry",
     "DraftCache",
     "DraftConfig",
     "DraftMetrics",
@@ -25,5 +28,6 @@ __all__ = [
     "VerifiedDraft",
     "VocabMismatch",
     "init_draft",
+    "open_registry",
     "select_vocab",
 ]

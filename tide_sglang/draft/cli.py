@@ -7,20 +7,23 @@ import click
 
 @click.command("import")
 @click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--registry", "registry_dir", type=click.Path(path_type=Path), envvar="TIDE_REGISTRY_DIR",
-              required=True, help="Draft registry directory, created when missing; must hold no version yet. "
-              "[TIDE_REGISTRY_DIR]")
-def import_(source: Path, registry_dir: Path) -> None:
+@click.option("--registry", help="Draft registry: a directory (created when missing), file:///path or "
+              "s3://bucket/prefix; must hold no version yet. [TIDE_REGISTRY_DIR or TIDE_REGISTRY_URL]")
+def import_(source: Path, registry: str | None) -> None:
     """Store the EAGLE-3 draft in SOURCE as version 0 of the registry: a SpecForge export (SGLang or HF layout),
     an SGLang-format draft (with d2t, or without: the whole vocabulary), or a TIDE version. Serve that version
     (`--speculative-draft-model-path REGISTRY/v000000`) and the trainer continues it."""
     # Heavy imports here, so that `tide import --help` answers at once.
-    from tide_sglang.draft import DraftRegistry, DraftVerificationError
+    from tide_sglang.draft import DraftVerificationError, open_registry
     from tide_sglang.draft.importer import import_draft
+    from tide_sglang.settings import TideSettings
 
+    location = registry or TideSettings().registry
+    if location is None:
+        raise click.UsageError("no draft registry: pass --registry, or set TIDE_REGISTRY_DIR or TIDE_REGISTRY_URL")
     try:
-        manifest = import_draft(source, DraftRegistry(registry_dir, create=True))
+        store = open_registry(location, create=True)
+        manifest = import_draft(source, store)
     except (ValueError, DraftVerificationError, OSError) as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"imported {source} as v{manifest.version} in {registry_dir}: "
-               f"{DraftRegistry(registry_dir).path(manifest.version)}")
+    click.echo(f"imported {source} as v{manifest.version} in {store.location}/v{manifest.version:06d}")

@@ -1,16 +1,19 @@
-"""`DraftRegistry`: versioned drafts in a directory (a PVC in production), safetensors only, never pickle.
+"""`DraftRegistry`: versioned drafts, safetensors only, never pickle, in one of two stores behind one interface.
 
     <root>/v000007/config.json          SGLang's config (a valid --speculative-draft-model-path directory)
                   /model.safetensors    EAGLE-3 names, no embed_tokens
                   /manifest.json        version, parent, created, sha256 of every file, tensor shapes and dtypes,
                                         draft vocab hash, metrics (held-out acceptance of this and its parent)
-    <root>/.tmp-<random>/               a publish in progress: never listed, removed by remove_stale_tmp()
 
-Publish writes everything into a temporary directory, fsyncs it, then renames it to the next version: a publish
-killed half way leaves no visible version, and two publishers can never take the same number (the rename of a
-directory onto an existing one fails, and the loser takes the next number). All versions of one registry are
-one lineage and share one draft vocabulary. Version 0 is the imported initial draft (`tide import`, `store_initial`);
-the trainer publishes 1, 2, ... Every loader calls `verify()` first. Retention is the operator's (`delete`).
+`<root>` is a directory (`DirectoryRegistry`: a ReadWriteMany volume) or a prefix of an S3-compatible bucket
+(`S3Registry`, draft/s3.py); `open_registry` resolves a location (a path, `file://`, `s3://bucket/prefix`) to one.
+Both keep the same promises: a version is visible only once complete (the directory renames a finished temporary
+directory to `v000007`; S3 writes the manifest last), a publish killed half way leaves no visible version, two
+publishers never take the same number (the loser of the rename, or of the conditional write that claims the
+number on S3, takes the next one), and every loader verifies checksums, config, shapes and vocabulary first on a
+local copy (`verify()`; S3 downloads the version to local disk first). All versions of one registry are one
+lineage and share one draft vocabulary. Version 0 is the imported initial draft (`tide import`,
+`store_initial`); the trainer publishes 1, 2, ... Retention is the operator's (`delete`).
 """
 
 import hashlib
@@ -19,9 +22,11 @@ import re
 import shutil
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -108,22 +113,45 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class DraftRegistry:
-    def __init__(self, root: Path | str, *, create: bool = False) -> None:
-        self.root = Path(root)
-        if create:
-            self.root.mkdir(parents=True, exist_ok=True)
-        elif not self.root.is_dir():
-            raise FileNotFoundError(f"draft registry {self.root} does not exist (create it, or mount the volume)")
+class DraftRegistry(ABC):
+    """The interface every store implements; publishing, verifying and loading are shared, the store supplies
+    listing, reading a manifest, committing a finished version, staging one onto local disk, and deleting."""
+
+    location: str  # where it lives, for messages: a directory or s3://bucket/prefix
+
+    # -- what a store implements ---------------------------------------------------------------------------
+
+    @abstractmethod
+    def versions(self) -> list[int]:
+        """Complete versions (those with a manifest), ascending."""
+
+    @abstractmethod
+    def _read_manifest(self, version: int) -> bytes:
+        """The manifest's bytes; FileNotFoundError when the version has none."""
+
+    @abstractmethod
+    def _scratch(self) -> Path:
+        """A new local temporary directory where a publish writes its files."""
+
+    @abstractmethod
+    def _commit(self, tmp: Path, version: int) -> bool:
+        """Make the files in `tmp` (manifest included) version `version`, atomically; False when the number is
+        taken by another publisher."""
+
+    @abstractmethod
+    def stage(self, version: int) -> Path:
+        """A local directory holding the version's files, not yet verified (`verify()` stages, then checks)."""
+
+    @abstractmethod
+    def delete(self, version: int, *, in_use: set[int] | frozenset[int] = frozenset()) -> None:
+        """Remove `version` (the operator's retention decides which); refuses one in `in_use` (the control state's
+        stable and canary), and never leaves a half-deleted version visible."""
+
+    @abstractmethod
+    def remove_stale_tmp(self, stale_s: float = 3600.0) -> list[str]:
+        """Remove what publishers or deletes killed half way left behind, older than `stale_s`; their names."""
 
     # -- reading -------------------------------------------------------------------------------------------
-
-    def path(self, version: int) -> Path:
-        return self.root / f"v{version:06d}"
-
-    def versions(self) -> list[int]:
-        found = (_VERSION_DIR.match(p.name) for p in self.root.iterdir() if p.is_dir())
-        return sorted(int(m.group(1)) for m in found if m)
 
     def latest(self) -> int | None:
         versions = self.versions()
@@ -131,13 +159,13 @@ class DraftRegistry:
 
     def get(self, version: int) -> Manifest:
         """The manifest of `version` (not verified: call `verify()` before loading weights)."""
-        path = self.path(version) / MANIFEST
+        label = f"{self.location}/v{version:06d}/{MANIFEST}"
         try:
-            return Manifest.model_validate_json(path.read_bytes())
+            return Manifest.model_validate_json(self._read_manifest(version))
         except FileNotFoundError:
-            raise DraftVerificationError(f"draft v{version}: {path} does not exist") from None
+            raise DraftVerificationError(f"draft v{version}: {label} does not exist") from None
         except ValidationError as e:
-            raise DraftVerificationError(f"draft v{version}: {path} is not a valid manifest: {e}") from None
+            raise DraftVerificationError(f"draft v{version}: {label} is not a valid manifest: {e}") from None
 
     def vocab_sha256(self) -> str | None:
         """The lineage's draft vocabulary (every version carries the same one), None while empty."""
@@ -148,8 +176,8 @@ class DraftRegistry:
         lineage = self.vocab_sha256()
         if lineage is not None and lineage != vocab.sha256():
             raise VocabMismatch(
-                f"draft vocabulary {vocab.sha256()[:12]} differs from the lineage's {lineage[:12]} in {self.root}: "
-                "SGLang bakes the vocabulary into its CUDA graphs, so it is fixed within a lineage "
+                f"draft vocabulary {vocab.sha256()[:12]} differs from the lineage's {lineage[:12]} in "
+                f"{self.location}: SGLang bakes the vocabulary into its CUDA graphs, so it is fixed within a lineage "
                 "(start a new registry for a new vocabulary)")
 
     # -- publishing ----------------------------------------------------------------------------------------
@@ -162,87 +190,63 @@ class DraftRegistry:
     def store_initial(self, config: DraftConfig, vocab: DraftVocab, tensors: dict[str, torch.Tensor]) -> Manifest:
         """Store an imported draft as version 0: the start of the lineage, so the registry must be empty."""
         if self.versions():
-            raise ValueError(f"draft registry {self.root} already holds versions {self.versions()}: a lineage "
+            raise ValueError(f"draft registry {self.location} already holds versions {self.versions()}: a lineage "
                              "starts once; import into a new registry")
         return self._store(config, vocab, tensors, None, DraftMetrics(), version=0)
 
     def _store(self, config: DraftConfig, vocab: DraftVocab, tensors: dict[str, torch.Tensor], parent: int | None,
                metrics: DraftMetrics, version: int | None = None) -> Manifest:
-        """Write into a temporary directory, fsync, rename to the version (the next free one when None)."""
+        """Write the files into a local temporary directory, then commit them as the version (the next free one
+        when None; another publisher taking a number makes this one try the next)."""
         self.check_vocab(vocab)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
+        tmp = self._scratch()
         try:
             save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
             config.write(tmp)
             files = {name: FileEntry(sha256=_sha256(tmp / name), bytes=(tmp / name).stat().st_size)
                      for name in (CONFIG, WEIGHTS)}
             specs = {name: TensorSpec(shape=list(t.shape), dtype=_DTYPE_NAMES[t.dtype]) for name, t in tensors.items()}
+            number = version if version is not None else (self.latest() or 0) + 1
             while True:
-                number = version if version is not None else (self.latest() or 0) + 1
                 manifest = Manifest(version=number, parent=parent, vocab_sha256=vocab.sha256(),
                                     created=datetime.now(UTC).isoformat(timespec="seconds"), files=files,
                                     tensors=specs, metrics=metrics)
                 (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
-                for name in (CONFIG, WEIGHTS, MANIFEST):
-                    with (tmp / name).open("rb") as f:
-                        os.fsync(f.fileno())
-                _fsync_dir(tmp)
-                try:
-                    tmp.rename(self.path(manifest.version))
-                except OSError:
-                    if not self.path(manifest.version).exists():
-                        raise
-                    if version is not None:
-                        raise ValueError(f"draft v{version} already exists in {self.root}") from None
-                    continue  # another publisher took this number: take the next
-                _fsync_dir(self.root)
-                return manifest
+                if self._commit(tmp, number):
+                    return manifest
+                if version is not None:
+                    raise ValueError(f"draft v{version} already exists in {self.location}")
+                number = max(number, self.latest() or 0) + 1  # another publisher took this number
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
     # -- verifying and loading -----------------------------------------------------------------------------
 
     def verify(self, version: int) -> VerifiedDraft:
-        """Check checksums, config, tensor names/shapes/dtypes and the vocabulary hash; raise on any mismatch."""
-        path = self.path(version)
-        if not path.is_dir():
-            raise DraftVerificationError(f"draft v{version} does not exist in {self.root}")
-        manifest = self.get(version)
+        """Stage the version locally, then check checksums, config, tensor names/shapes/dtypes and the vocabulary
+        hash of that local copy; raise on any mismatch."""
+        path = self.stage(version)
+        label = f"draft v{version} ({self.location})"
+        try:
+            manifest = Manifest.model_validate_json((path / MANIFEST).read_bytes())
+        except FileNotFoundError:
+            raise DraftVerificationError(f"{label}: {MANIFEST} is missing") from None
+        except ValidationError as e:
+            raise DraftVerificationError(f"{label}: {MANIFEST} is not a valid manifest: {e}") from None
 
         def fail(what: str) -> DraftVerificationError:
-            return DraftVerificationError(f"draft v{version} ({path}): {what}")
+            return DraftVerificationError(f"{label}: {what}")
 
         if manifest.version != version:
             raise fail(f"manifest says version {manifest.version}")
-        verify_files(path, manifest, f"draft v{version} ({path})")
+        verify_files(path, manifest, label)
         try:
             config = DraftConfig.read(path)
         except (ValueError, KeyError) as e:
             raise fail(f"config.json is not a valid draft config: {e}") from None
-        self._check_tensors(path / WEIGHTS, config, manifest, fail)
+        _check_tensors(path / WEIGHTS, config, manifest, fail)
         return VerifiedDraft(version=version, path=path, weights_path=path / WEIGHTS, config=config,
                              manifest=manifest)
-
-    @staticmethod
-    def _check_tensors(weights: Path, config: DraftConfig, manifest: Manifest,
-                       fail: Callable[[str], DraftVerificationError]) -> None:
-        expected = {name: TensorSpec(shape=list(shape), dtype=_DTYPE_NAMES[checkpoint_dtype(name, config)])
-                    for name, shape in checkpoint_shapes(config).items()}
-        if manifest.tensors != expected:
-            names = set(manifest.tensors) | set(expected)
-            wrong = sorted(n for n in names if manifest.tensors.get(n) != expected.get(n))
-            raise fail(f"manifest tensors disagree with config.json: {wrong}")
-        with safe_open(str(weights), framework="pt") as f:
-            stored = {name: TensorSpec(shape=list(f.get_slice(name).get_shape()), dtype=f.get_slice(name).get_dtype())
-                      for name in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
-            if stored != expected:
-                missing, extra = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
-                bad = sorted(n for n in set(stored) & set(expected) if stored[n] != expected[n])
-                raise fail(f"weights disagree with config.json: missing {missing}, unexpected {extra}, "
-                           f"wrong shape/dtype {[(n, stored[n].shape, stored[n].dtype) for n in bad]}")
-            vocab = DraftVocab.from_d2t(f.get_tensor("d2t"), config.vocab_size)
-        if vocab.sha256() != manifest.vocab_sha256:
-            raise fail("d2t does not match the manifest's vocabulary hash")
 
     def load_tensors(self, version: int, device: str = "cpu") -> tuple[VerifiedDraft, dict[str, torch.Tensor]]:
         """Verify, then read the checkpoint tensors (SGLang names) for an in-place copy."""
@@ -254,11 +258,86 @@ class DraftRegistry:
         verified, tensors = self.load_tensors(version)
         return Eagle3Draft.from_tensors(verified.config, tensors, embed).to(device)
 
-    # -- retention (the operator's) ------------------------------------------------------------------------
+    # Last in the class body: once defined, the name `list` inside the class would shadow the builtin.
+    def list(self) -> list[Manifest]:
+        """Manifests of every stored version, oldest first."""
+        return [self.get(v) for v in self.versions()]
+
+
+def _check_tensors(weights: Path, config: DraftConfig, manifest: Manifest,
+                   fail: Callable[[str], DraftVerificationError]) -> None:
+    expected = {name: TensorSpec(shape=list(shape), dtype=_DTYPE_NAMES[checkpoint_dtype(name, config)])
+                for name, shape in checkpoint_shapes(config).items()}
+    if manifest.tensors != expected:
+        names = set(manifest.tensors) | set(expected)
+        wrong = sorted(n for n in names if manifest.tensors.get(n) != expected.get(n))
+        raise fail(f"manifest tensors disagree with config.json: {wrong}")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            stored = {name: TensorSpec(shape=list(f.get_slice(name).get_shape()), dtype=f.get_slice(name).get_dtype())
+                      for name in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+            if stored != expected:
+                missing, extra = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+                bad = sorted(n for n in set(stored) & set(expected) if stored[n] != expected[n])
+                raise fail(f"weights disagree with config.json: missing {missing}, unexpected {extra}, "
+                           f"wrong shape/dtype {[(n, stored[n].shape, stored[n].dtype) for n in bad]}")
+            vocab = DraftVocab.from_d2t(f.get_tensor("d2t"), config.vocab_size)
+    except DraftVerificationError:
+        raise
+    except Exception as e:  # safetensors raises its own error types on a malformed header
+        raise fail(f"{WEIGHTS} is not a readable safetensors file: {e}") from None
+    if vocab.sha256() != manifest.vocab_sha256:
+        raise fail("d2t does not match the manifest's vocabulary hash")
+
+
+class DirectoryRegistry(DraftRegistry):
+    """Versions in a directory (a ReadWriteMany volume); a publish in progress is `<root>/.tmp-<random>/`, never
+    listed, removed by remove_stale_tmp()."""
+
+    def __init__(self, root: Path | str, *, create: bool = False) -> None:
+        self.root = Path(root)
+        self.location = str(self.root)
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+        elif not self.root.is_dir():
+            raise FileNotFoundError(f"draft registry {self.root} does not exist (create it, or mount the volume)")
+
+    def path(self, version: int) -> Path:
+        return self.root / f"v{version:06d}"
+
+    def versions(self) -> list[int]:
+        found = (_VERSION_DIR.match(p.name) for p in self.root.iterdir() if p.is_dir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def _read_manifest(self, version: int) -> bytes:
+        return (self.path(version) / MANIFEST).read_bytes()
+
+    def _scratch(self) -> Path:
+        return Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))  # same file system: the rename is atomic
+
+    def _commit(self, tmp: Path, version: int) -> bool:
+        """fsync the files, then rename the directory: a rename onto an existing version fails."""
+        for name in (CONFIG, WEIGHTS, MANIFEST):
+            with (tmp / name).open("rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        try:
+            tmp.rename(self.path(version))
+        except OSError:
+            if not self.path(version).exists():
+                raise
+            return False
+        _fsync_dir(self.root)
+        return True
+
+    def stage(self, version: int) -> Path:
+        """The version's own directory: a mounted volume is local disk already."""
+        if not self.path(version).is_dir():
+            raise DraftVerificationError(f"draft v{version} does not exist in {self.root}")
+        return self.path(version)
 
     def delete(self, version: int, *, in_use: set[int] | frozenset[int] = frozenset()) -> None:
-        """Remove `version` (the operator's retention decides which); refuses one in `in_use` (the control state's
-        stable and canary). Renamed first, so a delete killed half way never leaves a half-deleted version."""
+        """Renamed first, so a delete killed half way never leaves a half-deleted version."""
         if version in in_use:
             raise ValueError(f"draft v{version} is in use ({sorted(in_use)}): not deleted")
         if not self.path(version).is_dir():
@@ -267,17 +346,30 @@ class DraftRegistry:
         self.path(version).rename(doomed)
         shutil.rmtree(doomed)
 
-    def remove_stale_tmp(self, stale_s: float = 3600.0) -> list[Path]:
-        """Remove temporary directories older than `stale_s`: publishers or deletes killed half way."""
+    def remove_stale_tmp(self, stale_s: float = 3600.0) -> list[str]:
         stale = [tmp for tmp in self.root.glob(".tmp-*") if time.time() - tmp.stat().st_mtime > stale_s]
         for tmp in stale:
             shutil.rmtree(tmp, ignore_errors=True)
-        return stale
+        return [tmp.name for tmp in stale]
 
-    # Last in the class body: once defined, the name `list` inside the class would shadow the builtin.
-    def list(self) -> list[Manifest]:
-        """Manifests of every stored version, oldest first."""
-        return [self.get(v) for v in self.versions()]
+
+def open_registry(location: str | Path, *, create: bool = False) -> DraftRegistry:
+    """The one place a registry location is parsed: a directory path, `file:///path`, or `s3://bucket/prefix`
+    (endpoint and credentials from the standard AWS_* variables, draft/s3.py). `create`: make a missing directory
+    (a new lineage); an S3 prefix needs no creating, its bucket must exist."""
+    text = str(location)
+    parts = urlsplit(text)
+    if parts.scheme == "s3":
+        from tide_sglang.draft.s3 import S3Registry  # boto3: imported only for an S3 registry
+
+        if not parts.netloc:
+            raise ValueError(f"registry {text!r}: an S3 location is s3://bucket/prefix")
+        return S3Registry(parts.netloc, parts.path.strip("/"))
+    if parts.scheme == "file":
+        return DirectoryRegistry(Path(parts.path), create=create)
+    if parts.scheme:
+        raise ValueError(f"registry {text!r}: expected a directory, file:///path or s3://bucket/prefix")
+    return DirectoryRegistry(Path(text), create=create)
 
 
 def verify_files(path: Path, manifest: Manifest, label: str | None = None) -> None:

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict
 
 from tide_sglang import keys
 from tide_sglang.control import SpeculationController
-from tide_sglang.draft import DraftConfig, DraftRegistry, init_draft, select_vocab
+from tide_sglang.draft import DraftConfig, init_draft, open_registry, select_vocab
 from tide_sglang.draft.target import Target, heads_of
 from tide_sglang.engine.engine import SpecEngine
 from tide_sglang.engine.profile import profile_engine
@@ -108,7 +108,7 @@ class OnlineParts(BaseModel):
     controller: SpeculationController
 
 
-def online_engine(target: Target, settings: TideSettings, registry: Path, *, max_batch: int,
+def online_engine(target: Target, settings: TideSettings, registry: Path | str, *, max_batch: int,
                   draft_vocab_size: int) -> OnlineParts:
     """An engine that captures to the stream, follows the control state, reports heartbeats (until
     `follower.close()`) and lets the TIDE policy pick steps."""
@@ -126,7 +126,7 @@ def online_engine(target: Target, settings: TideSettings, registry: Path, *, max
     writer = StreamWriter(lambda: connect(settings, check=False), stream,
                           budget_bytes=settings.stream_budget_mib << 20, queue_entries=settings.stream_queue_entries)
     reporter = StatsReporter(client, settings.namespace, settings.deployment)
-    follower = DraftFollower(client, DraftRegistry(registry), settings.namespace, settings.deployment,
+    follower = DraftFollower(client, open_registry(registry), settings.namespace, settings.deployment,
                              settings.pod_name, heads.embed, device=param.device, dtype=param.dtype,
                              reporter=reporter, trigger=controller.trigger.report)
     follower.start_heartbeats(settings.heartbeat_s)

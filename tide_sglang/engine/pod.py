@@ -8,12 +8,11 @@ writes a heartbeat every `TIDE_HEARTBEAT_S`. Tests run several of them as stand-
 
 import logging
 import signal
-from pathlib import Path
 
 from pydantic import BaseModel, Field
 
 from tide_sglang import keys, rollout
-from tide_sglang.draft import DraftRegistry
+from tide_sglang.draft import open_registry
 from tide_sglang.draft.target import heads_of, load_target
 from tide_sglang.engine.engine import FixedSteps, SpecEngine
 from tide_sglang.engine.serve import ServeOptions, serve
@@ -26,7 +25,7 @@ log = logging.getLogger("tide.engine.pod")
 
 
 class PodOptions(BaseModel):
-    registry: Path = Field(description="the draft registry (the pods' read-only volume)")
+    registry: str = Field(description="the draft registry: a directory (the pods' read-only volume) or s3:// URL")
     target: str = Field(description="target checkpoint directory, or smollm2-135m")
     schedule: str = Field(description="workload:requests,... served each round")
     version: int | None = Field(None, ge=0, description="draft the pod starts with (SGLang: the draft model path)")
@@ -51,7 +50,7 @@ def run_pod(options: PodOptions, settings: TideSettings) -> int:
     target = load_target(options.target)
     heads = heads_of(target.model)
     dtype = next(target.model.parameters()).dtype
-    registry = DraftRegistry(options.registry)
+    registry = open_registry(options.registry)
     client = connect(settings)
     writer = StreamWriter(lambda: connect(settings, check=False),
                           keys.hidden_states(settings.namespace, settings.deployment),

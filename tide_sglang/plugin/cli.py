@@ -76,12 +76,15 @@ def serve(tide_candidate_steps: str, tide_dry_run: bool, sglang_args: tuple[str,
             raise click.ClickException(str(e)) from None
     argv = list(sglang_args)
     draft = None
-    if settings.registry_dir is not None and not _has(argv, "--speculative-draft-model-path"):
-        from tide_sglang.draft.registry import DraftRegistry
+    if settings.registry is not None and not _has(argv, "--speculative-draft-model-path"):
+        from tide_sglang.draft.registry import DraftVerificationError, open_registry
 
-        registry = DraftRegistry(settings.registry_dir)
-        latest = registry.latest()
-        draft = registry.path(latest) if latest is not None else None
+        try:  # verified, and on local disk (an S3 registry stages it): SGLang reads it from there
+            registry = open_registry(settings.registry)
+            latest = registry.latest()
+            draft = registry.verify(latest).path if latest is not None else None
+        except (DraftVerificationError, OSError, ValueError) as e:
+            raise click.ClickException(f"draft registry {settings.registry}: {e}") from None
     config = Path(tempfile.gettempdir()) / f"tide-adaptive-{os.getpid()}.json"
     command = [sys.executable, "-m", "sglang.launch_server",
                *serve_argv(argv, candidates=_steps(tide_candidate_steps), config_path=config, draft_path=draft)]

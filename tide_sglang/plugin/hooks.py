@@ -19,7 +19,7 @@ import torch.distributed as dist
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
 from tide_sglang.control import SpeculationController
-from tide_sglang.draft.registry import MANIFEST, DraftRegistry, Manifest
+from tide_sglang.draft.registry import MANIFEST, Manifest, open_registry
 from tide_sglang.plugin import targets
 from tide_sglang.plugin.capture import FLAGS, TAG, Capturer, flags
 from tide_sglang.plugin.link import HelperLink
@@ -142,7 +142,7 @@ def _aux_layers(model: Any) -> int:
 
 def _swapper(settings: TideSettings, draft_worker: Any, metrics: PluginMetrics, stats: StatsReporter | None,
              client: Any) -> Swapper | None:
-    if settings.registry_dir is None or draft_worker is None:
+    if settings.registry is None or draft_worker is None:
         return None
     served = draft_worker.server_args.speculative_draft_model_path
     if not served or not Path(served).is_dir():
@@ -152,8 +152,8 @@ def _swapper(settings: TideSettings, draft_worker: Any, metrics: PluginMetrics, 
     path = Path(served)
     try:
         baseline = baseline_from_dir(path)
-        registry = DraftRegistry(settings.registry_dir)
-    except (SwapRefused, OSError) as e:
+        registry = open_registry(settings.registry)
+    except (SwapRefused, OSError, ValueError) as e:
         log.error("hot-swap disabled: %s", e)
         return None
     manifest = path / MANIFEST

@@ -30,8 +30,8 @@ def _settings(overrides: dict[str, Any]) -> TideSettings:
 
 
 @click.command("train")
-@click.option("--registry", "registry_dir", type=click.Path(path_type=Path),
-              help="Draft registry directory (a PVC in production). [TIDE_REGISTRY_DIR]")
+@click.option("--registry", help="Draft registry: a directory (a ReadWriteMany volume), file:///path or "
+              "s3://bucket/prefix. [TIDE_REGISTRY_DIR or TIDE_REGISTRY_URL]")
 @click.option("--create-registry", is_flag=True, help="Create the registry directory if missing (a new lineage).")
 @click.option("--checkpoint-dir", "train_checkpoint_dir", type=click.Path(path_type=Path),
               help="Trainer state directory; a restarted trainer resumes from it. [TIDE_TRAIN_CHECKPOINT_DIR]")
@@ -46,7 +46,7 @@ def _settings(overrides: dict[str, Any]) -> TideSettings:
 @click.option("--gate", "train_gate", type=click.Choice(["always", "trigger"]),
               help="always, or trigger: train only while the control hash field 'train' is not 0. [TIDE_TRAIN_GATE]")
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps (tests and benchmarks).")
-def train(create_registry: bool, max_steps: int | None, **overrides: Any) -> None:
+def train(registry: str | None, create_registry: bool, max_steps: int | None, **overrides: Any) -> None:
     """Train the EAGLE-3 draft online from the hidden-state stream and publish versions that beat the deployed one.
 
     Every option falls back to its TIDE_* variable. The other trainer settings are read from the environment
@@ -57,7 +57,7 @@ def train(create_registry: bool, max_steps: int | None, **overrides: Any) -> Non
     consumer NAME-<rank> and PyTorch DDP averages the gradients.
     """
     settings = _settings(overrides)
-    trainer = _build(settings, create_registry)
+    trainer = _build(settings, registry or settings.registry, create_registry)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -78,20 +78,22 @@ def _serve_metrics(trainer: Any, port: int) -> None:
         log.warning("not serving metrics on port %d: %s", port, e)
 
 
-def _build(settings: TideSettings, create_registry: bool) -> Any:
+def _build(settings: TideSettings, location: str | None, create_registry: bool) -> Any:
     # Heavy imports here, so that `tide train --help` and setting errors answer at once.
-    from tide_sglang.draft import DraftRegistry, DraftVerificationError, VocabMismatch
+    from tide_sglang.draft import DraftVerificationError, VocabMismatch, open_registry
     from tide_sglang.draft.target import load_heads
     from tide_sglang.stream import RedisUnavailable, StreamReader, connect
     from tide_sglang.trainer.distributed import from_env
     from tide_sglang.trainer.service import DraftTrainer, TrainerError
 
-    if settings.registry_dir is None:
-        _fail("no draft registry: pass --registry DIR or set TIDE_REGISTRY_DIR")
+    if location is None:
+        _fail("no draft registry: pass --registry, or set TIDE_REGISTRY_DIR or TIDE_REGISTRY_URL")
     try:
-        registry = DraftRegistry(settings.registry_dir, create=create_registry)
+        registry = open_registry(location, create=create_registry)
     except FileNotFoundError as e:
         _fail(f"{e} (--create-registry starts a new lineage there)")
+    except (OSError, ValueError) as e:
+        _fail(str(e))
     try:
         dist = from_env()  # under torchrun: one consumer per rank, DDP
         consumer = settings.train_consumer if dist is None else f"{settings.train_consumer}-{dist.rank}"

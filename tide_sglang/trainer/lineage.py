@@ -29,7 +29,7 @@ def check_lineage(settings: TideSettings, heads: TargetHeads, registry: DraftReg
     wanted = settings.train_draft_vocab_size
     if "train_draft_vocab_size" in settings.model_fields_set and wanted != config.draft_vocab_size:
         raise TrainerError(
-            f"TIDE_TRAIN_DRAFT_VOCAB_SIZE={wanted} but the deployed lineage in {registry.root} has "
+            f"TIDE_TRAIN_DRAFT_VOCAB_SIZE={wanted} but the deployed lineage in {registry.location} has "
             f"{config.draft_vocab_size}: the vocabulary is fixed within a lineage (SGLang bakes it into CUDA "
             "graphs); unset it, or start a new registry")
     if tuple(heads.embed.shape) != (config.vocab_size, config.hidden_size):
