@@ -74,6 +74,7 @@ class S3Registry(DraftRegistry):
         self.location = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self.client = client or s3_client()
         self.cache = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="tide-registry-"))
+        self.cache.mkdir(parents=True, exist_ok=True)
         self._staged: list[int] = []
         self._conditional_checked = False
         try:
