@@ -54,10 +54,11 @@ class LocalS3:
     def start(self, timeout_s: float = 60.0) -> "LocalS3":
         (self.dir / "data").mkdir(exist_ok=True)
         p = self.ports
+        # Lance and Iceberg listeners have fixed ports (0: off); a 1 s election lets a restarted master lead at once.
         args = [_weed(), "server", f"-dir={self.dir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 "-s3", f"-s3.port={p['s3']}", f"-master.port={p['master']}", f"-volume.port={p['volume']}",
                 f"-filer.port={p['filer']}", "-master.volumeSizeLimitMB=64", "-volume.max=8",
-                "-master.telemetry=false", "-s3.port.lance=0", "-s3.port.iceberg=0"]  # 0: off (fixed ports)
+                "-master.telemetry=false", "-master.electionTimeout=1s", "-s3.port.lance=0", "-s3.port.iceberg=0"]
         with self._log.open("ab") as log:
             self._proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self._wait_ready(timeout_s)
