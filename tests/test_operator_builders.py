@@ -79,7 +79,30 @@ def test_env_wiring_from_secrets_and_managed_redis() -> None:
     assert env["TIDE_REDIS_CLUSTER"] == "true"
     env = env_of(builders.trainer_deployment("q", "ns", example("tidedeployment-full.yaml")))
     assert env["TIDE_REDIS_URL"] == "redis://q-redis.ns.svc:6379/0"
-    assert env["TIDE_REGISTRY_URL"] == "s3://tide-drafts/qwen-coder"
+    assert env["TIDE_REGISTRY_URL"] == "s3://tide-drafts/qwen-coder/ns/q"  # the deployment's own lineage
+
+
+def test_each_deployment_has_its_own_registry_lineage() -> None:
+    """A PVC is mounted at the deployment's sub-path; an S3 URL gets <namespace>/<name> appended, and its
+    endpoint and keys reach boto3 through its own variables, the keys from Secrets only."""
+    spec = example("tidedeployment-minimal.yaml")
+    for dep in (builders.inference_deployment("llama", "serving", spec),
+                builders.trainer_deployment("llama", "serving", spec)):
+        mount = next(m for m in dep["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+                     if m["name"] == "registry")
+        assert (mount["mountPath"], mount["subPath"]) == ("/var/lib/tide/registry", "serving/llama")
+    ref = {"name": "drafts-s3", "key": "secret"}
+    s3 = spec.model_copy(update={"registry": spec.registry.model_validate({
+        "url": "s3://drafts/team/", "endpoint": "http://weed.storage.svc:8333", "region": "eu-west-1",
+        "accessKeyIdSecretRef": {"name": "drafts-s3", "key": "id"}, "secretAccessKeySecretRef": ref})})
+    env = env_of(builders.trainer_deployment("chat", "serving", s3))
+    assert env["TIDE_REGISTRY_URL"] == "s3://drafts/team/serving/chat" and "TIDE_REGISTRY_DIR" not in env
+    assert (env["AWS_ENDPOINT_URL_S3"], env["AWS_REGION"]) == ("http://weed.storage.svc:8333", "eu-west-1")
+    assert env["AWS_ACCESS_KEY_ID"] == {"secretKeyRef": {"name": "drafts-s3", "key": "id"}}
+    assert env["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": ref}
+    assert set(env) <= builders.RESERVED_ENV | {"TIDE_TRAIN_GATE"}
+    pod = builders.trainer_deployment("chat", "serving", s3)["spec"]["template"]["spec"]
+    assert all(v["name"] != "registry" for v in pod["volumes"])
 
 
 def test_sglang_args_end_with_user_args_and_model_on_pvc() -> None:
@@ -138,6 +161,14 @@ def test_semantic_problems() -> None:
     two_redis = {**good, "redis": {"url": "redis://a:6379", "managed": {"enabled": True}}}
     assert [p.reason for p in parse("llama", two_redis)[1]] == ["InvalidRedis"]
     assert [p.reason for p in parse("llama", {**good, "registry": {}})[1]] == ["InvalidRegistry"]
+    s3_fields_on_a_pvc = {**good, "registry": {"claimName": "drafts", "endpoint": "http://weed:8333"}}
+    assert [p.reason for p in parse("llama", s3_fields_on_a_pvc)[1]] == ["InvalidRegistry"]
+    half_keys = {**good, "registry": {"url": "s3://b/p", "accessKeyIdSecretRef": {"name": "s3", "key": "id"}}}
+    assert [p.reason for p in parse("llama", half_keys)[1]] == ["InvalidRegistry"]
+    assert parse("llama", {**good, "registry": {"url": "file:///srv/drafts"}})[1] == []
+    for unsupported in ("gs://b/p", "https://example.com/drafts", "s3:///p", "file://host/p"):
+        spec, problems = parse("llama", {**good, "registry": {"url": unsupported}})
+        assert spec is None and problems[0].reason == "InvalidSpec", unsupported
     assert [p.reason for p in parse("Bad.Name", good)[1]] == ["InvalidName"]
     reserved = {**good, "inference": {**good["inference"], "env": [{"name": "TIDE_POD_NAME", "value": "x"}]}}
     assert [p.reason for p in parse("llama", reserved)[1]] == ["ReservedEnv"]

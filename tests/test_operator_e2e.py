@@ -280,10 +280,10 @@ async def test_restart_mid_rollout_continues(cluster: Cluster, operator: Operato
 async def test_retention_deletes_old_versions_but_never_a_named_one(
         cluster: Cluster, operator: Operator, redis_server: LocalRedis, r: redis.Redis, engines: Engines,
         tmp_path: Path) -> None:
-    registry = tmp_path / "registry"
+    registry = tmp_path / "registry" / "default" / NAME  # the deployment's own lineage under registry.url
     for v in range(5):  # v4 is published but not announced yet
         (registry / f"v{v:06d}").mkdir(parents=True)
-    await running(cluster, redis_server, r, registry={"claimName": None, "url": f"file://{registry}"},
+    await running(cluster, redis_server, r, registry={"claimName": None, "url": f"file://{tmp_path / 'registry'}"},
                   draft={"keepVersions": 1})
     for v in (1, 2, 3):
         publish(r, v, 0)

@@ -13,6 +13,7 @@ from tide_operator.models import (
     DraftVersionSpec,
     Placement,
     RedisSpec,
+    RegistrySpec,
     Resources,
     TideDeploymentSpec,
     seconds,
@@ -26,7 +27,8 @@ TRAINER_METRICS_PORT = 9400  # TideSettings.train_metrics_port default
 RESERVED_ENV = frozenset({"TIDE_DEPLOYMENT", "TIDE_NAMESPACE", "TIDE_POD_NAME", "TIDE_HEARTBEAT_S",
                           "TIDE_REDIS_URL", "TIDE_REDIS_PASSWORD", "TIDE_REDIS_CLUSTER", "TIDE_TARGET",
                           "TIDE_REGISTRY_DIR", "TIDE_REGISTRY_URL", "TIDE_TRIGGER_SHORT_ALPHA",
-                          "TIDE_TRIGGER_LONG_ALPHA", "TIDE_TRIGGER_EPSILON", "TIDE_TRAIN_GATE"})
+                          "TIDE_TRIGGER_LONG_ALPHA", "TIDE_TRIGGER_EPSILON", "TIDE_TRAIN_GATE", "AWS_ENDPOINT_URL_S3",
+                          "AWS_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"})
 MODEL_MOUNT = "/models"
 
 
@@ -69,9 +71,28 @@ def tide_env(name: str, namespace: str, spec: TideDeploymentSpec) -> list[Manife
         ref = spec.redis.password_secret_ref
         env.append({"name": "TIDE_REDIS_PASSWORD",
                     "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
-    reg = spec.registry
-    env.append({"name": "TIDE_REGISTRY_URL", "value": reg.url} if reg.url else
-               {"name": "TIDE_REGISTRY_DIR", "value": reg.mount_path})
+    return env + registry_env(namespace, name, spec.registry)
+
+
+def registry_url(namespace: str, name: str, reg: RegistrySpec) -> str | None:
+    """This deployment's own lineage under `registry.url` (None with a PVC, which is mounted at its sub-path)."""
+    return None if reg.url is None else f"{reg.url.rstrip('/')}/{namespace}/{name}"
+
+
+def registry_env(namespace: str, name: str, reg: RegistrySpec) -> list[Manifest]:
+    """TIDE_REGISTRY_DIR (the PVC mount) or TIDE_REGISTRY_URL, and for S3 boto3's own endpoint and key variables."""
+    url = registry_url(namespace, name, reg)
+    if url is None:
+        return [{"name": "TIDE_REGISTRY_DIR", "value": reg.mount_path}]
+    env: list[Manifest] = [{"name": "TIDE_REGISTRY_URL", "value": url}]
+    if reg.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL_S3", "value": reg.endpoint})
+    if reg.region:
+        env.append({"name": "AWS_REGION", "value": reg.region})
+    for var, ref in (("AWS_ACCESS_KEY_ID", reg.access_key_id_secret_ref),
+                     ("AWS_SECRET_ACCESS_KEY", reg.secret_access_key_secret_ref)):
+        if ref is not None:
+            env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
     return env
 
 
@@ -92,7 +113,8 @@ def model_path(spec: TideDeploymentSpec) -> str:
     return path
 
 
-def _volumes(spec: TideDeploymentSpec, registry_read_only: bool) -> tuple[list[Manifest], list[Manifest]]:
+def _volumes(namespace: str, name: str, spec: TideDeploymentSpec,
+             registry_read_only: bool) -> tuple[list[Manifest], list[Manifest]]:
     volumes: list[Manifest] = []
     mounts: list[Manifest] = []
     if spec.model.claim_name:
@@ -101,7 +123,8 @@ def _volumes(spec: TideDeploymentSpec, registry_read_only: bool) -> tuple[list[M
         mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
     if spec.registry.claim_name:
         volumes.append({"name": "registry", "persistentVolumeClaim": {"claimName": spec.registry.claim_name}})
-        mounts.append({"name": "registry", "mountPath": spec.registry.mount_path,
+        # The deployment's own lineage: the kubelet creates the sub-path directory on first mount.
+        mounts.append({"name": "registry", "mountPath": spec.registry.mount_path, "subPath": f"{namespace}/{name}",
                        "readOnly": registry_read_only})
     return volumes, mounts
 
@@ -147,7 +170,7 @@ def sglang_args(spec: TideDeploymentSpec) -> list[str]:
 
 def inference_deployment(name: str, namespace: str, spec: TideDeploymentSpec) -> Manifest:
     inf = spec.inference
-    volumes, mounts = _volumes(spec, registry_read_only=True)
+    volumes, mounts = _volumes(namespace, name, spec, registry_read_only=True)
     # SGLang's tensor-parallel workers share memory through /dev/shm; the container default is 64 MiB.
     volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
     mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
@@ -170,7 +193,7 @@ def inference_deployment(name: str, namespace: str, spec: TideDeploymentSpec) ->
 
 def trainer_deployment(name: str, namespace: str, spec: TideDeploymentSpec) -> Manifest:
     tr = spec.training
-    volumes, mounts = _volumes(spec, registry_read_only=False)
+    volumes, mounts = _volumes(namespace, name, spec, registry_read_only=False)
     container = {
         "name": "trainer", "image": tr.image or spec.inference.image, "command": list(tr.command),
         "env": [*tide_env(name, namespace, spec), {"name": "TIDE_TRAIN_GATE", "value": tr.gate},

@@ -170,10 +170,22 @@ class RedisSpec(_Model):
 
 
 class RegistrySpec(_Model):
-    """Where published draft versions are stored. Exactly one of claimName, url."""
+    """Where published draft versions are stored. Exactly one of claimName, url. Each TideDeployment gets its own
+    lineage under `<namespace>/<name>/` of the volume or URL, so deployments may share one volume or bucket."""
 
-    claim_name: Name | None = Field(None, description="ReadWriteMany PVC, mounted by trainer and inference")
-    url: str | None = Field(None, pattern=r"^(s3|gs|https?|file)://", description="object-store URL")
+    claim_name: Name | None = Field(None, description="ReadWriteMany PVC, mounted by trainer and inference "
+                                    "(sub-path <namespace>/<name>)")
+    url: str | None = Field(None, pattern=r"^(s3://[^/]|file:///)",
+                            description="s3://bucket/prefix (an S3-compatible object store), or file:///path (a "
+                            "path the operator's pod mounts as well); <namespace>/<name> is appended")
+    endpoint: str | None = Field(None, pattern=r"^https?://", description="S3 endpoint URL for a store other than "
+                                 "AWS S3 (SeaweedFS, MinIO, Ceph RGW, storage.googleapis.com); AWS_ENDPOINT_URL_S3")
+    region: str | None = Field(None, max_length=63, description="S3 region (AWS_REGION); us-east-1 when unset")
+    access_key_id_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret key holding the S3 access key id (AWS_ACCESS_KEY_ID); unset: the pods' own "
+        "identity (IRSA, workload identity)")
+    secret_access_key_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret key holding the S3 secret access key (AWS_SECRET_ACCESS_KEY)")
     mount_path: str = Field("/var/lib/tide/registry", pattern=r"^/", description="where the PVC is mounted")
 
 

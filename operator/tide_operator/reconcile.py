@@ -142,7 +142,7 @@ class Reconciler:
         for v in rollout.retired(spec.draft, versions):
             self.kube.delete("DraftVersion", ns, f"{name}-v{v}")
             del versions[v]
-        registry = registry_io.open_registry(spec.registry)
+        registry = registry_io.open_registry(ns, name, spec.registry)
         if registry is not None:
             registry_io.delete_unnamed(registry, set(versions))
 

@@ -3,13 +3,15 @@
 It deletes only versions no DraftVersion names and older than the newest one named (a version published but not
 yet ingested is newer than every DraftVersion), so nothing a DraftVersion names, and nothing still on its way
 to one, is ever deleted. The operator reaches a registry given as `registry.url: file:///path` (a volume mounted
-into the operator's pod as well, or a local directory); a registry on a PVC of the TideDeployment's namespace
-is not mounted into the operator, so there only DraftVersions are retired and the files stay.
+into the operator's pod as well, or a local directory), at the deployment's own `<path>/<namespace>/<name>`. A
+registry on a PVC of the TideDeployment's namespace is not mounted into the operator, and the operator holds no
+keys of an S3 registry, so there only DraftVersions are retired and the files stay.
 """
 
 import logging
 from typing import TYPE_CHECKING
 
+from tide_operator.builders import registry_url
 from tide_operator.models import RegistrySpec
 
 if TYPE_CHECKING:
@@ -18,14 +20,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def open_registry(spec: RegistrySpec) -> "DraftRegistry | None":
-    """The registry when the operator can reach it, else None."""
-    if spec.url is None or not spec.url.startswith("file://"):
+def open_registry(namespace: str, name: str, spec: RegistrySpec) -> "DraftRegistry | None":
+    """The deployment's registry when the operator can reach it, else None."""
+    url = registry_url(namespace, name, spec)
+    if url is None or not url.startswith("file://"):
         return None
     from tide_sglang.draft import open_registry  # torch: imported only where a registry is reachable
 
     try:
-        return open_registry(spec.url)
+        return open_registry(url)
     except FileNotFoundError:
         return None  # the trainer creates it
 

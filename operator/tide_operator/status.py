@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from tide_operator.builders import RESERVED_ENV
-from tide_operator.models import Condition, SecretKeyRef, TideDeploymentSpec, seconds
+from tide_operator.models import Condition, RegistrySpec, SecretKeyRef, TideDeploymentSpec, seconds
 from tide_operator.rollout import Fleet, Routing, parse_time
 
 # Child names append "-trainer" and pods append ~16 characters: keep host names within 63.
@@ -52,8 +52,7 @@ def check(spec: TideDeploymentSpec) -> list[Problem]:
     if sum((r.url is not None, r.url_secret_ref is not None, r.managed.enabled)) != 1:
         out.append(Problem("InvalidRedis", "set exactly one of redis.url, redis.urlSecretRef, "
                                            "redis.managed.enabled"))
-    if (spec.registry.claim_name is None) == (spec.registry.url is None):
-        out.append(Problem("InvalidRegistry", "set exactly one of registry.claimName, registry.url"))
+    out += _registry_problems(spec.registry)
     reserved = sorted({e.name for e in (*inf.env, *tr.env)} & RESERVED_ENV)
     if reserved:
         out.append(Problem("ReservedEnv", f"env sets {reserved}, which the operator sets from the spec"))
@@ -65,10 +64,25 @@ def check(spec: TideDeploymentSpec) -> list[Problem]:
     return out
 
 
+def _registry_problems(reg: RegistrySpec) -> list[Problem]:
+    if (reg.claim_name is None) == (reg.url is None):
+        return [Problem("InvalidRegistry", "set exactly one of registry.claimName, registry.url")]
+    s3 = reg.url is not None and reg.url.startswith("s3://")
+    if not s3 and (reg.endpoint or reg.region or reg.access_key_id_secret_ref or reg.secret_access_key_secret_ref):
+        return [Problem("InvalidRegistry", "registry.endpoint, region and the key Secret references apply to an "
+                                           "s3:// registry.url only")]
+    if (reg.access_key_id_secret_ref is None) != (reg.secret_access_key_secret_ref is None):
+        return [Problem("InvalidRegistry", "set both registry.accessKeyIdSecretRef and "
+                                           "registry.secretAccessKeySecretRef, or neither")]
+    return []
+
+
 def secret_refs(spec: TideDeploymentSpec) -> list[tuple[str, SecretKeyRef]]:
     """(field, ref) of every Secret key the pods and the operator read."""
     refs = [("redis.urlSecretRef", spec.redis.url_secret_ref), ("redis.passwordSecretRef",
-                                                                spec.redis.password_secret_ref)]
+                                                                spec.redis.password_secret_ref),
+            ("registry.accessKeyIdSecretRef", spec.registry.access_key_id_secret_ref),
+            ("registry.secretAccessKeySecretRef", spec.registry.secret_access_key_secret_ref)]
     return [(field, ref) for field, ref in refs if ref is not None]
 
 
