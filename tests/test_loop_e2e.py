@@ -6,7 +6,8 @@ Only what cannot exist here is stood in for: the Kubernetes API (kmock runs no p
 inference Deployment's replicas ready, as its controller would) and the GPU SGLang pods (the reference engine,
 which speaks the same protocol). The trainer learns v1 from the pods' captures; v1 is canaried on one pod,
 promoted and served by every pod; a worse version (v0's weights republished, as a trainer gone wrong would) is
-canaried and rolled back; a pin to v0 reaches every engine.
+canaried and rolled back; a pin to v0 reaches every engine. It runs twice: with the registry in a directory and
+in a real S3 server (SeaweedFS), where every process stages versions from the bucket onto local disk.
 """
 
 import asyncio
@@ -23,8 +24,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.operator.harness import ApiServer, Cluster, Operator, cluster_fixture, operator_fixture, wait_for  # noqa: F401
+from tests.s3server import BUCKET, LocalS3
 from tests.specforge import write_specforge_export
-from tide_sglang.draft import DirectoryRegistry
+from tide_sglang.draft import DraftRegistry, open_registry
 from tide_sglang.draft.target import load_heads
 from tide_sglang.engine.online import CPU_TRAINER_ENV
 from tide_sglang.rollout import Published, append_event, read_heartbeats
@@ -98,12 +100,12 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
     procs.close()
 
 
-def tide(redis_url: str, registry: Path) -> dict:
+def tide(redis_url: str, registry: dict[str, str], location: str) -> dict:
     return {"apiVersion": "tide.dev/v1alpha1", "kind": "TideDeployment", "metadata": {"name": NAME, "namespace": NS},
-            "spec": {"model": {"path": "smollm2-135m"}, "draft": {"initialPath": f"{registry}/v000000"},
+            "spec": {"model": {"path": "smollm2-135m"}, "draft": {"initialPath": f"{location}/v000000"},
                      "inference": {"replicas": len(PODS), "image": "tide-inference", "gpus": 0},
                      "training": {"gate": "always", "separatePool": False, "gpus": 0},
-                     "redis": {"url": redis_url}, "registry": {"url": f"file://{registry}"},
+                     "redis": {"url": redis_url}, "registry": registry,
                      "rollout": {"minTokens": 300, "maxTokens": 1_000_000, "minImprovement": 0.02,
                                  "rollbackThreshold": 0.02, "heartbeatInterval": f"{HEARTBEAT_S:g}s"}}}
 
@@ -141,7 +143,7 @@ async def watching(procs: Processes, cluster: Cluster, predicate: object, timeou
         await asyncio.sleep(0.2)
 
 
-def publish_worse(registry: DirectoryRegistry, r: redis.Redis, parent: int) -> int:
+def publish_worse(registry: DraftRegistry, r: redis.Redis, parent: int) -> int:
     """A trainer gone wrong: v0's weights published again as the newest version."""
     draft = registry.load(0, load_heads().embed)
     version = registry.publish(draft, parent=parent).version
@@ -149,23 +151,39 @@ def publish_worse(registry: DirectoryRegistry, r: redis.Redis, parent: int) -> i
     return version
 
 
+def registry_wiring(store: str, request: pytest.FixtureRequest, tmp_path: Path) -> tuple[dict, str, dict[str, str]]:
+    """The CR's `registry`, and the location and variables the operator's pod specs give trainer and pods for it
+    (the deployment's own lineage <namespace>/<name> under the CR's volume or URL)."""
+    if store == "directory":
+        root = tmp_path / "registry"
+        return {"url": f"file://{root}"}, str(root / NS / NAME), {"TIDE_REGISTRY_DIR": str(root / NS / NAME)}
+    server: LocalS3 = request.getfixturevalue("s3_server")
+    url = f"s3://{BUCKET}/{tmp_path.name}"
+    return ({"url": url, "endpoint": server.url}, f"{url}/{NS}/{NAME}",
+            {"TIDE_REGISTRY_URL": f"{url}/{NS}/{NAME}", **server.env})
+
+
+@pytest.mark.parametrize("store", ["directory", "s3"])
 async def test_specforge_draft_to_promoted_v1_rolled_back_worse_version_and_pin_to_v0(
-        cluster: Cluster, operator: Operator, redis_server: LocalRedis, processes: Processes, tmp_path: Path) -> None:
-    reg_dir = tmp_path / "registry"
+        cluster: Cluster, operator: Operator, redis_server: LocalRedis, processes: Processes, tmp_path: Path,
+        store: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec_registry, location, registry_env = registry_wiring(store, request, tmp_path)
+    for name, value in registry_env.items():
+        if name.startswith("AWS_"):
+            monkeypatch.setenv(name, value)  # this test's own reads of the registry
     imported = subprocess.run([sys.executable, "-m", "tide_sglang.cli", "import",
-                               str(specforge_draft(tmp_path / "specforge")), "--registry", str(reg_dir)],
-                              capture_output=True, text=True, env=processes.env, timeout=120)
+                               str(specforge_draft(tmp_path / "specforge")), "--registry", location],
+                              capture_output=True, text=True, env={**processes.env, **registry_env}, timeout=120)
     assert imported.returncode == 0, imported.stderr
-    registry = DirectoryRegistry(reg_dir)
+    registry = open_registry(location)
     assert registry.versions() == [0]
     r = redis.Redis.from_url(redis_server.url)
 
     async def until(predicate: object, timeout: float, what: str) -> None:
         await watching(processes, cluster, predicate, timeout, what)
 
-    common = {"TIDE_NAMESPACE": NS, "TIDE_DEPLOYMENT": NAME, "TIDE_REDIS_URL": redis_server.url,
-              "TIDE_REGISTRY_DIR": str(reg_dir)}
-    await cluster.create(tide(redis_server.url, reg_dir))
+    common = {"TIDE_NAMESPACE": NS, "TIDE_DEPLOYMENT": NAME, "TIDE_REDIS_URL": redis_server.url, **registry_env}
+    await cluster.create(tide(redis_server.url, spec_registry, location))
     processes.start("trainer", ["-m", "tide_sglang.cli", "-v", "train", "--gate", "trigger", "--device", "cpu",
                                 "--checkpoint-dir", str(tmp_path / "ckpt"), "--consumer", "trainer"],
                     **common, TIDE_TRAIN_METRICS_PORT="0")
