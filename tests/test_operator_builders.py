@@ -66,7 +66,7 @@ def test_env_wiring() -> None:
         assert env["TIDE_DEPLOYMENT"] == "llama"
         assert env["TIDE_REDIS_URL"] == "redis://redis.tide-system.svc:6379/0"
         assert env["TIDE_REGISTRY_DIR"] == "/var/lib/tide/registry"
-        assert env["TIDE_TARGET"] == "meta-llama/Llama-3.1-8B-Instruct"
+        assert env["TIDE_TARGET"] == "/var/cache/tide/models/target"  # the hub id, fetched by an init container
         assert env["TIDE_TRIGGER_EPSILON"] == "0.02"
         assert set(env) <= builders.RESERVED_ENV
     assert trainer["TIDE_TRAIN_GATE"] == "trigger"
@@ -103,6 +103,56 @@ def test_each_deployment_has_its_own_registry_lineage() -> None:
     assert set(env) <= builders.RESERVED_ENV | {"TIDE_TRAIN_GATE"}
     pod = builders.trainer_deployment("chat", "serving", s3)["spec"]["template"]["spec"]
     assert all(v["name"] != "registry" for v in pod["volumes"])
+
+
+def _init(dep: dict) -> dict[str, dict]:
+    return {c["name"]: c for c in dep["spec"]["template"]["spec"].get("initContainers", [])}
+
+
+def test_hub_models_are_fetched_once_per_pod_and_the_draft_starts_the_lineage() -> None:
+    """Hub ids (the quickstart's) become local directories on the model-cache volume: SGLang gets paths, so hot
+    swap can compare the served checkpoint; the trainer fetches only the target's heads and imports the draft as
+    v0 into an empty registry. The hub token comes from a Secret only."""
+    doc = example("tidedeployment-minimal.yaml").model_dump(by_alias=True)
+    doc["model"]["hubTokenSecretRef"] = {"name": "hf", "key": "token"}
+    doc["inference"]["env"] = [{"name": "HF_HUB_OFFLINE", "value": "1"}]
+    spec = TideDeploymentSpec.model_validate(doc)
+    inf = builders.inference_deployment("llama", "serving", spec)
+    args = inf["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--model-path") + 1] == "/var/cache/tide/models/target"
+    assert args[args.index("--speculative-draft-model-path") + 1] == "/var/cache/tide/models/draft"
+    init = _init(inf)
+    assert init["fetch-target"]["command"] == ["tide", "fetch", "meta-llama/Llama-3.1-8B-Instruct",
+                                               "/var/cache/tide/models/target"]
+    assert init["fetch-draft"]["command"][2] == spec.draft.initial_path
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in init["fetch-target"]["env"]}
+    assert env["HF_TOKEN"] == {"secretKeyRef": {"name": "hf", "key": "token"}} and env["HF_HUB_OFFLINE"] == "1"
+    assert env["HF_HUB_CACHE"] == "/var/cache/tide/models/hub"
+    pod = inf["spec"]["template"]["spec"]
+    assert {"name": "model-cache", "emptyDir": {}} in pod["volumes"]
+    assert {"name": "model-cache", "mountPath": "/var/cache/tide/models"} in pod["containers"][0]["volumeMounts"]
+
+    trainer = _init(builders.trainer_deployment("llama", "serving", spec))
+    assert list(trainer) == ["fetch-target", "fetch-draft", "import-draft"]
+    assert trainer["fetch-target"]["command"][-1] == "--heads-only"
+    assert trainer["import-draft"]["command"] == ["tide", "import", "/var/cache/tide/models/draft", "--if-empty"]
+    assert any(m["name"] == "registry" for m in trainer["import-draft"]["volumeMounts"])
+
+
+def test_pvc_and_s3_model_sources() -> None:
+    spec = example("tidedeployment-minimal.yaml")
+    spec = spec.model_copy(update={"model": spec.model.model_copy(update={"path": "pvc://weights/llama/8b"}),
+                                   "draft": spec.draft.model_copy(update={"initial_path": "s3://drafts/eagle"})})
+    inf = builders.inference_deployment("llama", "serving", spec)
+    pod = inf["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    assert args[args.index("--model-path") + 1] == "/var/lib/tide/models/weights/llama/8b"
+    assert {"name": "model-pvc-0", "persistentVolumeClaim": {"claimName": "weights", "readOnly": True}} in \
+        pod["volumes"]
+    assert list(_init(inf)) == ["fetch-draft"]
+    assert [p.reason for p in parse("llama", {**yaml.safe_load((ROOT / "docs/examples/tidedeployment-minimal.yaml")
+                                                                .read_text())["spec"],
+                                              "model": {"path": "http://example.com/m"}})[1]] == ["InvalidModel"]
 
 
 def test_sglang_args_end_with_user_args_and_model_on_pvc() -> None:

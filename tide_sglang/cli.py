@@ -87,6 +87,23 @@ def demo(out: Path | None, **options: object) -> None:
                   f"{summary.total_tokens} tokens, published {summary.published or 'nothing'}")
 
 
+@main.command()
+@click.argument("source")
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.option("--heads-only", is_flag=True, help="Only the configs and the shards holding the embedding, final norm "
+              "and LM head (all the trainer reads of its target).")
+def fetch(source: str, dest: Path, heads_only: bool) -> None:
+    """Fetch a model (s3://bucket/prefix, or a hub id org/name[@revision]) into DEST, once: an existing DEST is
+    kept. The operator's init containers run it (docs/operator.md, "Models"). Safetensors only, never pickle."""
+    from tide_sglang.sources import ModelSourceError, fetch_model, parse_model_source
+
+    try:
+        path = fetch_model(parse_model_source(source), dest, heads_only=heads_only)
+    except ModelSourceError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"{source}: {path}")
+
+
 main.add_command(importlib.import_module("tide_sglang.trainer.cli").train)
 main.add_command(importlib.import_module("tide_sglang.draft.cli").import_)
 main.add_command(importlib.import_module("tide_sglang.engine.cli").engine)

@@ -18,6 +18,7 @@ from tide_operator.models import (
     TideDeploymentSpec,
     seconds,
 )
+from tide_sglang.sources import MODEL_CACHE, ModelSource, cache_path, parse_model_source
 
 Manifest = dict[str, Any]
 
@@ -30,6 +31,7 @@ RESERVED_ENV = frozenset({"TIDE_DEPLOYMENT", "TIDE_NAMESPACE", "TIDE_POD_NAME", 
                           "TIDE_TRIGGER_LONG_ALPHA", "TIDE_TRIGGER_EPSILON", "TIDE_TRAIN_GATE", "AWS_ENDPOINT_URL_S3",
                           "AWS_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"})
 MODEL_MOUNT = "/models"
+PVC_MODELS = "/var/lib/tide/models"  # pvc://claim/path sources: each claim mounted read-only at PVC_MODELS/claim
 
 
 def labels(name: str, component: str) -> dict[str, str]:
@@ -62,7 +64,7 @@ def tide_env(name: str, namespace: str, spec: TideDeploymentSpec) -> list[Manife
         _field_env("TIDE_NAMESPACE", "metadata.namespace"),
         redis_url_env(name, namespace, spec.redis),
         {"name": "TIDE_REDIS_CLUSTER", "value": str(spec.redis.cluster).lower()},
-        {"name": "TIDE_TARGET", "value": model_path(spec)},
+        {"name": "TIDE_TARGET", "value": local_model(spec, "target")},
         {"name": "TIDE_TRIGGER_SHORT_ALPHA", "value": str(trig.short_alpha)},
         {"name": "TIDE_TRIGGER_LONG_ALPHA", "value": str(trig.long_alpha)},
         {"name": "TIDE_TRIGGER_EPSILON", "value": str(trig.epsilon)},
@@ -106,11 +108,25 @@ def _user_env(pool: Placement) -> list[Manifest]:
 
 
 def model_path(spec: TideDeploymentSpec) -> str:
-    """With a model PVC, a relative path is inside the mount; otherwise the path goes to SGLang as is."""
+    """With a model PVC, a relative path is inside the mount; otherwise the path is a model source as is."""
     path = spec.model.path
     if spec.model.claim_name and not path.startswith("/"):
         return f"{MODEL_MOUNT}/{path}"
     return path
+
+
+def sources(spec: TideDeploymentSpec) -> dict[str, ModelSource]:
+    """The target and the initial draft, parsed as every TIDE process parses them (tide_sglang.sources)."""
+    return {"target": parse_model_source(model_path(spec)), "draft": parse_model_source(spec.draft.initial_path)}
+
+
+def local_model(spec: TideDeploymentSpec, name: str) -> str:
+    """Where the pods find model `name` (target, draft) on local disk: a path as given, inside its PVC's mount,
+    or where the init container fetched it."""
+    source = sources(spec)[name]
+    if source.kind == "pvc":
+        return f"{PVC_MODELS}/{source.claim}/{source.location}".rstrip("/")
+    return cache_path(name) if source.fetched else source.location
 
 
 def _volumes(namespace: str, name: str, spec: TideDeploymentSpec,
@@ -121,12 +137,45 @@ def _volumes(namespace: str, name: str, spec: TideDeploymentSpec,
         volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": spec.model.claim_name,
                                                                      "readOnly": True}})
         mounts.append({"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True})
+    claims = sorted({s.claim for s in sources(spec).values() if s.claim is not None})
+    for i, claim in enumerate(claims):
+        volumes.append({"name": f"model-pvc-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        mounts.append({"name": f"model-pvc-{i}", "mountPath": f"{PVC_MODELS}/{claim}", "readOnly": True})
+    if any(s.fetched for s in sources(spec).values()):
+        volumes.append({"name": "model-cache", "emptyDir": {}})
+        mounts.append({"name": "model-cache", "mountPath": MODEL_CACHE})
     if spec.registry.claim_name:
         volumes.append({"name": "registry", "persistentVolumeClaim": {"claimName": spec.registry.claim_name}})
         # The deployment's own lineage: the kubelet creates the sub-path directory on first mount.
         mounts.append({"name": "registry", "mountPath": spec.registry.mount_path, "subPath": f"{namespace}/{name}",
                        "readOnly": registry_read_only})
     return volumes, mounts
+
+
+def _fetch_env(namespace: str, name: str, spec: TideDeploymentSpec, pool: Placement) -> list[Manifest]:
+    """What `tide fetch` needs: the hub cache on the model-cache volume (so the fetched directory's links resolve
+    in every container), the hub token from its Secret, the registry's S3 variables (an s3:// model uses the
+    same store settings), and the pool's own variables (HF_HUB_OFFLINE, HF_ENDPOINT, proxies)."""
+    env: list[Manifest] = [{"name": "HF_HUB_CACHE", "value": f"{MODEL_CACHE}/hub"}]
+    if (ref := spec.model.hub_token_secret_ref) is not None:
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    return env + [e for e in registry_env(namespace, name, spec.registry) if e["name"].startswith("AWS_")] + \
+        _user_env(pool)
+
+
+def _fetch_containers(namespace: str, name: str, spec: TideDeploymentSpec, pool: Placement, image: str,
+                      mounts: list[Manifest], heads_only: set[str]) -> list[Manifest]:
+    """One init container per model that must be fetched (`heads_only`: names of which the pod reads only the
+    embedding, final norm and LM head)."""
+    out = []
+    for model, source in sources(spec).items():
+        if source.fetched:
+            text = model_path(spec) if model == "target" else spec.draft.initial_path
+            out.append({"name": f"fetch-{model}", "image": image,
+                        "command": ["tide", "fetch", text, cache_path(model),
+                                    *(["--heads-only"] if model in heads_only else [])],
+                        "env": _fetch_env(namespace, name, spec, pool), "volumeMounts": mounts})
+    return out
 
 
 def _plain(res: Resources) -> Manifest:
@@ -163,8 +212,8 @@ def sglang_args(spec: TideDeploymentSpec) -> list[str]:
     """`tide serve` arguments: base server flags, then the user's (argparse keeps the last value, so user flags
     win). `tide serve` itself adds EAGLE-3, adaptive speculation with 0 steps allowed, and metrics."""
     inf = spec.inference
-    return ["--model-path", model_path(spec), "--host", "0.0.0.0", "--port", str(inf.port),
-            "--tp-size", str(max(inf.gpus, 1)), "--speculative-draft-model-path", spec.draft.initial_path,
+    return ["--model-path", local_model(spec, "target"), "--host", "0.0.0.0", "--port", str(inf.port),
+            "--tp-size", str(max(inf.gpus, 1)), "--speculative-draft-model-path", local_model(spec, "draft"),
             *inf.sglang_args]
 
 
@@ -186,7 +235,9 @@ def inference_deployment(name: str, namespace: str, spec: TideDeploymentSpec) ->
         # Loading a large target takes minutes: the startup probe allows 30 min before liveness applies.
         "startupProbe": {**probe, "failureThreshold": 180}, "readinessProbe": probe,
     }
-    pod = {"containers": [container], "volumes": volumes, **_pod_placement(inf)}
+    fetch = _fetch_containers(namespace, name, spec, inf, inf.image, mounts, heads_only=set())
+    pod = {**({"initContainers": fetch} if fetch else {}), "containers": [container], "volumes": volumes,
+           **_pod_placement(inf)}
     pod_labels = labels(name, "inference")
     return _deployment(_meta(name, namespace, name, "inference"), inf.replicas, pod_labels, pod)
 
@@ -201,7 +252,13 @@ def trainer_deployment(name: str, namespace: str, spec: TideDeploymentSpec) -> M
         "resources": _resources(tr), "volumeMounts": mounts,
         "ports": [{"name": "metrics", "containerPort": TRAINER_METRICS_PORT}],  # tide train's Prometheus port
     }
-    pod = {"containers": [container], "volumes": volumes, **_pod_placement(tr)}
+    image = tr.image or spec.inference.image
+    # The lineage starts from the draft SGLang serves: imported as version 0 into an empty registry.
+    start = {"name": "import-draft", "image": image,
+             "command": ["tide", "import", local_model(spec, "draft"), "--if-empty"],
+             "env": container["env"], "volumeMounts": mounts}
+    init = [*_fetch_containers(namespace, name, spec, tr, image, mounts, heads_only={"target"}), start]
+    pod = {"initContainers": init, "containers": [container], "volumes": volumes, **_pod_placement(tr)}
     pod_labels = labels(name, "trainer")
     return _deployment(_meta(f"{name}-trainer", namespace, name, "trainer"), tr.replicas, pod_labels, pod)
 

@@ -86,19 +86,32 @@ class Placement(_Model):
     env: list[EnvVar] = Field(default_factory=list, description="extra variables, e.g. other TIDE_* settings")
 
 
+class SecretKeyRef(_Model):
+    """A key of a Secret in the TideDeployment's namespace."""
+
+    name: Name = Field(description="Secret name")
+    key: str = Field(min_length=1, max_length=253, description="key inside the Secret")
+
+
 class ModelSpec(_Model):
-    """The target model SGLang serves and the trainer reads hidden-state shapes from."""
+    """The target model SGLang serves and the trainer reads the embedding, final norm and LM head of."""
 
     path: str = Field(min_length=1, max_length=1024,
-                      description="path or hub id of the target model, as SGLang's --model-path takes it")
+                      description="the target: a path in the image or under claimName, pvc://claim/path, "
+                      "s3://bucket/prefix, or a hub id org/name[@revision]; s3 and hub models are fetched once per "
+                      "pod by an init container (the trainer's: only the embedding, final norm and LM head)")
     claim_name: Name | None = Field(None, description="PVC holding the model, mounted read-only at /models")
+    hub_token_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret key holding a Hugging Face token (HF_TOKEN) for fetching gated hub models")
 
 
 class DraftSpec(_Model):
     """The draft model: where version 0 comes from and how new versions are rolled out."""
 
     initial_path: str = Field(min_length=1, max_length=1024,
-                              description="EAGLE-3 draft SGLang starts with (version 0); path or hub id")
+                              description="EAGLE-3 draft SGLang starts with, imported as version 0 into an empty "
+                              "registry: a path, pvc://claim/path, s3://bucket/prefix or a hub id (fetched like "
+                              "model.path)")
     policy: Literal["auto", "manual"] = Field(
         "auto", description="auto: canary every published version; manual: only a pinned version is served")
     version: Version | None = Field(
@@ -139,13 +152,6 @@ class TrainingSpec(Placement):
     gate: Literal["always", "trigger"] = Field(
         "trigger", description="trigger: train only while the engines' trigger says acceptance drifted")
     trigger: TriggerSpec = Field(default_factory=TriggerSpec, description="training trigger thresholds")
-
-
-class SecretKeyRef(_Model):
-    """A key of a Secret in the TideDeployment's namespace."""
-
-    name: Name = Field(description="Secret name")
-    key: str = Field(min_length=1, max_length=253, description="key inside the Secret")
 
 
 class ManagedRedis(_Model):

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from tide_operator.builders import RESERVED_ENV
 from tide_operator.models import Condition, RegistrySpec, SecretKeyRef, TideDeploymentSpec, seconds
 from tide_operator.rollout import Fleet, Routing, parse_time
+from tide_sglang.sources import ModelSourceError, parse_model_source
 
 # Child names append "-trainer" and pods append ~16 characters: keep host names within 63.
 MAX_NAME = 40
@@ -53,6 +54,11 @@ def check(spec: TideDeploymentSpec) -> list[Problem]:
         out.append(Problem("InvalidRedis", "set exactly one of redis.url, redis.urlSecretRef, "
                                            "redis.managed.enabled"))
     out += _registry_problems(spec.registry)
+    for field, text in (("model.path", spec.model.path), ("draft.initialPath", spec.draft.initial_path)):
+        try:
+            parse_model_source(text)
+        except ModelSourceError as e:
+            out.append(Problem("InvalidModel", f"{field}: {e}"))
     reserved = sorted({e.name for e in (*inf.env, *tr.env)} & RESERVED_ENV)
     if reserved:
         out.append(Problem("ReservedEnv", f"env sets {reserved}, which the operator sets from the spec"))
@@ -81,6 +87,7 @@ def secret_refs(spec: TideDeploymentSpec) -> list[tuple[str, SecretKeyRef]]:
     """(field, ref) of every Secret key the pods and the operator read."""
     refs = [("redis.urlSecretRef", spec.redis.url_secret_ref), ("redis.passwordSecretRef",
                                                                 spec.redis.password_secret_ref),
+            ("model.hubTokenSecretRef", spec.model.hub_token_secret_ref),
             ("registry.accessKeyIdSecretRef", spec.registry.access_key_id_secret_ref),
             ("registry.secretAccessKeySecretRef", spec.registry.secret_access_key_secret_ref)]
     return [(field, ref) for field, ref in refs if ref is not None]
