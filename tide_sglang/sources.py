@@ -63,6 +63,27 @@ def parse_model_source(text: str) -> ModelSource:
     return ModelSource(kind="path", location=text)
 
 
+def local_dir(text: str, *, hub_cache: Path | None = None) -> Path | None:
+    """The local directory a source already is, or (a hub id) that the Hugging Face cache holds, without any
+    network access: SGLang downloaded a hub draft there before the plugin asks. None when there is none."""
+    try:
+        source = parse_model_source(text)
+    except ModelSourceError:
+        return None
+    if source.kind == "path":
+        return Path(source.location) if Path(source.location).is_dir() else None
+    if source.kind != "hub":
+        return None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(source.location, revision=source.revision, cache_dir=hub_cache,
+                                      local_files_only=True))
+    except (LocalEntryNotFoundError, OSError):
+        return None
+
+
 def cache_path(name: str) -> str:
     """Where the operator's init container fetches the model it calls `name` (target, draft)."""
     return f"{MODEL_CACHE}/{name}"

@@ -11,7 +11,6 @@ import logging
 import pkgutil
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +30,7 @@ from tide_sglang.plugin.swap import SwapRefused, baseline_from_dir
 from tide_sglang.plugin.swapper import DraftHandle, Swapper
 from tide_sglang.rollout import StatsReporter
 from tide_sglang.settings import TideSettings
+from tide_sglang.sources import local_dir
 from tide_sglang.stream import connect
 
 log = logging.getLogger("tide.plugin")
@@ -145,11 +145,11 @@ def _swapper(settings: TideSettings, draft_worker: Any, metrics: PluginMetrics, 
     if settings.registry is None or draft_worker is None:
         return None
     served = draft_worker.server_args.speculative_draft_model_path
-    if not served or not Path(served).is_dir():
-        log.error("hot-swap disabled: the draft %r is not a local checkpoint directory to compare versions with",
-                  served)
+    path = local_dir(served) if served else None  # a hub id: the snapshot SGLang downloaded
+    if path is None:
+        log.error("hot-swap disabled: the draft %r is not a local checkpoint directory (or a hub id in the local "
+                  "cache) to compare versions with", served)
         return None
-    path = Path(served)
     try:
         baseline = baseline_from_dir(path)
         registry = open_registry(settings.registry)
