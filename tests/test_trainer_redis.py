@@ -247,3 +247,13 @@ def test_an_imported_specforge_draft_is_continued_gated_as_served_and_rolled_bac
     assert trainer.follow_rollbacks() == 0 and trainer.state.parent == 0
     assert torch.equal(trainer.draft.fc.weight, v0["fc.weight"].float())  # v1's weights are not trained further
     assert trainer.follow_rollbacks() is None
+
+
+@pytest.mark.parametrize(("interval_s", "idle_ms"), [(5.0, 30_000), (60.0, 120_000), (600.0, 1_200_000)])
+def test_entries_are_reclaimed_only_after_a_live_trainer_would_have_acked_them(interval_s: float,
+                                                                               idle_ms: int) -> None:
+    """A live trainer acks at its checkpoints: another trainer must not claim its pending entries sooner."""
+    from tide_sglang.trainer.cli import reclaim_idle_ms
+
+    idle = reclaim_idle_ms(TideSettings(train_checkpoint_interval_s=interval_s))
+    assert idle == idle_ms and idle > interval_s * 1000

@@ -78,6 +78,13 @@ def _serve_metrics(trainer: Any, port: int) -> None:
         log.warning("not serving metrics on port %d: %s", port, e)
 
 
+def reclaim_idle_ms(settings: TideSettings) -> int:
+    """How long an entry stays pending before another trainer may claim it: a live trainer acks only at its next
+    checkpoint, so twice the checkpoint interval (at least 30 s); shorter would hand a live trainer's entries to
+    another one, which would train on them twice."""
+    return max(30_000, int(2_000 * settings.train_checkpoint_interval_s))
+
+
 def _build(settings: TideSettings, location: str | None, create_registry: bool) -> Any:
     # Heavy imports here, so that `tide train --help` and setting errors answer at once.
     from tide_sglang.draft import DraftVerificationError, VocabMismatch, open_registry
@@ -100,7 +107,8 @@ def _build(settings: TideSettings, location: str | None, create_registry: bool) 
         client = connect(settings)
         heads = load_heads(settings.target)
         reader = StreamReader(client, keys.hidden_states(settings.namespace, settings.deployment),
-                              keys.dead_letter(settings.namespace, settings.deployment), consumer, block_ms=200)
+                              keys.dead_letter(settings.namespace, settings.deployment), consumer, block_ms=200,
+                              claim_idle_ms=reclaim_idle_ms(settings))
         return DraftTrainer(settings, registry, reader, heads, dist=dist)
     except (RedisUnavailable, TrainerError, VocabMismatch, DraftVerificationError, ValueError, OSError) as e:
         _fail(str(e))
