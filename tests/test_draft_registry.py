@@ -2,6 +2,7 @@
 delete, one vocabulary per lineage, a publish killed half way, two publishers at once. The S3 store is a real
 SeaweedFS server (conftest.s3_server); its restart mid-publish has its own server."""
 
+import gc
 import json
 import os
 import signal
@@ -286,12 +287,12 @@ def test_two_imports_of_version_zero_one_wins(store: Store) -> None:
 
 
 def test_s3_server_refuses_a_second_conditional_write(s3_location: str) -> None:
-    """The race the S3 publisher relies on, straight at the server: of 16 simultaneous If-None-Match writes of
+    """The race the S3 publisher relies on, straight at the server: of 8 simultaneous If-None-Match writes of
     one key, exactly one succeeds (S3 servers differ here; SeaweedFS must be one that refuses)."""
     registry = open_registry(s3_location)
     assert isinstance(registry, S3Registry)
     key, won = registry._key(7, CLAIM), []
-    start = threading.Barrier(16)
+    start = threading.Barrier(8)
 
     def claim(i: int) -> None:
         own = S3Registry(registry.bucket, registry.prefix)
@@ -299,7 +300,7 @@ def test_s3_server_refuses_a_second_conditional_write(s3_location: str) -> None:
         if own._put_if_absent(key, str(i).encode()):
             won.append(i)
 
-    threads = [threading.Thread(target=claim, args=(i,)) for i in range(16)]
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
@@ -385,6 +386,19 @@ def test_s3_staging_keeps_only_the_newest_versions_on_local_disk(s3_location: st
         assert registry.verify(version).path == tmp_path / "cache" / f"v{version:06d}"
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["v000003", "v000004"]
     assert os.listdir(tmp_path / "cache" / "v000004") != []
+
+
+def test_s3_private_cache_goes_with_the_registry(s3_location: str) -> None:
+    """Without a cache_dir each registry stages into its own temporary directory, removed with the object (a
+    long test run or a trainer re-opening its registry leaves no downloaded drafts behind)."""
+    registry = open_registry(s3_location)
+    assert isinstance(registry, S3Registry)
+    registry.publish(tiny_draft())
+    cache = registry.cache
+    assert registry.verify(1).path.parent == cache and cache.is_dir()
+    del registry
+    gc.collect()
+    assert not cache.exists()
 
 
 def test_from_tensors_rejects_a_foreign_embedding_shape() -> None:

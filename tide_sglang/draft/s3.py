@@ -26,6 +26,7 @@ import shutil
 import tempfile
 import time
 import uuid
+import weakref
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -73,8 +74,14 @@ class S3Registry(DraftRegistry):
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.location = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self.client = client or s3_client()
-        self.cache = Path(cache_dir) if cache_dir else Path(tempfile.mkdtemp(prefix="tide-registry-"))
-        self.cache.mkdir(parents=True, exist_ok=True)
+        if cache_dir is None:
+            # Private: removed when this object is collected or Python exits. `tide serve` execs SGLang, which runs
+            # no exit handlers, so the draft it staged for SGLang stays.
+            self.cache = Path(tempfile.mkdtemp(prefix="tide-registry-"))
+            weakref.finalize(self, shutil.rmtree, self.cache, True)
+        else:
+            self.cache = Path(cache_dir)
+            self.cache.mkdir(parents=True, exist_ok=True)
         self._staged: list[int] = []
         self._conditional_checked = False
         try:
