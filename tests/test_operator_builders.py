@@ -6,7 +6,7 @@ from tide_operator import builders
 from tide_operator.kube import merge_patch
 from tide_operator.models import Condition, SecretKeyRef, TideDeploymentSpec
 from tide_operator.rollout import Fleet, Routing
-from tide_operator.status import Pods, Problem, check_pin, check_secret, conditions, parse
+from tide_operator.status import Pods, Problem, check_pin, check_secret, conditions, init_failures, parse
 
 from tests.operator.crdcheck import ROOT
 
@@ -153,6 +153,37 @@ def test_pvc_and_s3_model_sources() -> None:
     assert [p.reason for p in parse("llama", {**yaml.safe_load((ROOT / "docs/examples/tidedeployment-minimal.yaml")
                                                                 .read_text())["spec"],
                                               "model": {"path": "http://example.com/m"}})[1]] == ["InvalidModel"]
+
+
+def _pod(name: str, *statuses: dict) -> dict:
+    return {"metadata": {"name": name}, "status": {"initContainerStatuses": list(statuses)}}
+
+
+def test_failed_init_containers_become_problems() -> None:
+    """What a kubelet reports for a failed fetch (Init:Error, then Init:CrashLoopBackOff with the failure in
+    lastState), a fetch retrying, a fetch that failed once and then succeeded, and the draft import."""
+    log = "Downloading...\nError: cannot fetch 'meta-llama/Llama-3.1-8B-Instruct' from the hub: 401 Unauthorized\n"
+    failed = {"terminated": {"exitCode": 1, "reason": "Error", "message": log}}
+    pods = [
+        _pod("chat-1", {"name": "fetch-target", "state": failed},
+             {"name": "fetch-draft", "state": {"waiting": {"reason": "PodInitializing"}}}),
+        _pod("chat-2", {"name": "fetch-target", "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                        "lastState": failed}),
+        _pod("chat-3", {"name": "fetch-target", "state": {"terminated": {"exitCode": 0}}, "lastState": failed},
+             {"name": "fetch-draft", "state": {"running": {}}}),
+        _pod("chat-trainer-1", {"name": "import-draft", "state": {"terminated": {"exitCode": 2, "reason": "Error"}}}),
+        _pod("chat-4"), {"metadata": {"name": "chat-5"}},
+    ]
+    problems = init_failures(pods)
+    assert [p.reason for p in problems] == ["ModelFetchFailed", "DraftImportFailed"]
+    assert problems[0].message == ("pod chat-1: init container fetch-target exited 1: Error: cannot fetch "
+                                   "'meta-llama/Llama-3.1-8B-Instruct' from the hub: 401 Unauthorized")
+    assert problems[1].message == "pod chat-trainer-1: init container import-draft exited 2: Error"
+    assert init_failures(pods[2:3]) == [] and init_failures(pods[1:2])[0].reason == "ModelFetchFailed"
+    for dep in (builders.inference_deployment("llama", "serving", example("tidedeployment-minimal.yaml")),
+                builders.trainer_deployment("llama", "serving", example("tidedeployment-minimal.yaml"))):
+        for c in _init(dep).values():  # the end of the log becomes the termination message read above
+            assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
 
 
 def test_sglang_args_end_with_user_args_and_model_on_pvc() -> None:

@@ -328,6 +328,34 @@ async def test_refused_child_is_a_condition_not_a_crash(cluster: Cluster, operat
     assert replicas(cluster, "chat-trainer") == 2
 
 
+async def test_a_failed_model_fetch_is_a_condition_until_it_succeeds(cluster: Cluster, operator: Operator,
+                                                                     redis_server: LocalRedis) -> None:
+    """The example's hub-id target and draft are fetched by init containers; one that fails (a pod the test
+    plays: kmock runs none, so its status is what a kubelet reports) shows as Degraded, reason ModelFetchFailed,
+    with the pod, the container and the end of its log; once the fetch succeeds the condition clears."""
+    await cluster.create(tide(redis_server.url))
+    await wait_for(lambda: cluster.get("Deployment", f"{NAME}-trainer"), what="children")
+    assert [c["name"] for c in pod(cluster, NAME)["initContainers"]] == ["fetch-target", "fetch-draft"]
+    labels = cluster.get("Deployment", NAME)["spec"]["selector"]["matchLabels"]
+    log = "Error: cannot fetch 'meta-llama/Llama-3.1-8B-Instruct' from the hub: 401 Client Error: Unauthorized\n"
+    await cluster.create({"apiVersion": "v1", "kind": "Pod",
+                          "metadata": {"name": PODS[0], "namespace": NS, "labels": labels},
+                          "spec": {"containers": [{"name": "sglang", "image": "i"}]},
+                          "status": {"phase": "Pending", "initContainerStatuses": [
+                              {"name": "fetch-target", "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                               "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": log}}},
+                              {"name": "fetch-draft", "state": {"waiting": {"reason": "PodInitializing"}}}]}})
+    await wait_for(lambda: cluster.condition(NAME, "Degraded").get("reason") == "ModelFetchFailed", what="Degraded")
+    assert cluster.condition(NAME, "Degraded")["message"] == (
+        f"pod {PODS[0]}: init container fetch-target exited 1: " + log.strip())
+    assert cluster.condition(NAME, "Ready")["status"] == "False"
+    await cluster.patch("Pod", PODS[0], {"status": {"phase": "Running", "initContainerStatuses": [
+        {"name": "fetch-target", "state": {"terminated": {"exitCode": 0}}},
+        {"name": "fetch-draft", "state": {"terminated": {"exitCode": 0}}}]}})
+    await wait_for(lambda: cluster.condition(NAME, "Degraded").get("status") == "False", what="recovery")
+    assert_rbac_covers(cluster.kmock)
+
+
 async def test_delete_cleans_up(cluster: Cluster, operator: Operator, redis_server: LocalRedis,
                                 r: redis.Redis, engines: Engines) -> None:
     await canary_of_v1(cluster, redis_server, r)

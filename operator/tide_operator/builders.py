@@ -31,6 +31,8 @@ RESERVED_ENV = frozenset({"TIDE_DEPLOYMENT", "TIDE_NAMESPACE", "TIDE_POD_NAME", 
                           "TIDE_TRIGGER_LONG_ALPHA", "TIDE_TRIGGER_EPSILON", "TIDE_TRAIN_GATE", "AWS_ENDPOINT_URL_S3",
                           "AWS_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"})
 MODEL_MOUNT = "/models"
+FETCH_PREFIX = "fetch-"  # init containers fetching a model: fetch-target, fetch-draft
+IMPORT_DRAFT = "import-draft"  # the trainer's init container importing the served draft as version 0
 PVC_MODELS = "/var/lib/tide/models"  # pvc://claim/path sources: each claim mounted read-only at PVC_MODELS/claim
 
 
@@ -171,10 +173,11 @@ def _fetch_containers(namespace: str, name: str, spec: TideDeploymentSpec, pool:
     for model, source in sources(spec).items():
         if source.fetched:
             text = model_path(spec) if model == "target" else spec.draft.initial_path
-            out.append({"name": f"fetch-{model}", "image": image,
+            out.append({"name": f"{FETCH_PREFIX}{model}", "image": image,
                         "command": ["tide", "fetch", text, cache_path(model),
                                     *(["--heads-only"] if model in heads_only else [])],
-                        "env": _fetch_env(namespace, name, spec, pool), "volumeMounts": mounts})
+                        "env": _fetch_env(namespace, name, spec, pool), "volumeMounts": mounts,
+                        "terminationMessagePolicy": "FallbackToLogsOnError"})  # the error is the condition's text
     return out
 
 
@@ -254,9 +257,9 @@ def trainer_deployment(name: str, namespace: str, spec: TideDeploymentSpec) -> M
     }
     image = tr.image or spec.inference.image
     # The lineage starts from the draft SGLang serves: imported as version 0 into an empty registry.
-    start = {"name": "import-draft", "image": image,
+    start = {"name": IMPORT_DRAFT, "image": image,
              "command": ["tide", "import", local_model(spec, "draft"), "--if-empty"],
-             "env": container["env"], "volumeMounts": mounts}
+             "env": container["env"], "volumeMounts": mounts, "terminationMessagePolicy": "FallbackToLogsOnError"}
     init = [*_fetch_containers(namespace, name, spec, tr, image, mounts, heads_only={"target"}), start]
     pod = {"initContainers": init, "containers": [container], "volumes": volumes, **_pod_placement(tr)}
     pod_labels = labels(name, "trainer")

@@ -47,6 +47,7 @@ RESOURCES: dict[str, Resource] = {
     "PodMonitor": Resource("monitoring.coreos.com/v1", "podmonitors", _CHILD),
     "ServiceMonitor": Resource("monitoring.coreos.com/v1", "servicemonitors", _CHILD),
     "Secret": Resource("v1", "secrets", ("get",)),
+    "Pod": Resource("v1", "pods", ("list",)),  # read only: why a child's pods are not ready (an init container)
     "Event": Resource("v1", "events", ("create",)),  # kopf posts handler outcomes as Events
 }
 

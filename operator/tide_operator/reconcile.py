@@ -194,7 +194,11 @@ class Reconciler:
                 continue
             if child["kind"] in ("Deployment", "StatefulSet"):  # the live count: an autoscaler may set it
                 ready = (live.get("status") or {}).get("readyReplicas") or 0
-                pods[child["metadata"]["name"]] = Pods((live.get("spec") or {}).get("replicas", 1), ready)
+                desired = (live.get("spec") or {}).get("replicas", 1)
+                pods[child["metadata"]["name"]] = Pods(desired, ready)
+                if ready < desired and child["spec"]["template"]["spec"].get("initContainers"):
+                    selector = child["spec"]["selector"]["matchLabels"]
+                    rejected += status.init_failures(self.kube.list("Pod", ns, selector))
         for kind, child_name in builders.possible_children(name) if prune else ():
             if (kind, child_name) not in wanted:
                 self.kube.delete(kind, ns, child_name)

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from tide_operator.builders import RESERVED_ENV
+from tide_operator.builders import FETCH_PREFIX, IMPORT_DRAFT, RESERVED_ENV
 from tide_operator.models import Condition, RegistrySpec, SecretKeyRef, TideDeploymentSpec, seconds
 from tide_operator.rollout import Fleet, Routing, parse_time
 from tide_sglang.sources import ModelSourceError, parse_model_source
@@ -99,6 +99,26 @@ def check_secret(field: str, ref: SecretKeyRef, secret: Mapping[str, Any] | None
     if ref.key not in (secret.get("data") or {}) and ref.key not in (secret.get("stringData") or {}):
         return Problem("SecretKeyNotFound", f"{field}: Secret {ref.name!r} has no key {ref.key!r}")
     return None
+
+
+def init_failures(pods: list[Mapping[str, Any]]) -> list[Problem]:
+    """The init containers of these pods whose last run failed (a fetch that cannot reach its source, an import
+    refused): reason ModelFetchFailed or DraftImportFailed, the message naming the pod, the container and the end
+    of its log (the builders set terminationMessagePolicy: FallbackToLogsOnError). One problem per container."""
+    out: dict[str, Problem] = {}
+    for pod in pods:
+        for st in (pod.get("status") or {}).get("initContainerStatuses") or []:
+            state = st.get("state") or {}
+            ended = state.get("terminated") if "terminated" in state else (st.get("lastState") or {}).get("terminated")
+            if not ended or ended.get("exitCode", 0) == 0 or st["name"] in out:
+                continue
+            reason = "ModelFetchFailed" if st["name"].startswith(FETCH_PREFIX) else \
+                "DraftImportFailed" if st["name"] == IMPORT_DRAFT else "InitContainerFailed"
+            lines = [line for line in (ended.get("message") or "").splitlines() if line.strip()]
+            why = lines[-1].strip()[-400:] if lines else ended.get("reason") or "no message"
+            out[st["name"]] = Problem(reason, f"pod {pod['metadata']['name']}: init container {st['name']} exited "
+                                              f"{ended.get('exitCode')}: {why}")
+    return list(out.values())
 
 
 def check_pin(spec: TideDeploymentSpec, known: set[int]) -> list[Problem]:
