@@ -100,6 +100,50 @@ def test_tide_deployments_validate_against_the_crd(rendered: dict[str, list[dict
     assert count >= 4
 
 
+def _under(path: str, mounts: list[dict[str, Any]]) -> bool:
+    return any(path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/") for m in mounts)
+
+
+def test_rendered_deployments_find_their_models_and_keep_their_own_lineage(rendered: dict[str, list[dict]]) -> None:
+    """Every TideDeployment a values file renders, built into pods by the operator: each model path SGLang, the
+    trainer and the draft import read lies on a volume of that container (a fetched one after its init container;
+    never inside the registry mount, which is the deployment's own sub-path), and no two deployments share a
+    registry lineage (the same PVC sub-path or object prefix)."""
+    lineages: dict[str, set[tuple[str, str]]] = {}
+    for values, objs in rendered.items():
+        for td in by_kind(objs, "TideDeployment"):
+            name = td["metadata"]["name"]
+            spec, _ = parse(name, td["spec"])
+            assert spec is not None
+            for dep in (d for d in builders.children(name, NAMESPACE, spec) if d["kind"] == "Deployment"):
+                pod = dep["spec"]["template"]["spec"]
+                fetched = {c["command"][3]: c["name"] for c in pod.get("initContainers", [])
+                           if c["name"].startswith(builders.FETCH_PREFIX)}
+                for c in [*pod.get("initContainers", []), *pod["containers"]]:
+                    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+                    argv = [*c.get("command", []), *c.get("args", [])]
+                    paths = [env.get("TIDE_TARGET")] + [argv[i + 1] for i, a in enumerate(argv)
+                                                        if a in ("--model-path", "--speculative-draft-model-path")]
+                    if c["name"] == builders.IMPORT_DRAFT:
+                        paths.append(argv[2])
+                    for path in filter(None, paths):
+                        where = f"{values}: {dep['metadata']['name']}/{c['name']} reads {path}"
+                        assert path.startswith("/") and _under(path, c["volumeMounts"]), where
+                        # the registry mount is the deployment's lineage only (its sub-path), never a model's home
+                        assert not _under(path, [m for m in c["volumeMounts"] if m["name"] == "registry"]), where
+                        if path.startswith(builders.MODEL_CACHE):  # fetched: by an earlier init container
+                            assert path in fetched and c["name"] != fetched[path], where
+                registry = next((m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "registry"), None)
+                claim = next((v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
+                              if v["name"] == "registry"), None)
+                url = next((e["value"] for e in pod["containers"][0]["env"] if e["name"] == "TIDE_REGISTRY_URL"), None)
+                lineage = (f"pvc://{claim}/{registry['subPath']}" if registry else url, dep["metadata"]["name"])
+                lineages.setdefault(f"{values}/{lineage[0]}", set()).add((name, lineage[1]))
+    assert any("pvc://tide-drafts/" in k for k in lineages) and any("s3://" in k for k in lineages)
+    for lineage, users in lineages.items():
+        assert len({n for n, _ in users}) == 1, f"{lineage} is shared by {sorted(users)}"
+
+
 def test_crd_schema_check_rejects_a_typo() -> None:
     crd = load_crds()["TideDeployment"]
     td = by_kind(render([ROOT / "helm/values-heterogeneous.yaml"]), "TideDeployment")[0]
