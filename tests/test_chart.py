@@ -105,13 +105,14 @@ def _under(path: str, mounts: list[dict[str, Any]]) -> bool:
 
 
 def test_rendered_deployments_find_their_models_and_keep_their_own_lineage(rendered: dict[str, list[dict]]) -> None:
-    """Every TideDeployment a values file renders, built into pods by the operator: each model path SGLang, the
-    trainer and the draft import read lies on a volume of that container (a fetched one after its init container;
-    never inside the registry mount, which is the deployment's own sub-path), and no two deployments share a
-    registry lineage (the same PVC sub-path or object prefix)."""
+    """Every TideDeployment a values file renders or docs/examples holds, built into pods by the operator: each
+    model path SGLang, the trainer and the draft import read lies on a volume of that container (a fetched one
+    after its init container; never inside the registry mount, which is the deployment's own sub-path), and no
+    two deployments share a registry lineage (the same PVC sub-path or object prefix)."""
     lineages: dict[str, set[tuple[str, str]]] = {}
-    for values, objs in rendered.items():
-        for td in by_kind(objs, "TideDeployment"):
+    examples = {p.name: [yaml.safe_load(p.read_text())] for p in (ROOT / "docs/examples").glob("tide*.yaml")}
+    for values, tds in {**{k: by_kind(v, "TideDeployment") for k, v in rendered.items()}, **examples}.items():
+        for td in tds:
             name = td["metadata"]["name"]
             spec, _ = parse(name, td["spec"])
             assert spec is not None

@@ -44,7 +44,7 @@ def test_pools_placement_for_inference_and_training() -> None:
     assert "affinity" not in trainer
     assert trainer["containers"][0]["resources"] == {"requests": {"cpu": 8, "memory": "64Gi"},
                                                      "limits": {"nvidia.com/gpu": 1}}
-    assert trainer["containers"][0]["image"] == "ghcr.io/example/tide-trainer:0.1.0"
+    assert trainer["containers"][0]["image"] == "ghcr.io/tide-sglang/tide-trainer:0.1.0"
 
 
 def test_amd_training_pool_uses_its_gpu_resource() -> None:
