@@ -45,7 +45,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from tide_sglang import keys, rollout
-from tide_sglang.draft import DraftRegistry
+from tide_sglang.draft import DirectoryRegistry
 from tide_sglang.draft.target import resolve
 from tide_sglang.stream import codec, connect
 from tide_sglang.stream.server import LocalRedis, free_port
@@ -542,7 +542,7 @@ def main() -> None:
         if a.static_dir is None:
             ap.error("the static phase needs --static-dir")
         trained = json.loads((a.static_dir / "static-draft.json").read_text())
-        draft = DraftRegistry(Path(trained["registry"])).path(trained["version"])
+        draft = DirectoryRegistry(Path(trained["registry"])).path(trained["version"])
         pinned = a.out / "adaptive-3.json"
         pinned.write_text(json.dumps({str(bs): {"candidate_steps": [3]} for bs in (1, 8, 16, 32, 64)}))
         run_phase("static", lambda: {"trained": trained, **phase_static(
