@@ -36,6 +36,7 @@ from tide_sglang.bench import BenchReport, goal
 from tide_sglang.plugin.capture import Capturer, flags
 from tide_sglang.plugin.link import HelperLink
 from tide_sglang.plugin.slab import FREE, Slab
+from tide_sglang.rollout.stats import read_stats
 from tide_sglang.settings import TideSettings
 from tide_sglang.stream.server import LocalRedis
 
@@ -198,8 +199,8 @@ def _captured(server: LocalRedis, deployment: str) -> tuple[int, int]:
     """(stream entries added, tokens counted in the stats hash: accepted drafts + one bonus per verify step)."""
     client = redis.Redis.from_url(server.url)
     added = int(client.xinfo_stream(keys.hidden_states("default", deployment))["entries-added"])
-    stats = client.hgetall(keys.stats("default", deployment, 0))
-    return added, int(stats.get(b"accepted", 0)) + int(stats.get(b"verify_steps", 0))
+    stats = read_stats(client, "default", deployment, 0)
+    return added, stats.accepted + stats.verify_steps
 
 
 def _arm(p: Params, bs: int, spin: float, server: LocalRedis) -> Arm:

@@ -41,6 +41,7 @@ class StaticPlan(BaseModel):
     requests: int = 1024  # training prompts (the 15 writing "train" prompts, then ShareGPT)
     max_new: int = 256
     steps: int = 3000
+    seconds: float | None = None  # stop training earlier, after this long (a GPU call has a time limit)
     batch_sequences: int = 16
     vocab: int = 8192
     lr: float = 1e-3
@@ -71,20 +72,28 @@ def _chunks(target: Target, texts: list[str], plan: StaticPlan, domain: str) -> 
     return batches, [c for b in batches for c in asm.add(b)] + asm.flush()
 
 
-def _train(target: Target, batches: list, plan: StaticPlan, device: str, work: Path) -> DraftTrainer:
+def _train(target: Target, batches: list, plan: StaticPlan, device: str, work: Path) -> tuple[DraftTrainer, dict]:
+    """The trainer fed from the stream, then `plan.steps` optimizer steps; also the seconds of each part."""
     rows = sum(b.num_tokens for b in batches)
     with LocalRedis() as server:
         settings = TideSettings(redis_url=server.url, deployment="static", train_device=device,
                                 train_chunk_len=plan.max_new + 512, train_batch_chunks=plan.batch_sequences,
                                 train_ttt_steps=plan.ttt_steps, train_lr=plan.lr, train_draft_vocab_size=plan.vocab,
                                 train_vocab_warmup_rows=rows, train_heldout_fraction=0.01)
-        trainer, _ = drain_into_trainer(settings, batches, work, target)
+        trainer, drained = drain_into_trainer(settings, batches, work, target)
     assert trainer.draft is not None
-    for step in range(1, plan.steps + 1):
+    start = time.perf_counter()
+    step = 0
+    while step < plan.steps:
+        step += 1
         stats = trainer.train_step()
-        if step % 250 == 0:
-            click.echo(f"step {step}: loss {stats.report().loss:.3f}")
-    return trainer
+        if step % 250 == 0:  # the report waits for the device: the time below is the device's too
+            click.echo(f"step {step}: loss {stats.report().loss:.3f}, "
+                       f"{1000 * (time.perf_counter() - start) / step:.1f} ms/step")
+            if plan.seconds is not None and time.perf_counter() - start > plan.seconds:
+                break
+    stats.report()
+    return trainer, {"drain_s": drained, "steps": step, "steps_s": time.perf_counter() - start, "rows": rows}
 
 
 def train_static(registry: Path, out: Path, device: str, plan: StaticPlan, target_name: str) -> dict:
@@ -95,7 +104,7 @@ def train_static(registry: Path, out: Path, device: str, plan: StaticPlan, targe
     batches, _ = _chunks(target, [p.text for p in train], plan, "train")
     generated_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as work:
-        trainer = _train(target, batches, plan, device, Path(work))
+        trainer, timing = _train(target, batches, plan, device, Path(work))
     assert trainer.draft is not None and trainer.state is not None
     draft = trainer.draft.eval()
     trained_s = time.perf_counter() - t0 - generated_s
@@ -108,6 +117,7 @@ def train_static(registry: Path, out: Path, device: str, plan: StaticPlan, targe
     result = {
         "version": manifest.version, "registry": str(registry), "device": device, "plan": plan.model_dump(),
         "train_prompts": len(train), "eval_prompts": len(evals), "generate_s": generated_s, "train_s": trained_s,
+        **timing, "ms_per_step": 1000 * timing["steps_s"] / timing["steps"],
         "heldout_accept_length": score.accept_length, "heldout_rows": score.rows, "step_rate": score.step_rate,
         "shared_prompts": len({p.text for p in train} & {p.text for p in evals}),
     }
@@ -140,10 +150,12 @@ def prepare() -> None:
 @click.option("--requests", type=int, default=StaticPlan().requests, show_default=True)
 @click.option("--max-new", type=int, default=StaticPlan().max_new, show_default=True)
 @click.option("--steps", type=int, default=StaticPlan().steps, show_default=True)
+@click.option("--seconds", type=float, default=None, help="Stop training after this long (checked every 250 steps).")
 def train_command(registry: Path, out: Path, device: str, target: str, requests: int, max_new: int,
-                  steps: int) -> None:
+                  steps: int, seconds: float | None) -> None:
     """Train on "train" prompts, score on "eval" prompts, publish."""
-    result = train_static(registry, out, device, StaticPlan(requests=requests, max_new=max_new, steps=steps), target)
+    plan = StaticPlan(requests=requests, max_new=max_new, steps=steps, seconds=seconds)
+    result = train_static(registry, out, device, plan, target)
     click.echo(json.dumps(result))
 
 
