@@ -397,8 +397,10 @@ def phase_capture(name: str, out: Path, args: list[str], env: dict[str, str], to
                      for k in ("tide_plugin_scheduler_seconds_sum", "tide_plugin_scheduler_seconds_count",
                                "tide_capture_drops_total", "tide_captured_tokens_total")}
                 n = d["tide_plugin_scheduler_seconds_count"]
+                by_reason = {k: v - before.get(k, 0.0) for k, v in after.items()
+                             if k.startswith("tide_capture_drops_total") and v != before.get(k, 0.0)}
                 rows[-1].update(tide_us_per_batch=1e6 * d["tide_plugin_scheduler_seconds_sum"] / n if n else None,
-                                tide_batches=n, drops=d["tide_capture_drops_total"],
+                                tide_batches=n, drops=d["tide_capture_drops_total"], drops_by_reason=by_reason,
                                 captured_tokens=d["tide_captured_tokens_total"])
             log(f"capture {name} batch {b}: {rows[-1].get('decode_tokens_per_s')} tok/s, "
                 f"{rows[-1].get('steady_s', 0):.0f} s steady")
