@@ -19,6 +19,9 @@ each server's log to OUT/server-<name>.log. A phase that fails is recorded and t
   (one candidate, 3 draft steps), in the order --capture-servers gives (no plugin, plugin capturing, plugin at
   sample rate 0, no plugin again), each serving one wave per steady batch size with about --capture-seconds of
   decode, read from SGLang's own log; TIDE's scheduler-thread time per batch from tide_plugin_scheduler_seconds.
+- collect: a static draft from SGLang's own captures: a plugin-on server serves --collect-requests "train"
+  prompts of bench.static, then `bench.static train --stream-url` trains on what the plugin captured and writes
+  OUT/static (the static phase then serves it without --static-dir).
 - static: the static draft of `python -m tide_sglang.bench.static train` served by SGLang itself at 3 pinned steps
   on the evaluation prompts (MT-Bench writing "eval" side): its accept length (issue: a draft worth serving).
 - throughput: decode tokens/s with the plugin (capture on) and without it (TIDE_ENABLED unset), same
@@ -435,6 +438,37 @@ def phase_static(out: Path, args: list[str], env: dict[str, str], tok: Any, draf
             "tokens_per_s": tokens / wall}
 
 
+def phase_collect(out: Path, args: list[str], env: dict[str, str], tok: Any, redis_url: str, requests: int,
+                  steps: int, seconds: float) -> dict:
+    """A static draft from SGLang's own captures (`bench.static train --stream-url`): a server with the plugin
+    capturing is sent bench.static's "train" prompts (natural ends or 256 new tokens, 128 at a time), stops (its
+    capture helper flushes), and the trainer reads the stream, trains, scores on the "eval" prompts and publishes
+    into OUT/static-reg, writing OUT/static (what the static phase serves). SGLang generates in seconds what
+    transformers' `generate` needs minutes for."""
+    from tide_sglang.bench import static
+
+    texts = [p.text for p in static.train_prompts(requests)]
+    collect_env = {**env, "TIDE_STREAM_BUDGET_MIB": "16384", "TIDE_STREAM_QUEUE_ENTRIES": "4096",
+                   "TIDE_CAPTURE_RING_SLOTS": "64"}  # keep every row: the stream is read once, after serving
+    server = Server("collect", out, args, collect_env, plugin=True)
+    try:
+        startup = server.wait_ready()
+        results, wall = run_many(server, [chat_ids(tok, t) for t in texts], 256, 128, ignore_eos=False)
+        m = server.metrics()
+    finally:
+        server.stop()
+    ok = [r for r in results if not isinstance(r, Exception)]
+    served = {"prompts": len(texts), "failed": len(results) - len(ok), "startup_s": startup, "wall_s": wall,
+              "tokens": sum(r["meta_info"]["completion_tokens"] for r in ok),
+              "captured_tokens": metric(m, "tide_captured_tokens_total"),
+              "capture_drops": metric(m, "tide_capture_drops_total")}
+    log(f"collect: {json.dumps(served)}")
+    plan = static.StaticPlan(requests=requests, steps=steps, seconds=seconds)
+    trained = static.train_static(out / "static-reg", out / "static", "cuda", plan, "smollm2-135m",
+                                  stream=(redis_url, DEPLOYMENT))
+    return {"served": served, "trained": trained}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -450,6 +484,9 @@ def main() -> None:
                     help="capture phase: servers in order (off: no plugin, on: capturing, rate0: sample rate 0)")
     ap.add_argument("--capture-batches", default="1,8,32,64,128")
     ap.add_argument("--capture-seconds", type=float, default=22.0, help="steady decode per batch size")
+    ap.add_argument("--collect-requests", type=int, default=4096, help="collect phase: train prompts served")
+    ap.add_argument("--collect-steps", type=int, default=6000, help="collect phase: optimizer steps at most")
+    ap.add_argument("--collect-seconds", type=float, default=150.0, help="collect phase: training time at most")
     ap.add_argument("--static-dir", type=Path, default=None,
                     help="static phase: the OUT of `python -m tide_sglang.bench.static train` (static-draft.json, "
                          "eval-prompts.json)")
@@ -540,9 +577,14 @@ def main() -> None:
                 servers[-1] = {"server": name, "rows": partial.get("rows", []), "error": f"{type(e).__name__}: {e}"}
                 log(f"capture {name} FAILED: {e}")
             save()
+    if "collect" in phases:
+        rollout.delete_control(client, NAMESPACE, DEPLOYMENT)
+        run_phase("collect", lambda: phase_collect(a.out, args, env, tok, redis.url, a.collect_requests,
+                                                   a.collect_steps, a.collect_seconds))
+        a.static_dir = a.static_dir or a.out / "static"
     if "static" in phases:
         if a.static_dir is None:
-            ap.error("the static phase needs --static-dir")
+            ap.error("the static phase needs --static-dir (or the collect phase before it)")
         trained = json.loads((a.static_dir / "static-draft.json").read_text())
         draft = DirectoryRegistry(Path(trained["registry"])).path(trained["version"])
         pinned = a.out / "adaptive-3.json"

@@ -12,7 +12,9 @@ humanities).
 them as serving would (bench/traffic), trains with the trainer's own step on the device, scores the draft on
 the evaluation prompts' completions (generated rows only, as served acceptance), publishes it as the next
 version of DIR (what `tide serve --registry` loads) and writes OUT/static-draft.json and OUT/eval-prompts.json
-(the texts to serve it on).
+(the texts to serve it on). With `--stream-url URL [--stream-deployment NAME]` it trains instead on what a serving
+engine captured into that Redis (SGLang with the plugin, sent the same "train" prompts: `scripts/gpu/sglang_run.py
+--phases collect,static`), read to the end of the stream.
 """
 
 import json
@@ -24,7 +26,7 @@ import click
 import torch
 from pydantic import BaseModel
 
-from tide_sglang.bench.traffic import capture, drain_into_trainer, generate, prompt_lengths
+from tide_sglang.bench.traffic import capture, drain_into_trainer, generate, prompt_lengths, read_into_trainer
 from tide_sglang.draft import DirectoryRegistry, DraftMetrics
 from tide_sglang.draft.target import DEFAULT_TARGET, Target, load_target
 from tide_sglang.settings import TideSettings
@@ -35,6 +37,7 @@ from tide_sglang.workloads.registry import snapshot_workload
 
 TRAIN_SEED, EVAL_SEED = 1000, 0
 CHAT_SNAPSHOT = 8192  # ShareGPT prompts snapshotted for the GPU machine: enough for 2,000 English "train" ones
+STREAM_WARMUP_ROWS = 50_000  # captured rows counted before the draft vocabulary is chosen (stream source)
 
 
 class StaticPlan(BaseModel):
@@ -73,16 +76,16 @@ def _chunks(target: Target, texts: list[str], plan: StaticPlan, domain: str) -> 
     return batches, [c for b in batches for c in asm.add(b)] + asm.flush()
 
 
-def _train(target: Target, batches: list, plan: StaticPlan, device: str, work: Path) -> tuple[DraftTrainer, dict]:
-    """The trainer fed from the stream, then `plan.steps` optimizer steps; also the seconds of each part."""
-    rows = sum(b.num_tokens for b in batches)
-    with LocalRedis() as server:
-        settings = TideSettings(redis_url=server.url, deployment="static", train_device=device,
-                                train_chunk_len=plan.max_new + 512, train_batch_chunks=plan.batch_sequences,
-                                train_ttt_steps=plan.ttt_steps, train_lr=plan.lr, train_draft_vocab_size=plan.vocab,
-                                train_vocab_warmup_rows=rows, train_heldout_fraction=0.01)
-        trainer, drained = drain_into_trainer(settings, batches, work, target)
-    assert trainer.draft is not None
+def _settings(url: str, deployment: str, plan: StaticPlan, device: str, warmup_rows: int) -> TideSettings:
+    return TideSettings(redis_url=url, deployment=deployment, train_device=device,
+                        train_chunk_len=plan.max_new + 512, train_batch_chunks=plan.batch_sequences,
+                        train_ttt_steps=plan.ttt_steps, train_lr=plan.lr, train_draft_vocab_size=plan.vocab,
+                        train_vocab_warmup_rows=warmup_rows, train_heldout_fraction=0.01)
+
+
+def _fit(trainer: DraftTrainer, plan: StaticPlan) -> dict:
+    """`plan.steps` optimizer steps (fewer when `plan.seconds` runs out); their count and seconds."""
+    assert trainer.draft is not None, "the stream held too few rows to choose a draft vocabulary"
     start = time.perf_counter()
     step = 0
     while step < plan.steps:
@@ -94,21 +97,39 @@ def _train(target: Target, batches: list, plan: StaticPlan, device: str, work: P
             if plan.seconds is not None and time.perf_counter() - start > plan.seconds:
                 break
     stats.report()
-    return trainer, {"drain_s": drained, "steps": step, "steps_s": time.perf_counter() - start, "rows": rows}
+    return {"steps": step, "steps_s": time.perf_counter() - start}
 
 
-def train_static(registry: Path, out: Path, device: str, plan: StaticPlan, target_name: str) -> dict:
+def _trained(target: Target, train: list[Prompt], plan: StaticPlan, device: str, work: Path,
+             stream: tuple[str, str] | None) -> tuple[DraftTrainer, dict]:
+    """The trainer fed from a stream and fitted. `stream` (Redis URL, deployment): read the captures a serving
+    engine wrote there (SGLang with the plugin, sent the `train` prompts); None: generate them with the target
+    (transformers) and write them to a local Redis first."""
+    if stream is not None:
+        url, deployment = stream
+        trainer, drained = read_into_trainer(_settings(url, deployment, plan, device, STREAM_WARMUP_ROWS), work,
+                                             target)
+        timing = {"source": "stream", "generate_s": 0.0}
+    else:
+        t0 = time.perf_counter()
+        batches, _ = _chunks(target, [p.text for p in train], plan, "train")
+        timing = {"source": "generate", "generate_s": time.perf_counter() - t0}
+        with LocalRedis() as server:
+            rows = sum(b.num_tokens for b in batches)
+            trainer, drained = drain_into_trainer(_settings(server.url, "static", plan, device, rows), batches,
+                                                  work, target)
+    return trainer, {**timing, "drain_s": drained, "rows": trainer.ingested_rows, **_fit(trainer, plan)}
+
+
+def train_static(registry: Path, out: Path, device: str, plan: StaticPlan, target_name: str,
+                 stream: tuple[str, str] | None = None) -> dict:
     cuda = device.startswith("cuda")
     target = load_target(target_name, device=device, dtype=torch.bfloat16 if cuda else torch.float32)
-    t0 = time.perf_counter()
     train = train_prompts(plan.requests)
-    batches, _ = _chunks(target, [p.text for p in train], plan, "train")
-    generated_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as work:
-        trainer, timing = _train(target, batches, plan, device, Path(work))
+        trainer, timing = _trained(target, train, plan, device, Path(work), stream)
     assert trainer.draft is not None and trainer.state is not None
     draft = trainer.draft.eval()
-    trained_s = time.perf_counter() - t0 - generated_s
     evals = eval_prompts()
     _, heldout = _chunks(target, [p.text for p in evals], plan, "eval")
     score: Acceptance = acceptance(draft, heldout, plan.ttt_steps, device=device)
@@ -117,8 +138,9 @@ def train_static(registry: Path, out: Path, device: str, plan: StaticPlan, targe
         steps=trainer.state.steps, domains=dict(trainer.replay.added_rows)))
     result = {
         "version": manifest.version, "registry": str(registry), "device": device, "plan": plan.model_dump(),
-        "train_prompts": len(train), "eval_prompts": len(evals), "generate_s": generated_s, "train_s": trained_s,
-        **timing, "ms_per_step": 1000 * timing["steps_s"] / timing["steps"],
+        "train_prompts": len(train), "eval_prompts": len(evals), **timing,
+        "ms_per_step": 1000 * timing["steps_s"] / timing["steps"], "epochs": trainer.state.trained_rows / max(
+            trainer.replay.rows, 1),
         "heldout_accept_length": score.accept_length, "heldout_rows": score.rows, "step_rate": score.step_rate,
         "shared_prompts": len({p.text for p in train} & {p.text for p in evals}),
     }
@@ -152,11 +174,16 @@ def prepare() -> None:
 @click.option("--max-new", type=int, default=StaticPlan().max_new, show_default=True)
 @click.option("--steps", type=int, default=StaticPlan().steps, show_default=True)
 @click.option("--seconds", type=float, default=None, help="Stop training after this long (checked every 250 steps).")
+@click.option("--stream-url", default=None,
+              help="Train on what a serving engine captured into this Redis (sent the train prompts) instead of "
+                   "generating with transformers.")
+@click.option("--stream-deployment", default="static", show_default=True, help="The deployment whose stream to read.")
 def train_command(registry: Path, out: Path, device: str, target: str, requests: int, max_new: int,
-                  steps: int, seconds: float | None) -> None:
+                  steps: int, seconds: float | None, stream_url: str | None, stream_deployment: str) -> None:
     """Train on "train" prompts, score on "eval" prompts, publish."""
     plan = StaticPlan(requests=requests, max_new=max_new, steps=steps, seconds=seconds)
-    result = train_static(registry, out, device, plan, target)
+    stream = (stream_url, stream_deployment) if stream_url else None
+    result = train_static(registry, out, device, plan, target, stream)
     click.echo(json.dumps(result))
 
 

@@ -124,8 +124,7 @@ def _steps(rows: int, rows_per_step: int, prompt_len: int) -> list[slice]:
 
 def drain_into_trainer(settings: TideSettings, batches: list[CaptureBatch], registry: Path,
                        target: Target) -> tuple[DraftTrainer, float]:
-    """Write the captures to the stream (untimed, as serving does), then let a fresh trainer read, decode and
-    stitch all of them; returns the trainer and the seconds that took."""
+    """Write the captures to the stream (untimed, as serving does), then `read_into_trainer` all of them."""
     size = sum(b.hidden.numel() * b.hidden.itemsize for b in batches)
     # A budget that holds every entry: MAXLEN must not trim what the trainer has not read yet.
     with StreamWriter(lambda: connect(settings), keys.hidden_states(settings.namespace, settings.deployment),
@@ -134,14 +133,24 @@ def drain_into_trainer(settings: TideSettings, batches: list[CaptureBatch], regi
             while not writer.submit(b):  # a full queue drops the entry: wait for the writer thread instead
                 writer.flush(60)
         writer.flush(60)
+    return read_into_trainer(settings, registry, target, rows=sum(b.num_tokens for b in batches))
+
+
+def read_into_trainer(settings: TideSettings, registry: Path, target: Target, *, rows: int | None = None,
+                      idle_s: float = 5.0) -> tuple[DraftTrainer, float]:
+    """A fresh trainer reads, decodes and stitches the stream: `rows` rows (an error if the stream runs dry
+    first), or with `rows` None everything it holds (until nothing new came for `idle_s`); returns the trainer
+    and the seconds that took. The last open sequences are closed: the traffic ends here."""
     reader = StreamReader(connect(settings), keys.hidden_states(settings.namespace, settings.deployment),
                           keys.dead_letter(settings.namespace, settings.deployment), "bench", count=64, block_ms=10)
     trainer = DraftTrainer(settings, DirectoryRegistry(registry, create=True), reader, heads_of(target.model))
-    total = sum(b.num_tokens for b in batches)
-    start, idle = time.perf_counter(), 0
-    while trainer.ingested_rows < total:
-        idle = 0 if trainer.poll() else idle + 1
-        if idle > 500:  # 5 s with nothing to read
-            raise RuntimeError(f"the stream holds {trainer.ingested_rows} of the {total} rows written")
-    trainer.close_sequences()  # the traffic ends here; the service closes them at each checkpoint
-    return trainer, time.perf_counter() - start
+    start = last = time.perf_counter()
+    while rows is None or trainer.ingested_rows < rows:
+        if trainer.poll():
+            last = time.perf_counter()
+        elif time.perf_counter() - last > idle_s:
+            if rows is None:
+                break
+            raise RuntimeError(f"the stream holds {trainer.ingested_rows} of the {rows} rows written")
+    trainer.close_sequences()  # the service closes them at each checkpoint
+    return trainer, (last if rows is None else time.perf_counter()) - start  # not the final idle wait
