@@ -6,11 +6,10 @@ What feeds Prometheus (only the cluster is absent; nothing here is mocked):
   driven through a drifting acceptance (so switches, probes and a change point happen), and tide_speculation_steps
   from the plugin's real Runtime.sync with a StepTable, all in real CollectorRegistries served by
   prometheus_client's start_http_server;
-- the plugin's capture and swap counters are the real PluginMetrics objects, incremented here (their code paths
-  need CUDA streams and SGLang's draft worker);
+- the plugin's capture, swap and per-version acceptance counters are the real PluginMetrics objects,
+  incremented here (their code paths need CUDA streams and SGLang's draft worker);
 - SGLang's own sglang:* series exist only inside SGLang: they are registered here with SGLang's names and labels;
-- series no process exports yet (docs/metrics.md, "Planned"): the trainer's, the stream lag and the plugin's
-  per-version acceptance counters are registered here under the names the dashboards use;
+- the trainer's series and the stream lag are registered here under the names the trainer exports;
 - the tide_draftversion_* / tide_tidedeployment_* series come from kube-state-metrics' custom resource state
   config in helm/kube-prometheus-stack/values.yaml, which KSM would apply: `ksm_families` applies it here to
   DraftVersion/TideDeployment objects that validate against the CRDs.
@@ -272,17 +271,13 @@ def engine_registry(version: int, acceptance: list[float], seed: int) -> tuple[C
               ("sglang:spec_accept_length", "sglang:gen_throughput", "sglang:num_running_reqs",
                "sglang:spec_num_steps")}
     sglang["tokens"] = Counter("sglang:generation_tokens_total", "tokens", list(labels), registry=reg).labels(**labels)
-    # Planned plugin counters (docs/metrics.md): per-version acceptance, as the plugin adds to Redis stats.
-    per_version = ("deployment", "draft_version")
-    planned = {n: Counter(n, n, per_version, registry=reg).labels(DEPLOYMENT, str(version))
-               for n in ("tide_draft_tokens_total", "tide_draft_accepted_tokens_total", "tide_verify_steps_total")}
     metrics.version.labels(deployment=DEPLOYMENT).set(version)
     metrics.swap_failures.labels(**metrics.labels(version)).inc(0)
-    return reg, {"metrics": metrics, "version": version, "sglang": sglang, "planned": planned, "ctl": ctl}
+    return reg, {"metrics": metrics, "version": version, "sglang": sglang, "ctl": ctl}
 
 
 def trainer_registry() -> tuple[CollectorRegistry, dict[str, Any]]:
-    """The series the dashboards expect from the trainer (planned: the trainer exports none yet)."""
+    """The series the dashboards expect from the trainer, under the names `tide train` exports (TrainerMetrics)."""
     reg = CollectorRegistry()
     d = ("deployment",)
     fam = {"loss": Gauge("tide_trainer_loss", "loss", d, registry=reg).labels(DEPLOYMENT),
@@ -299,7 +294,7 @@ def trainer_registry() -> tuple[CollectorRegistry, dict[str, Any]]:
 def tick(engines: list[dict[str, Any]], trainer: dict[str, Any], step: int) -> None:
     """What a second of serving and training adds."""
     for e in engines:
-        m, v, s, p = e["metrics"], e["version"], e["sglang"], e["planned"]
+        m, v, s = e["metrics"], e["version"], e["sglang"]
         labels = m.labels(v)
         m.captured_tokens.labels(**labels).inc(480)
         m.captured_bytes.labels(**labels).inc(480 * 3 * 4096 * 2)
@@ -311,9 +306,9 @@ def tick(engines: list[dict[str, Any]], trainer: dict[str, Any], step: int) -> N
         s["sglang:gen_throughput"].set(880.0)
         s["sglang:num_running_reqs"].set(8)
         s["sglang:spec_num_steps"].set(3)
-        p["tide_draft_tokens_total"].inc(600)
-        p["tide_draft_accepted_tokens_total"].inc(400 + 10 * v)
-        p["tide_verify_steps_total"].inc(200)
+        m.draft_tokens.labels(**labels).inc(600)
+        m.accepted_tokens.labels(**labels).inc(400 + 10 * v)
+        m.verify_steps.labels(**labels).inc(200)
     trainer["loss"].set(2.0 / (1 + 0.1 * step))
     trainer["tokens"].inc(5000)
     trainer["lag"].set(120 - step)

@@ -234,3 +234,32 @@ def test_the_control_states_collect_switches_row_copies_at_the_sync_point() -> N
     capturer.sampling = False  # TIDE_CAPTURE_SAMPLE_RATE=0 wins over the control state
     rt.sync(None)
     assert capturer.collect is False
+
+
+def test_helper_counts_each_versions_verify_steps_in_redis_and_in_prometheus(settings) -> None:
+    """The serving dashboard's accept length per version reads these counters; the operator reads the hash."""
+    from prometheus_client import CollectorRegistry
+
+    from tide_sglang.plugin.helper import Helper, HelperConfig
+    from tide_sglang.plugin.metrics import PluginMetrics
+    from tide_sglang.rollout.stats import read_stats
+    from tide_sglang.stream import connect
+
+    reg = CollectorRegistry()
+    slab = Slab.create(slots=1, slot_bytes=4096)
+    helper = Helper(HelperConfig(slab=slab.name, slots=1, slot_bytes=slab.slot_bytes, aux_layers=3, vocab_size=100),
+                    settings, PluginMetrics(settings.deployment, registry=reg))
+    try:
+        for tick in (wire.Tick(7, 9, 3, 3, 1000, 0), wire.Tick(7, 6, 2, 2, 1000, 0), wire.Tick(8, 3, 3, 1, 1000, 0)):
+            helper.handle(tick)
+        helper.stats.flush()
+        labels = {"deployment": settings.deployment, "draft_version": "7"}
+        got = {name: reg.get_sample_value(name, labels) for name in
+               ("tide_draft_tokens_total", "tide_draft_accepted_tokens_total", "tide_verify_steps_total")}
+        assert got == {"tide_draft_tokens_total": 15, "tide_draft_accepted_tokens_total": 5,
+                       "tide_verify_steps_total": 5}
+        stats = read_stats(connect(settings), settings.namespace, settings.deployment, 7)
+        assert (stats.tokens, stats.accepted, stats.verify_steps) == (15, 5, 5)
+    finally:
+        helper.close()
+        slab.close()

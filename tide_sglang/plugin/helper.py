@@ -109,11 +109,11 @@ class Assembler:
 class Helper:
     """The helper's loop: frames in, stream entries and stats out."""
 
-    def __init__(self, config: HelperConfig, settings: TideSettings) -> None:
+    def __init__(self, config: HelperConfig, settings: TideSettings, metrics: PluginMetrics | None = None) -> None:
         self.settings = settings
         self.slab = Slab.attach(config.slab, config.slots, config.slot_bytes)
         self.assembler = Assembler(config, settings.capture_sample_rate, settings.capture_max_acceptance)
-        self.metrics = PluginMetrics(settings.deployment)
+        self.metrics = metrics or PluginMetrics(settings.deployment)
         stream = keys.hidden_states(settings.namespace, settings.deployment)
         self.writer = StreamWriter(lambda: connect(settings, check=False), stream,
                                    budget_bytes=settings.stream_budget_mib << 20,
@@ -134,9 +134,12 @@ class Helper:
 
     def _tick(self, t: wire.Tick) -> None:
         self.version = t.version
+        labels = self.metrics.labels(t.version)
         if t.verify_steps:
             self.stats.add(t.version, tokens=t.tokens, accepted=t.accepted, verify_steps=t.verify_steps)
-        labels = self.metrics.labels(t.version)
+            self.metrics.draft_tokens.labels(**labels).inc(t.tokens)
+            self.metrics.accepted_tokens.labels(**labels).inc(t.accepted)
+            self.metrics.verify_steps.labels(**labels).inc(t.verify_steps)
         self.metrics.scheduler_seconds.labels(**labels).observe(t.scheduler_ns / 1e9)
         if t.drops:
             self.metrics.drops.labels(**labels, reason="scheduler").inc(t.drops)

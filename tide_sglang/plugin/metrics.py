@@ -31,6 +31,10 @@ class PluginMetrics:
         self.scheduler_seconds = Histogram(
             "tide_plugin_scheduler_seconds", "Scheduler-thread CPU time in TIDE code per decode batch", LABELS, **r,
             buckets=(5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2))
+        # The per-version counts the stats hash holds (rollout.stats.COUNTS), as counters a dashboard can rate.
+        self.draft_tokens = Counter("tide_draft_tokens_total", "Draft tokens verified", LABELS, **r)
+        self.accepted_tokens = Counter("tide_draft_accepted_tokens_total", "Draft tokens accepted", LABELS, **r)
+        self.verify_steps = Counter("tide_verify_steps_total", "Request verify steps", LABELS, **r)
         self.version = Gauge("tide_draft_version", "Draft version loaded in this engine", ("deployment",),
                              multiprocess_mode="mostrecent", **r)
         self.steps = Gauge("tide_speculation_steps", "Draft steps TIDE chose, by batch-size slot",
