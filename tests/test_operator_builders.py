@@ -213,8 +213,8 @@ def test_children_set_follows_spec() -> None:
     assert set(minimal) == {("Deployment", "a"), ("Service", "a"), ("Deployment", "a-trainer"),
                             ("PersistentVolumeClaim", "a-trainer-checkpoint"), ("NetworkPolicy", "a")}
     full = by_name(builders.children("a", "ns", example("tidedeployment-full.yaml")))
-    assert set(full) - set(minimal) == {("StatefulSet", "a-redis"), ("Service", "a-redis"), ("NetworkPolicy", "a-redis"),
-                                        ("PodMonitor", "a"), ("ServiceMonitor", "a")}
+    assert set(full) - set(minimal) == {("StatefulSet", "a-redis"), ("Service", "a-redis"),
+                                        ("NetworkPolicy", "a-redis"), ("PodMonitor", "a"), ("ServiceMonitor", "a")}
     assert set(full) <= set(builders.possible_children("a"))
     assert full["PodMonitor", "a"]["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     sts = full["StatefulSet", "a-redis"]["spec"]

@@ -367,8 +367,8 @@ async def test_objects_it_does_not_own_are_left_alone(cluster: Cluster, operator
                                                        redis_server: LocalRedis) -> None:
     """Someone's own Service named like the inference Service: never patched (its selector stays), never deleted,
     and named in the Conflict condition; every other child is still applied."""
-    mine = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": NAME, "namespace": NS, "labels": {"app": "web"}},
-            "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}}
+    mine = {"apiVersion": "v1", "kind": "Service", "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]},
+            "metadata": {"name": NAME, "namespace": NS, "labels": {"app": "web"}}}
     await cluster.create(mine)
     await cluster.create(tide(redis_server.url))
     await wait_for(lambda: cluster.condition(NAME, "Conflict").get("status") == "True", what="Conflict")
@@ -378,7 +378,8 @@ async def test_objects_it_does_not_own_are_left_alone(cluster: Cluster, operator
     assert cluster.get("Service", NAME)["spec"]["selector"] == {"app": "web"}
     await cluster.delete("TideDeployment", NAME)
     await wait_for(lambda: cluster.get("TideDeployment", NAME) is None, what="finalizer released")
-    assert cluster.get("Deployment", NAME) is None and cluster.get("Service", NAME)["spec"]["selector"] == {"app": "web"}
+    assert cluster.get("Deployment", NAME) is None
+    assert cluster.get("Service", NAME)["spec"]["selector"] == {"app": "web"}
     assert_rbac_covers(cluster.kmock)
 
 
