@@ -434,7 +434,7 @@ def test_external_redis_secrets_from_the_documented_commands(tmp_path: Path) -> 
     pod = by_kind(objs, "Deployment")[0]["spec"]["template"]["spec"]
     (volume,) = [v for v in pod["volumes"] if "secret" in v]
     assert volume["secret"]["secretName"] == "tide-redis-ca"
-    env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
     mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"])
     ca_file = env["TIDE_REDIS_TLS_CA_FILE"]
     assert ca_file.startswith(mount["mountPath"] + "/")
