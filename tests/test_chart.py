@@ -32,7 +32,7 @@ from tests.operator.crdcheck import errors, load_crds
 from tide_sglang.settings import TideSettings
 
 BUILT_IN = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "RoleBinding", "Deployment", "StatefulSet",
-            "Service", "Secret", "ConfigMap", "CustomResourceDefinition", "PodDisruptionBudget"}
+            "Service", "Secret", "ConfigMap", "CustomResourceDefinition", "PodDisruptionBudget", "NetworkPolicy"}
 KUBE_VERSIONS = ("1.27", "1.35")  # the chart's kubeVersion floor, and the kubectl that ensure-helm.sh installs
 
 
@@ -240,6 +240,30 @@ def test_managed_redis_and_its_tide_deployments() -> None:
     assert pools == {"llama-chat": {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"},
                      "qwen-coder": {"nvidia.com/gpu.product": "NVIDIA-L40S"},
                      "mistral-support": {"amd.com/gpu.product-name": "AMD-Instinct-MI250X"}}
+
+
+def test_chart_redis_admits_only_tide_pods_and_the_operator() -> None:
+    """Its NetworkPolicy's peers match the pods the operator builds for the TideDeployments the chart renders and
+    the operator's own pods, and no other pod of the namespace (the Redis pod itself, say)."""
+    objs = render([ROOT / "helm/values-heterogeneous.yaml"])
+    (policy,) = by_kind(objs, "NetworkPolicy")
+    redis_pod = by_kind(objs, "StatefulSet")[0]["spec"]["template"]["metadata"]["labels"]
+    assert _matches(policy["spec"]["podSelector"], redis_pod)
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 6379}]
+
+    def allowed(labels: dict[str, str]) -> bool:
+        return any(_matches(peer["podSelector"], labels) for peer in rule["from"])
+
+    operator = by_kind(objs, "Deployment")[0]["spec"]["template"]["metadata"]["labels"]
+    assert allowed(operator) and not allowed(redis_pod)
+    for td in by_kind(objs, "TideDeployment"):
+        spec, _ = parse(td["metadata"]["name"], td["spec"])
+        assert spec is not None
+        for dep in (d for d in builders.children(td["metadata"]["name"], NAMESPACE, spec) if d["kind"] == "Deployment"):
+            assert allowed(dep["spec"]["template"]["metadata"]["labels"]), dep["metadata"]["name"]
+    assert not by_kind(render([ROOT / "helm/values-heterogeneous.yaml"], sets=["redis.networkPolicy.enabled=false"]),
+                       "NetworkPolicy")
 
 
 def test_external_redis_keeps_the_spec_secrets() -> None:
