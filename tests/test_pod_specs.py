@@ -8,8 +8,9 @@ Stood in for, because they cannot exist here: each volume is a local directory (
 pods that mount it, at the spec's sub-path; each pod its own emptyDirs), the hub is what a download leaves in the
 model-cache's Hugging Face cache (a SmolLM2-135M checkpoint for every target, a SpecForge export for it for every
 draft; HF_HUB_OFFLINE=1, no network here), a model or draft on a PVC is those files on its directory, Redis is a
-real redis-server (a one-node Redis Cluster for `redis.cluster`) whose address replaces the Service's host:port in
-the pods' variables (what cluster DNS would resolve), an object store is SeaweedFS (its endpoint and keys added as
+real redis-server (a one-node Redis Cluster for `redis.cluster`; plain TCP where the spec's Secret names a rediss://
+server) whose address replaces the Service's host:port in the pods' variables (what cluster DNS would resolve)
+and is what a `redis.urlSecretRef` Secret holds, an object store is SeaweedFS (its endpoint and keys added as
 AWS_* variables, standing in for AWS's endpoint and the pod's cloud identity), each Secret is a dict holding what
 the stand-ins need, the downward API the pod's name and namespace, and the SGLang container a reference engine
 (`tide engine`) with that container's environment: SGLang needs a GPU.
@@ -46,7 +47,6 @@ from tide_sglang.stream.server import LocalRedis, free_port
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 PASSWORD = "s3cret-redis"
-S3_STANDS_IN = ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")
 
 
 def hub_snapshot(cache: Path, repo: str, files: Path) -> None:
@@ -173,7 +173,7 @@ def world_for(name: str, ns: str, spec: TideDeploymentSpec, root: Path) -> Itera
         if spec.registry.url is not None and spec.registry.url.startswith("s3://"):
             s3 = stack.enter_context(LocalS3())
             s3.client().create_bucket(Bucket=spec.registry.url.split("/")[2])
-            world.aws = s3.env()
+            world.aws = s3.env
         for field, ref in secret_refs(spec):
             world.secrets.setdefault(ref.name, {})[ref.key] = {
                 "redis.urlSecretRef": server.url.replace(f":{password}@", "") if password else server.url,
