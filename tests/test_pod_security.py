@@ -52,6 +52,11 @@ def test_every_pod_passes_the_restricted_profile(pods: dict[str, dict[str, Any]]
     assert failing == {}
 
 
+def test_pods_the_operator_builds_mount_no_service_account_token(pods: dict[str, dict[str, Any]]) -> None:
+    built = {k: pod for k, pod in pods.items() if "/StatefulSet/" in k or "/Deployment/" in k}
+    assert built and all(pod["automountServiceAccountToken"] is False for pod in built.values())
+
+
 def test_every_container_has_cpu_and_memory_requests(pods: dict[str, dict[str, Any]]) -> None:
     """Defaults where a spec sets no resources (test_operator_builders checks them and their memory limits)."""
     for where, pod in pods.items():

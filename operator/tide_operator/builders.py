@@ -212,10 +212,11 @@ CONTAINER_SECURITY: Manifest = {"allowPrivilegeEscalation": False, "readOnlyRoot
 def _secured(pod: Manifest, uid: int) -> Manifest:
     """The Pod Security Standard "restricted" profile on a pod spec (tests/pss.py checks its rules): non-root with a
     fixed uid (fsGroup makes the volumes writable to it), RuntimeDefault seccomp, and in every container no
-    privilege escalation, no capabilities and a read-only root filesystem."""
+    privilege escalation, no capabilities and a read-only root filesystem. No service account token either: only
+    the operator talks to the Kubernetes API."""
     for c in [*pod.get("initContainers", []), *pod["containers"]]:
         c["securityContext"] = dict(CONTAINER_SECURITY)
-    return {**pod, "securityContext": {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": uid, "fsGroup": uid,
+    return {**pod, "automountServiceAccountToken": False, "securityContext": {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": uid, "fsGroup": uid,
                                        "seccompProfile": {"type": "RuntimeDefault"}}}
 
 
