@@ -216,8 +216,9 @@ def _secured(pod: Manifest, uid: int) -> Manifest:
     the operator talks to the Kubernetes API."""
     for c in [*pod.get("initContainers", []), *pod["containers"]]:
         c["securityContext"] = dict(CONTAINER_SECURITY)
-    return {**pod, "automountServiceAccountToken": False, "securityContext": {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": uid, "fsGroup": uid,
-                                       "seccompProfile": {"type": "RuntimeDefault"}}}
+    security = {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": uid, "fsGroup": uid,
+                "seccompProfile": {"type": "RuntimeDefault"}}
+    return {**pod, "automountServiceAccountToken": False, "securityContext": security}
 
 
 def _fetch_env(namespace: str, name: str, spec: TideDeploymentSpec, pool: Placement) -> list[Manifest]:
