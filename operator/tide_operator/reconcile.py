@@ -168,7 +168,8 @@ class Reconciler:
         try:
             self.kube.create(body)
         except ApiError as e:
-            if e.status != 409:  # 409: it exists but was not listed (a race, or someone else's); then
+            # 409: it exists but was not listed: a race (it starts from `initial` too), or someone else's (Conflict)
+            if e.status != 409:
                 raise
             live = self.kube.get("DraftVersion", ns, body["metadata"]["name"])
             if live is not None and not builders.owns(td, live):
