@@ -228,8 +228,14 @@ def test_every_published_tide_deployment_is_run_here() -> None:
     assert len(CASES) >= 8 and "quickstart" in CASES and "tidedeployment-full.yaml" in CASES
 
 
+@pytest.fixture(scope="module")
+def draft(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One SpecForge export, the initial draft of every case (each links to it; nothing writes it)."""
+    return specforge_draft(tmp_path_factory.mktemp("draft-export"))
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_pods_find_their_models_registry_checkpoint_and_redis(case: str, tmp_path: Path,
+def test_pods_find_their_models_registry_checkpoint_and_redis(case: str, draft: Path, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     doc = CASES[case]
     name, ns = doc["metadata"]["name"], doc["metadata"]["namespace"]
@@ -241,7 +247,7 @@ def test_pods_find_their_models_registry_checkpoint_and_redis(case: str, tmp_pat
         pods = {kind: Pod(dep, f"{dep['metadata']['name']}-7d9f-a", tmp_path / "pods", world)
                 for kind, dep in (("trainer", builders.trainer_deployment(name, ns, spec)),
                                   ("inference", builders.inference_deployment(name, ns, spec)))}
-        place_models(spec, pods, world, specforge_draft(tmp_path / "draft-export"))
+        place_models(spec, pods, world, draft)
         with ThreadPoolExecutor(2) as pool:  # two pods: their init containers run side by side
             for done in [pool.submit(pods[kind].init, tmp_path) for kind in pods]:
                 done.result()
