@@ -21,6 +21,10 @@ COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/tide_sglang-*.whl && rm -rf /wheels \
  && python -c "from importlib.metadata import entry_points; \
 assert any(e.name == 'tide' for e in entry_points(group='sglang.srt.plugins')), 'TIDE plugin not registered'" \
- && python -c "from tide_sglang.plugin import versions; versions.check(versions.installed())"
+ && python -c "from tide_sglang.plugin import versions; versions.check(versions.installed())" \
+ && groupadd --gid 65532 tide && useradd --uid 65532 --gid 65532 --home-dir /home/tide --create-home \
+    --shell /usr/sbin/nologin tide
+# Not root: the operator runs the pod as this uid (restricted Pod Security), with HOME and /tmp on emptyDirs.
+USER 65532:65532
 EXPOSE 30000
 ENTRYPOINT ["tide", "serve"]

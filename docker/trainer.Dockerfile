@@ -22,5 +22,9 @@ COPY --from=build /wheels /wheels
 RUN if [ -n "${TORCH_SPEC}" ]; then pip install --no-cache-dir "${TORCH_SPEC}"; fi \
  && pip install --no-cache-dir "$(ls /wheels/tide_sglang-*.whl)[train]" \
  && rm -rf /wheels \
- && python -c "import torch, tide_sglang.trainer.service; print('torch', torch.__version__)"
+ && python -c "import torch, tide_sglang.trainer.service; print('torch', torch.__version__)" \
+ && groupadd --gid 65532 tide && useradd --uid 65532 --gid 65532 --home-dir /home/tide --create-home \
+    --shell /usr/sbin/nologin tide
+# Not root: the operator runs the pod as this uid (restricted Pod Security), with HOME and /tmp on emptyDirs.
+USER 65532:65532
 ENTRYPOINT ["tide", "train"]

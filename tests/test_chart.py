@@ -32,7 +32,7 @@ from tests.operator.crdcheck import errors, load_crds
 from tide_sglang.settings import TideSettings
 
 BUILT_IN = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "RoleBinding", "Deployment", "StatefulSet",
-            "Service", "Secret", "ConfigMap", "CustomResourceDefinition"}
+            "Service", "Secret", "ConfigMap", "CustomResourceDefinition", "PodDisruptionBudget", "NetworkPolicy"}
 KUBE_VERSIONS = ("1.27", "1.35")  # the chart's kubeVersion floor, and the kubectl that ensure-helm.sh installs
 
 
@@ -174,15 +174,42 @@ def test_watched_namespaces_get_role_bindings_and_flags() -> None:
 
 
 def test_operator_deployment() -> None:
-    dep = by_kind(render(sets=["operator.verbosity=debug", "operator.intervalSeconds=5"]), "Deployment")[0]
-    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+    objs = render(sets=["operator.verbosity=debug", "operator.intervalSeconds=5"])
+    dep = by_kind(objs, "Deployment")[0]
+    assert dep["spec"]["replicas"] == 2 and "strategy" not in dep["spec"]  # rolled: the peers hand over
     c = dep["spec"]["template"]["spec"]["containers"][0]
     assert c["image"] == "ghcr.io/tide-sglang/tide-operator:0.1.0"
-    assert c["args"] == ["--log-format=full", "--debug", "--liveness=http://0.0.0.0:8080/healthz", "--all-namespaces"]
-    env = {e["name"]: e["value"] for e in c["env"]}
+    assert c["args"] == ["--log-format=full", "--debug", "--liveness=http://0.0.0.0:8080/healthz", "--peering=tide",
+                         "--all-namespaces"]
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in c["env"]}
     assert env == {"TIDE_OPERATOR_INTERVAL_S": "5", "TIDE_OPERATOR_REDIS_TIMEOUT_S": "3",
-                   "TIDE_OPERATOR_EVENTS_BATCH": "100"}
+                   "TIDE_OPERATOR_EVENTS_BATCH": "100",
+                   "TIDE_OPERATOR_NAMESPACE": {"fieldRef": {"fieldPath": "metadata.namespace"}}}
+    assert dep["spec"]["template"]["metadata"]["labels"]["tide.dev/operator"] == "true"
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+
+
+@pytest.mark.parametrize("watch", [[], ["serving", "batch"]])
+def test_operator_replicas_share_a_kopf_peering_and_a_disruption_budget(watch: list[str]) -> None:
+    """Two replicas by default, one acting (python -m tide_operator --peering gives each a random kopf priority):
+    the peering object they share is rendered (cluster-wide, or one per watched namespace, as kopf looks for it
+    with -A or -n), its CRD is in crds/, and a PodDisruptionBudget keeps one replica through drains."""
+    from tide_operator.__main__ import kopf_argv
+
+    sets = [f"operator.watchNamespaces={{{','.join(watch)}}}"] if watch else []
+    objs = render(sets=sets)
+    kind = "KopfPeering" if watch else "ClusterKopfPeering"
+    peerings = by_kind(objs, kind)
+    assert [p["metadata"].get("namespace") for p in peerings] == (watch or [None])
+    assert all(errors(load_crds()[kind], p) == [] for p in peerings)
+    args = by_kind(objs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert f"--peering={peerings[0]['metadata']['name']}" in args
+    argv = kopf_argv(args)
+    assert "--standalone" not in argv and sum(a.startswith("--priority=") for a in argv) == 1
+    assert "--standalone" in kopf_argv(["-n", "x"])  # run by hand without --peering: one replica
+    (pdb,) = by_kind(objs, "PodDisruptionBudget")
+    assert pdb["spec"] == {"minAvailable": 1, "selector": by_kind(objs, "Deployment")[0]["spec"]["selector"]}
+    assert not by_kind(render(sets=["operator.replicas=1"]), "PodDisruptionBudget")
 
 
 def test_digest_overrides_tag() -> None:
@@ -195,6 +222,7 @@ def test_managed_redis_and_its_tide_deployments() -> None:
     objs = render([ROOT / "helm/values-heterogeneous.yaml"])
     secret = by_kind(objs, "Secret")[0]
     assert secret["metadata"]["name"] == "tide-redis" and len(secret["data"]["password"]) > 20
+    assert secret["metadata"]["labels"]["tide.dev/secret"] == "true"  # the operator may read it
     sts = by_kind(objs, "StatefulSet")[0]
     c = sts["spec"]["template"]["spec"]["containers"][0]
     assert c["args"][-2:] == ["--requirepass", "$(REDIS_PASSWORD)"]
@@ -212,6 +240,30 @@ def test_managed_redis_and_its_tide_deployments() -> None:
     assert pools == {"llama-chat": {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"},
                      "qwen-coder": {"nvidia.com/gpu.product": "NVIDIA-L40S"},
                      "mistral-support": {"amd.com/gpu.product-name": "AMD-Instinct-MI250X"}}
+
+
+def test_chart_redis_admits_only_tide_pods_and_the_operator() -> None:
+    """Its NetworkPolicy's peers match the pods the operator builds for the TideDeployments the chart renders and
+    the operator's own pods, and no other pod of the namespace (the Redis pod itself, say)."""
+    objs = render([ROOT / "helm/values-heterogeneous.yaml"])
+    (policy,) = by_kind(objs, "NetworkPolicy")
+    redis_pod = by_kind(objs, "StatefulSet")[0]["spec"]["template"]["metadata"]["labels"]
+    assert _matches(policy["spec"]["podSelector"], redis_pod)
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 6379}]
+
+    def allowed(labels: dict[str, str]) -> bool:
+        return any(_matches(peer["podSelector"], labels) for peer in rule["from"])
+
+    operator = by_kind(objs, "Deployment")[0]["spec"]["template"]["metadata"]["labels"]
+    assert allowed(operator) and not allowed(redis_pod)
+    for td in by_kind(objs, "TideDeployment"):
+        spec, _ = parse(td["metadata"]["name"], td["spec"])
+        assert spec is not None
+        for dep in (d for d in builders.children(td["metadata"]["name"], NAMESPACE, spec) if d["kind"] == "Deployment"):
+            assert allowed(dep["spec"]["template"]["metadata"]["labels"]), dep["metadata"]["name"]
+    assert not by_kind(render([ROOT / "helm/values-heterogeneous.yaml"], sets=["redis.networkPolicy.enabled=false"]),
+                       "NetworkPolicy")
 
 
 def test_external_redis_keeps_the_spec_secrets() -> None:
@@ -384,9 +436,12 @@ def test_external_redis_secrets_from_the_documented_commands(tmp_path: Path) -> 
     header = header.replace("\\\n", " ")  # join continuation lines
     commands = [ln.split("kubectl ", 1)[1] for ln in header.splitlines() if ln.startswith("kubectl ")]
     (tmp_path / "redis-ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
-    secrets = {}
+    secrets: dict[str, dict] = {}
     for command in commands:
         argv = [a.replace("./redis-ca.crt", str(tmp_path / "redis-ca.crt")) for a in shlex.split(command)]
+        if argv[2] == "label":  # `label secret NAME k=v` of a Secret made above: applied locally (--local)
+            (tmp_path / "s.yaml").write_text(yaml.safe_dump(secrets[argv[4]]))
+            argv = [*argv[:3], "-f", str(tmp_path / "s.yaml"), "--local", *argv[5:]]
         secret = yaml.safe_load(kubectl(*argv, "--dry-run=client", "-o", "yaml").stdout)
         secrets[secret["metadata"]["name"]] = secret
     assert set(secrets) == {"tide-redis", "tide-redis-ca"}
@@ -395,14 +450,15 @@ def test_external_redis_secrets_from_the_documented_commands(tmp_path: Path) -> 
     spec, problems = parse(td["metadata"]["name"], td["spec"])
     assert spec is not None and problems == []
     refs = {"urlSecretRef": spec.redis.url_secret_ref, "passwordSecretRef": spec.redis.password_secret_ref}
-    for field, ref in refs.items():
-        assert ref is not None and check_secret(field, ref, secrets.get(ref.name)) is None
+    labelled = {n: s for n, s in secrets.items() if s["metadata"].get("labels", {}).get("tide.dev/secret") == "true"}
+    for field, ref in refs.items():  # as the operator sees them: labelled for TIDE
+        assert ref is not None and check_secret(field, ref, labelled.get(ref.name)) is None
     url = base64.b64decode(secrets["tide-redis"]["data"]["url"]).decode()
     assert TideSettings(redis_url=url).redis_url.startswith("rediss://")
     pod = by_kind(objs, "Deployment")[0]["spec"]["template"]["spec"]
     (volume,) = [v for v in pod["volumes"] if "secret" in v]
     assert volume["secret"]["secretName"] == "tide-redis-ca"
-    env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
     mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"])
     ca_file = env["TIDE_REDIS_TLS_CA_FILE"]
     assert ca_file.startswith(mount["mountPath"] + "/")

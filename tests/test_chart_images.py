@@ -95,6 +95,18 @@ def test_operator_image_runs_as_the_chart_user() -> None:
     assert ("USER", f"{uid}:{uid}") in instructions(ROOT / "docker/operator.Dockerfile")
 
 
+def test_workload_images_run_as_the_uid_the_operator_sets() -> None:
+    """The inference and trainer images run as builders.RUN_AS, the uid of every pod the operator builds."""
+    spec = TideDeploymentSpec.model_validate({"model": {"path": "m"}, "draft": {"initialPath": "d"},
+                                              "inference": {"image": "i"}, "redis": {"url": "redis://r:6379"},
+                                              "registry": {"claimName": "c"}})
+    for dep in (builders.inference_deployment("a", "ns", spec), builders.trainer_deployment("a", "ns", spec)):
+        assert dep["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == builders.RUN_AS
+    for name in ("inference", "trainer"):
+        users = [a for i, a in instructions(ROOT / f"docker/{name}.Dockerfile") if i == "USER"]
+        assert users[-1:] == [f"{builders.RUN_AS}:{builders.RUN_AS}"], name  # the final image's user
+
+
 def test_trainer_entrypoint_is_the_crd_default_command() -> None:
     default = TrainingSpec.model_fields["command"].default
     assert entrypoint(ROOT / "docker/trainer.Dockerfile") == default == ["tide", "train"]

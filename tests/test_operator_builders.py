@@ -50,7 +50,8 @@ def test_pools_placement_for_inference_and_training() -> None:
 def test_amd_training_pool_uses_its_gpu_resource() -> None:
     spec = example("tidedeployment-amd-pinned.yaml")
     trainer = builders.trainer_deployment("m", "ns", spec)["spec"]["template"]["spec"]
-    assert trainer["containers"][0]["resources"]["limits"] == {"amd.com/gpu": 1}
+    # the pool's default memory limit (no resources in the example), and its GPU resource
+    assert trainer["containers"][0]["resources"]["limits"] == {"memory": "32Gi", "amd.com/gpu": 1}
     assert trainer["nodeSelector"] == {"amd.com/gpu.product-name": "AMD-Instinct-MI250X"}
 
 
@@ -68,7 +69,7 @@ def test_env_wiring() -> None:
         assert env["TIDE_REGISTRY_DIR"] == "/var/lib/tide/registry"
         assert env["TIDE_TARGET"] == "/var/cache/tide/models/target"  # the hub id, fetched by an init container
         assert env["TIDE_TRIGGER_EPSILON"] == "0.02"
-        assert set(env) <= builders.RESERVED_ENV
+        assert set(env) - {"HOME", "USER"} <= builders.RESERVED_ENV
     assert trainer["TIDE_TRAIN_GATE"] == "trigger"
 
 
@@ -100,7 +101,7 @@ def test_each_deployment_has_its_own_registry_lineage() -> None:
     assert (env["AWS_ENDPOINT_URL_S3"], env["AWS_REGION"]) == ("http://weed.storage.svc:8333", "eu-west-1")
     assert env["AWS_ACCESS_KEY_ID"] == {"secretKeyRef": {"name": "drafts-s3", "key": "id"}}
     assert env["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": ref}
-    assert set(env) <= builders.RESERVED_ENV | {"TIDE_TRAIN_GATE"}
+    assert set(env) - {"HOME", "USER"} <= builders.RESERVED_ENV
     pod = builders.trainer_deployment("chat", "serving", s3)["spec"]["template"]["spec"]
     assert all(v["name"] != "registry" for v in pod["volumes"])
 
@@ -209,10 +210,11 @@ def test_one_inference_deployment_whose_count_an_autoscaler_may_own(replicas: in
 
 def test_children_set_follows_spec() -> None:
     minimal = by_name(builders.children("a", "ns", example("tidedeployment-minimal.yaml")))
-    assert set(minimal) == {("Deployment", "a"), ("Service", "a"), ("Deployment", "a-trainer")}
+    assert set(minimal) == {("Deployment", "a"), ("Service", "a"), ("Deployment", "a-trainer"),
+                            ("PersistentVolumeClaim", "a-trainer-checkpoint"), ("NetworkPolicy", "a")}
     full = by_name(builders.children("a", "ns", example("tidedeployment-full.yaml")))
     assert set(full) - set(minimal) == {("StatefulSet", "a-redis"), ("Service", "a-redis"),
-                                        ("PodMonitor", "a"), ("ServiceMonitor", "a")}
+                                        ("NetworkPolicy", "a-redis"), ("PodMonitor", "a"), ("ServiceMonitor", "a")}
     assert set(full) <= set(builders.possible_children("a"))
     assert full["PodMonitor", "a"]["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     sts = full["StatefulSet", "a-redis"]["spec"]
@@ -337,3 +339,110 @@ def test_built_in_children_validate_against_kubernetes_schemas(name: str) -> Non
     assert kids
     for child in kids:
         kubernetes_validate.validate(child, "1.30", strict=True)
+
+
+def _owner(name: str = "a", uid: str = "u-1") -> dict:
+    return {"metadata": {"name": name, "uid": uid}}
+
+
+@pytest.mark.parametrize(("meta", "owned"), [
+    ({"ownerReferences": [{"uid": "u-1", "controller": True}]}, True),
+    ({"labels": builders.labels("a", "inference")}, True),  # made by the operator for a TideDeployment of this name
+    ({"labels": builders.labels("b", "inference")}, False),  # another deployment's
+    ({}, False),  # someone's own Service of the same name
+    ({"labels": {"app": "web"}, "ownerReferences": [{"uid": "x", "controller": False}]}, False),
+    ({"labels": builders.labels("a", "inference"), "ownerReferences": [{"uid": "u-0", "controller": True}]}, False),
+])
+def test_owns_by_owner_reference_or_the_operator_labels(meta: dict, owned: bool) -> None:
+    assert builders.owns(_owner(), {"metadata": meta}) is owned
+
+
+def test_default_resources_probes_and_checkpoint_volume() -> None:
+    """A spec that sets none of them still gets CPU/memory requests and memory limits, probes on every long-running
+    container, and the trainer's state on its own ReadWriteOnce PVC (TIDE_TRAIN_CHECKPOINT_DIR), one trainer at a
+    time (Recreate)."""
+    kids = by_name(builders.children("a", "ns", example("tidedeployment-minimal.yaml")))
+    inf = kids["Deployment", "a"]["spec"]["template"]["spec"]["containers"][0]
+    assert inf["resources"] == {"requests": {"cpu": 4, "memory": "32Gi"}, "limits": {"memory": "64Gi",
+                                                                                     "nvidia.com/gpu": 1}}
+    assert {"startupProbe", "readinessProbe", "livenessProbe"} <= set(inf)
+    assert inf["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    trainer = kids["Deployment", "a-trainer"]
+    assert trainer["spec"]["strategy"] == {"type": "Recreate"} and trainer["spec"]["replicas"] == 1
+    c = trainer["spec"]["template"]["spec"]["containers"][0]
+    assert c["resources"] == {"requests": {"cpu": 2, "memory": "16Gi"}, "limits": {"memory": "32Gi",
+                                                                                   "nvidia.com/gpu": 1}}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}  # tide train's Prometheus server
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["TIDE_TRAIN_METRICS_PORT"] == str(builders.TRAINER_METRICS_PORT)
+    assert env["TIDE_TRAIN_CONSUMER"] == "a-trainer"  # stable: a restarted trainer resumes its pending entries
+    assert env["TIDE_TRAIN_CHECKPOINT_DIR"] == builders.CHECKPOINT_MOUNT
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == builders.CHECKPOINT_MOUNT)
+    volume = next(v for v in trainer["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+    pvc = kids["PersistentVolumeClaim", "a-trainer-checkpoint"]
+    assert volume["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    assert pvc["spec"] == {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "20Gi"}}}
+    off = example("tidedeployment-minimal.yaml").model_dump(by_alias=True)
+    off["training"]["checkpoint"] = {"enabled": False}
+    kids = by_name(builders.children("a", "ns", TideDeploymentSpec.model_validate(off)))
+    assert ("PersistentVolumeClaim", "a-trainer-checkpoint") not in kids
+    assert "TIDE_TRAIN_CHECKPOINT_DIR" not in env_of(kids["Deployment", "a-trainer"])
+
+
+def test_training_replicas_is_at_most_one() -> None:
+    good = yaml.safe_load((ROOT / "docs/examples/tidedeployment-minimal.yaml").read_text())["spec"]
+    spec, problems = parse("a", {**good, "training": {**good["training"], "replicas": 2}})
+    assert spec is None and "training.replicas" in problems[0].message
+
+
+def test_managed_redis_has_a_password_protected_mode_and_a_network_policy() -> None:
+    """The managed Redis requires the password of its generated Secret (read by every pod through secretKeyRef,
+    never copied), keeps protected mode, and admits only this deployment's pods and the operator."""
+    kids = by_name(builders.children("q", "ns", example("tidedeployment-full.yaml"), operator_namespace="tide-system"))
+    redis = kids["StatefulSet", "q-redis"]["spec"]["template"]["spec"]["containers"][0]
+    assert redis["args"][-2:] == ["--requirepass", "$(REDIS_PASSWORD)"] and "--protected-mode" not in redis["args"]
+    ref = {"secretKeyRef": {"name": "q-redis", "key": "password"}}
+    assert {e["name"]: e["valueFrom"] for e in redis["env"]} == {"REDIS_PASSWORD": ref, "REDISCLI_AUTH": ref}
+    for dep in ("q", "q-trainer"):
+        assert env_of(kids["Deployment", dep])["TIDE_REDIS_PASSWORD"] == ref
+    secret = builders.redis_secret("q", "ns", "pw")
+    assert secret["metadata"]["name"] == "q-redis" and secret["metadata"]["labels"]["tide.dev/secret"] == "true"
+    policy = kids["NetworkPolicy", "q-redis"]["spec"]
+    assert policy["podSelector"]["matchLabels"] == builders.labels("q", "redis")
+    assert policy["policyTypes"] == ["Ingress", "Egress"] and "egress" not in policy  # it opens no connection
+    (rule,) = policy["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 6379}]
+    tide_pods, operator = rule["from"]
+    assert tide_pods["podSelector"]["matchLabels"] == {"tide.dev/deployment": "q"}
+    assert operator == {"podSelector": {"matchLabels": {"tide.dev/operator": "true"}},
+                        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "tide-system"}}}
+    doc = example("tidedeployment-full.yaml").model_dump(by_alias=True)
+    doc["redis"]["passwordSecretRef"] = {"name": "mine", "key": "pw"}
+    assert [p.reason for p in parse("q", doc)[1]] == ["InvalidRedis"]
+
+
+@pytest.mark.parametrize(("example_name", "redis_url", "ports", "to_redis_pods"), [
+    ("tidedeployment-minimal.yaml", None, [443, 6379], False),  # hub models, Redis at redis.url
+    ("tidedeployment-amd-pinned.yaml", "rediss://r.example.com:6380/0", [443, 6380], False),  # URL from its Secret
+    ("tidedeployment-full.yaml", None, [443], True),  # managed Redis (by pod selector), S3 registry
+])
+def test_pods_network_policy_allows_what_the_spec_needs(example_name: str, redis_url: str | None, ports: list[int],
+                                                         to_redis_pods: bool) -> None:
+    kids = by_name(builders.children("a", "ns", example(example_name), redis_url=redis_url))
+    policy = kids["NetworkPolicy", "a"]["spec"]
+    assert policy["podSelector"]["matchExpressions"][0]["values"] == ["inference", "trainer"]
+    dns, *rest = policy["egress"]
+    assert dns == {"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}
+    anywhere = [r for r in rest if "to" not in r]
+    assert [p["port"] for r in anywhere for p in r["ports"]] == ports
+    assert any(r.get("to") == [{"podSelector": {"matchLabels": builders.labels("a", "redis")}}] for r in rest) \
+        is to_redis_pods
+    assert [p["port"] for p in policy["ingress"][0]["ports"]] == [example(example_name).inference.port, 9400]
+    off = example(example_name).model_dump(by_alias=True)
+    off["networkPolicy"] = {"enabled": False}
+    assert not [k for k in builders.children("a", "ns", TideDeploymentSpec.model_validate(off))
+                if k["kind"] == "NetworkPolicy"]
+    more = example(example_name).model_dump(by_alias=True)
+    more["networkPolicy"] = {"extraEgressPorts": [3128]}
+    assert 3128 in builders.egress_ports(TideDeploymentSpec.model_validate(more), redis_url)

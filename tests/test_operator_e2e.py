@@ -302,12 +302,18 @@ async def test_wrong_spec_shows_a_condition_and_recovers(cluster: Cluster, opera
     await cluster.create(doc)
     await wait_for(lambda: cluster.condition(NAME, "Degraded").get("status") == "True", what="Degraded")
     message = cluster.condition(NAME, "Degraded")["message"]
-    assert "training.nodeSelector" in message and "'redis-url' does not exist" in message
+    assert "training.nodeSelector" in message and "'redis-url' does not exist or is not labelled" in message
     assert cluster.get("Deployment", NAME) is None  # nothing is deployed from a wrong spec
     url = base64.b64encode(redis_server.url.encode()).decode()
     await cluster.create({"apiVersion": "v1", "kind": "Secret", "data": {"url": url},
                           "metadata": {"name": "redis-url", "namespace": "default"}})
     await cluster.patch("TideDeployment", NAME, {"spec": {"training": {"nodeSelector": A100}}})
+    # a Secret nobody labelled for TIDE is neither read nor referenced
+    await wait_for(lambda: "training.nodeSelector" not in cluster.condition(NAME, "Degraded").get("message", "x"),
+                   what="the spec fixed")
+    assert cluster.condition(NAME, "Degraded")["reason"] == "SecretNotFound"
+    assert cluster.get("Deployment", NAME) is None
+    await cluster.patch("Secret", "redis-url", {"metadata": {"labels": {"tide.dev/secret": "true"}}})
     await wait_for(lambda: cluster.condition(NAME, "Degraded").get("status") == "False", what="recovery")
     env = pod(cluster, NAME)["containers"][0]["env"]
     assert {"name": "TIDE_REDIS_URL", "valueFrom": {"secretKeyRef": {"name": "redis-url", "key": "url"}}} in env
@@ -318,14 +324,15 @@ async def test_refused_child_is_a_condition_not_a_crash(cluster: Cluster, operat
     await cluster.create(tide(redis_server.url))
     await wait_for(lambda: cluster.get("Deployment", f"{NAME}-trainer"), what="children")
     cluster.kmock.refusals = frozenset({("deployments", f"{NAME}-trainer")})  # as for an immutable field
-    await cluster.patch("TideDeployment", NAME, {"spec": {"training": {"replicas": 2},
+    await cluster.patch("TideDeployment", NAME, {"spec": {"training": {"gate": "always"},
                                                           "inference": {"replicas": 3}}})
     await wait_for(lambda: cluster.condition(NAME, "Degraded").get("reason") == "ChildRejected", what="Degraded")
     assert "chat-trainer" in cluster.condition(NAME, "Degraded")["message"]
     assert replicas(cluster, NAME) == 3  # the other children are still applied
     cluster.kmock.refusals = frozenset()
     await wait_for(lambda: cluster.condition(NAME, "Degraded").get("status") == "False", what="recovery")
-    assert replicas(cluster, "chat-trainer") == 2
+    env = {e["name"]: e.get("value") for e in pod(cluster, f"{NAME}-trainer")["containers"][0]["env"]}
+    assert env["TIDE_TRAIN_GATE"] == "always"
 
 
 async def test_a_failed_model_fetch_is_a_condition_until_it_succeeds(cluster: Cluster, operator: Operator,
@@ -353,6 +360,51 @@ async def test_a_failed_model_fetch_is_a_condition_until_it_succeeds(cluster: Cl
         {"name": "fetch-target", "state": {"terminated": {"exitCode": 0}}},
         {"name": "fetch-draft", "state": {"terminated": {"exitCode": 0}}}]}})
     await wait_for(lambda: cluster.condition(NAME, "Degraded").get("status") == "False", what="recovery")
+    assert_rbac_covers(cluster.kmock)
+
+
+async def test_objects_it_does_not_own_are_left_alone(cluster: Cluster, operator: Operator,
+                                                       redis_server: LocalRedis) -> None:
+    """Someone's own Service named like the inference Service: never patched (its selector stays), never deleted,
+    and named in the Conflict condition; every other child is still applied."""
+    mine = {"apiVersion": "v1", "kind": "Service", "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]},
+            "metadata": {"name": NAME, "namespace": NS, "labels": {"app": "web"}}}
+    await cluster.create(mine)
+    await cluster.create(tide(redis_server.url))
+    await wait_for(lambda: cluster.condition(NAME, "Conflict").get("status") == "True", what="Conflict")
+    assert "Service chat exists and is not this TideDeployment's" in cluster.condition(NAME, "Conflict")["message"]
+    assert cluster.condition(NAME, "Degraded")["reason"] == "Conflict"
+    assert cluster.get("Deployment", NAME) is not None
+    assert cluster.get("Service", NAME)["spec"]["selector"] == {"app": "web"}
+    await cluster.delete("TideDeployment", NAME)
+    await wait_for(lambda: cluster.get("TideDeployment", NAME) is None, what="finalizer released")
+    assert cluster.get("Deployment", NAME) is None
+    assert cluster.get("Service", NAME)["spec"]["selector"] == {"app": "web"}
+    assert_rbac_covers(cluster.kmock)
+
+
+async def test_managed_redis_gets_a_generated_password_secret(cluster: Cluster, operator: Operator) -> None:
+    """Created once, owned, labelled for TIDE, referenced by Redis and the pods; a later pass keeps the password.
+    (kmock runs no Redis pod: the rollout waits with RedisUnavailable, which is not what this test is about.)"""
+    doc = tide("redis://unused:6379/0")
+    doc["spec"]["redis"] = {"managed": {"enabled": True}}
+    await cluster.create(doc)
+    await wait_for(lambda: cluster.get("Secret", f"{NAME}-redis"), what="password Secret")
+    secret = cluster.get("Secret", f"{NAME}-redis")
+    td = cluster.get("TideDeployment", NAME)
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == td["metadata"]["uid"]
+    assert secret["metadata"]["labels"]["tide.dev/secret"] == "true"
+    password = secret.get("stringData") or secret["data"]
+    assert len(next(iter(password.values()))) >= 32
+    await wait_for(lambda: cluster.get("StatefulSet", f"{NAME}-redis"), what="Redis")
+    redis_env = cluster.get("StatefulSet", f"{NAME}-redis")["spec"]["template"]["spec"]["containers"][0]["env"]
+    ref = {"secretKeyRef": {"name": f"{NAME}-redis", "key": "password"}}
+    assert {"name": "REDIS_PASSWORD", "valueFrom": ref} in redis_env
+    assert {"name": "TIDE_REDIS_PASSWORD", "valueFrom": ref} in pod(cluster, NAME)["containers"][0]["env"]
+    await wait_for(lambda: cluster.get("NetworkPolicy", f"{NAME}-redis"), what="Redis NetworkPolicy")
+    await cluster.patch("TideDeployment", NAME, {"spec": {"inference": {"replicas": 3}}})
+    await wait_for(lambda: replicas(cluster, NAME) == 3, what="a later pass")
+    assert cluster.get("Secret", f"{NAME}-redis") == secret
     assert_rbac_covers(cluster.kmock)
 
 

@@ -13,3 +13,5 @@ class OperatorSettings(BaseSettings):
     interval_s: float = Field(10.0, gt=0, description="reconcile every TideDeployment this often")
     redis_timeout_s: float = Field(3.0, gt=0, description="connect/read timeout towards Redis")
     events_batch: int = Field(100, ge=1, description="events entries read per pass")
+    namespace: str | None = Field(None, description="the operator pod's namespace (downward API): the managed "
+                                  "Redis's NetworkPolicy admits operator pods from it only; unset: from any")

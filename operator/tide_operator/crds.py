@@ -152,3 +152,20 @@ def crd(kind: Kind) -> dict[str, Any]:
             }],
         },
     }
+
+
+def kopf_peering_crds() -> list[dict[str, Any]]:
+    """kopf's own peering CRDs (kopf.dev/v1, as kopf's docs ship them): the operator's replicas agree through a
+    ClusterKopfPeering (all namespaces) or a KopfPeering per namespace which one of them acts."""
+    out = []
+    for kind, scope in (("ClusterKopfPeering", "Cluster"), ("KopfPeering", "Namespaced")):
+        plural = f"{kind.lower()}s"
+        out.append({
+            "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": f"{plural}.kopf.dev", "labels": {"app.kubernetes.io/name": "tide"}},
+            "spec": {"scope": scope, "group": "kopf.dev",
+                     "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
+                     "versions": [{"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
+                         "type": "object", "properties": {"status": {
+                             "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}}}]}})
+    return out

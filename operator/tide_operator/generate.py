@@ -1,6 +1,7 @@
 """Writes every generated file: `python -m tide_operator.generate` (or `--check`: exit 1 when stale).
 
-- `charts/tide/crds/<plural>.tide.dev.yaml`: the CRDs, from `tide_operator.models`;
+- `charts/tide/crds/<plural>.tide.dev.yaml`: the CRDs, from `tide_operator.models`, and kopf's peering CRDs
+  (`<plural>.kopf.dev.yaml`) for the operator's replicas;
 - `charts/tide/files/operator-rbac-rules.yaml`: the operator's ClusterRole rules, from `kube.RESOURCES`
   (the chart includes them with `.Files.Get`);
 - `docs/crds.md`: the CRD reference.
@@ -14,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from tide_operator.crds import KINDS, Kind, crd, open_api_schema
+from tide_operator.crds import KINDS, Kind, crd, kopf_peering_crds, open_api_schema
 from tide_operator.kube import RESOURCES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,6 +49,7 @@ def rbac_rules() -> list[dict[str, Any]]:
 
 def render() -> dict[Path, str]:
     out = {Path(f"charts/tide/crds/{k.crd_name}.yaml"): HEADER + to_yaml(crd(k)) for k in KINDS}
+    out |= {Path(f"charts/tide/crds/{c['metadata']['name']}.yaml"): HEADER + to_yaml(c) for c in kopf_peering_crds()}
     out[RBAC_PATH] = HEADER + to_yaml(rbac_rules())
     out[Path("docs/crds.md")] = crd_reference()
     return out

@@ -44,11 +44,19 @@ RESOURCES: dict[str, Resource] = {
     "Deployment": Resource("apps/v1", "deployments", _CHILD),
     "StatefulSet": Resource("apps/v1", "statefulsets", _CHILD),
     "Service": Resource("v1", "services", _CHILD),
+    "PersistentVolumeClaim": Resource("v1", "persistentvolumeclaims", _CHILD),  # the trainer's checkpoint volume
+    "NetworkPolicy": Resource("networking.k8s.io/v1", "networkpolicies", _CHILD),
     "PodMonitor": Resource("monitoring.coreos.com/v1", "podmonitors", _CHILD),
     "ServiceMonitor": Resource("monitoring.coreos.com/v1", "servicemonitors", _CHILD),
-    "Secret": Resource("v1", "secrets", ("get",)),
+    # Secrets are read only through a label selector (tide.dev/secret=true), so the API server never hands the
+    # operator one that nobody labelled for TIDE; create and delete: the managed Redis's own password Secret.
+    "Secret": Resource("v1", "secrets", ("list", "create", "delete")),
     "Pod": Resource("v1", "pods", ("list",)),  # read only: why a child's pods are not ready (an init container)
     "Event": Resource("v1", "events", ("create",)),  # kopf posts handler outcomes as Events
+    # kopf's peering (two operator replicas, one active): namespaced with -n, the cluster-wide kind with -A. Only
+    # kopf requests these; the paths are not used here (ClusterKopfPeering is not namespaced).
+    "KopfPeering": Resource("kopf.dev/v1", "kopfpeerings", ("get", "list", "watch", "patch")),
+    "ClusterKopfPeering": Resource("kopf.dev/v1", "clusterkopfpeerings", ("get", "list", "watch", "patch")),
 }
 
 
@@ -120,12 +128,11 @@ class Kube:
         items = out.get("items") or []
         return [o for o in items if labels.items() <= (o["metadata"].get("labels") or {}).items()]
 
-    def apply(self, desired: Obj) -> Obj:
-        """Create or three-way patch a child (like `kubectl apply`): fields this operator set before and
-        no longer wants are removed; fields others set are kept. Returns the object as the server has it."""
+    def apply(self, desired: Obj, live: Obj | None) -> Obj:
+        """Create (`live` None) or three-way patch a child (like `kubectl apply`): fields this operator set before
+        and no longer wants are removed; fields others set are kept. Returns the object as the server has it."""
         meta = desired["metadata"]
         text = json.dumps(desired, sort_keys=True)
-        live = self.get(desired["kind"], meta["namespace"], meta["name"])
         if live is None:
             annotations = {**meta.get("annotations", {}), LAST_APPLIED: text}
             return self.create({**desired, "metadata": {**meta, "annotations": annotations}})

@@ -86,8 +86,12 @@ class Placement(_Model):
     env: list[EnvVar] = Field(default_factory=list, description="extra variables, e.g. other TIDE_* settings")
 
 
+SECRET_LABEL = "tide.dev/secret"  # a Secret must carry it, set to "true", before the operator reads or references it
+
+
 class SecretKeyRef(_Model):
-    """A key of a Secret in the TideDeployment's namespace."""
+    """A key of a Secret in the TideDeployment's namespace, labelled `tide.dev/secret: "true"` (the operator neither
+    reads nor hands to pods a Secret that is not)."""
 
     name: Name = Field(description="Secret name")
     key: str = Field(min_length=1, max_length=253, description="key inside the Secret")
@@ -124,6 +128,12 @@ class DraftSpec(_Model):
 class InferenceSpec(Placement):
     """The SGLang serving pool: one Deployment behind one Service; canary pods are named among its pods."""
 
+    # SGLang's tokenizer, detokenizer and scheduler processes each hold a core; host memory holds the weights while
+    # they load and the pinned capture ring buffer. No CPU limit: throttling the scheduler stalls the GPU.
+    resources: Resources = Field(
+        default_factory=lambda: Resources(requests={"cpu": 4, "memory": "32Gi"}, limits={"memory": "64Gi"}),
+        description="CPU/memory requests and limits (the default, as a whole, when unset)")
+
     replicas: int | None = Field(1, ge=1, le=1000,
                                  description="inference pods, canary pods included; null leaves the count to an "
                                  "HorizontalPodAutoscaler")
@@ -140,11 +150,30 @@ class TriggerSpec(_Model):
     epsilon: float = Field(0.02, ge=0, le=1, description="acceptance gap between the EWMAs that counts as drift")
 
 
+class CheckpointSpec(_Model):
+    """The trainer's state (draft, optimizer, replay buffer) on a PersistentVolumeClaim the operator creates
+    (`<name>-trainer-checkpoint`): a restarted trainer resumes from it, and stream entries are acked only once a
+    checkpoint holds them, so a trainer lost between checkpoints loses no captured data."""
+
+    enabled: bool = Field(True, description="false: no checkpoint; entries are acked as soon as they are used, and "
+                          "a restarted trainer starts from the stable version with an empty replay buffer")
+    size: Annotated[str, StringConstraints(pattern=QUANTITY)] = Field(
+        "20Gi", description="PVC size: a few copies of the draft and optimizer state plus the replay buffer")
+    storage_class_name: Name | None = Field(None, description="StorageClass of the PVC; unset: the cluster default")
+
+
 class TrainingSpec(Placement):
     """The online trainer on its own GPU pool."""
 
     enabled: bool = Field(True, description="run the trainer; false serves the current versions only")
-    replicas: int = Field(1, ge=1, le=16, description="trainer pods (one consumer group shares the stream)")
+    replicas: int = Field(1, ge=1, le=1, description="trainer pods: at most 1 until training across pods exists "
+                          "(independent trainers would publish competing versions into one lineage); scale a "
+                          "trainer with more `gpus` and torchrun in `command` instead")
+    # The trainer tokenizes nothing and reads its batches from Redis: a few cores; memory holds the replay buffer.
+    resources: Resources = Field(
+        default_factory=lambda: Resources(requests={"cpu": 2, "memory": "16Gi"}, limits={"memory": "32Gi"}),
+        description="CPU/memory requests and limits (the default, as a whole, when unset)")
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="trainer checkpoint volume")
     image: str | None = Field(None, description="trainer image; defaults to the inference image")
     command: list[str] = Field(["tide", "train"], min_length=1,
                                description="trainer entry point")
@@ -155,14 +184,18 @@ class TrainingSpec(Placement):
 
 
 class ManagedRedis(_Model):
-    """A single-node Redis StatefulSet created by the operator (a transport; no persistence by default)."""
+    """A single-node Redis StatefulSet created by the operator (a transport; no persistence by default). It requires
+    a password, generated into the Secret `<name>-redis` (which the pods read through secretKeyRef), and a
+    NetworkPolicy lets only this deployment's pods and the operator reach it."""
 
     enabled: bool = Field(False, description="create the Redis StatefulSet and Service")
     image: str = Field("redis:7.4-alpine", description="Redis image")
     max_memory: str = Field("4gb", pattern=r"^\d+(b|kb|mb|gb)$", description="Redis maxmemory")
     storage: Annotated[str, StringConstraints(pattern=QUANTITY)] | None = Field(
         None, description="PVC size for /data; unset keeps data in memory only")
-    resources: Resources = Field(default_factory=Resources, description="Redis container resources")
+    resources: Resources = Field(
+        default_factory=lambda: Resources(requests={"cpu": "500m", "memory": "5Gi"}, limits={"memory": "6Gi"}),
+        description="Redis container resources; the memory limit must exceed maxMemory")
 
 
 class RedisSpec(_Model):
@@ -170,7 +203,8 @@ class RedisSpec(_Model):
 
     url: str | None = Field(None, pattern=r"^(redis|rediss|unix)://", description="redis:// or rediss:// URL")
     url_secret_ref: SecretKeyRef | None = Field(None, description="Secret key holding the URL")
-    password_secret_ref: SecretKeyRef | None = Field(None, description="Secret key holding the password")
+    password_secret_ref: SecretKeyRef | None = Field(None, description="Secret key holding the password (not with "
+                                                     "managed: the operator generates that one)")
     cluster: bool = Field(False, description="the URL names one node of a Redis Cluster")
     managed: ManagedRedis = Field(default_factory=ManagedRedis, description="operator-managed Redis")
 
@@ -225,6 +259,17 @@ class MonitoringSpec(_Model):
     labels: dict[str, LabelValue] = Field(default_factory=dict, description="labels Prometheus selects on")
 
 
+class NetworkPolicySpec(_Model):
+    """NetworkPolicies the operator creates: the inference and trainer pods may open connections only to DNS, Redis,
+    the object store and the model hub (the ports the spec implies) and accept them only on their own ports; the
+    managed Redis accepts only this deployment's pods and the operator. A CNI must enforce them (Calico, Cilium)."""
+
+    enabled: bool = Field(True, description="create the NetworkPolicies")
+    extra_egress_ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(
+        default_factory=list, description="more TCP ports the pods may connect to, at any address (a proxy, a hub "
+        "mirror set with HF_ENDPOINT)")
+
+
 class TideDeploymentSpec(_Model):
     """TIDE on SGLang: inference with a self-improving EAGLE-3 draft, a trainer, and draft rollouts."""
 
@@ -236,12 +281,13 @@ class TideDeploymentSpec(_Model):
     registry: RegistrySpec = Field(default_factory=RegistrySpec, description="draft registry")
     rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="canary policy")
     monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec, description="Prometheus monitors")
+    network_policy: NetworkPolicySpec = Field(default_factory=NetworkPolicySpec, description="NetworkPolicies")
 
 
 class Condition(_Model):
     """A status condition (metav1.Condition)."""
 
-    type: Literal["Ready", "Progressing", "Degraded", "RolloutPaused", "Swapped"] = Field(
+    type: Literal["Ready", "Progressing", "Degraded", "RolloutPaused", "Swapped", "Conflict"] = Field(
         description="condition type")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown")
     reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", description="CamelCase reason")
@@ -261,7 +307,7 @@ class TideDeploymentStatus(_Model):
     acceptance: float | None = Field(None, ge=0, le=1, description="stable version's draft acceptance rate")
     events_cursor: str = Field("0-0", pattern=r"^\d+-\d+$", description="last Redis events entry consumed")
     conditions: list[Condition] = Field(default_factory=list, description="Ready, Progressing, Degraded, "
-                                        "RolloutPaused, Swapped")
+                                        "RolloutPaused, Swapped, Conflict")
 
 
 class DraftVersionSpec(_Model):

@@ -8,6 +8,7 @@ operator restarts, and a per-object lock keeps the timer and the change handlers
 import base64
 import datetime
 import logging
+import secrets as random_secrets
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from tide_operator import builders, redis_io, registry_io, rollout, status
 from tide_operator.config import OperatorSettings
 from tide_operator.kube import ApiError, Kube, Obj, merge_patch
 from tide_operator.models import (
+    SECRET_LABEL,
     Baseline,
     Counters,
     DraftVersionStatus,
@@ -32,6 +34,15 @@ from tide_operator.status import Pods, Problem
 
 log = logging.getLogger(__name__)
 Versions = dict[int, DraftVersionStatus]
+Secrets = dict[str, Obj]  # the namespace's Secrets labelled tide.dev/secret=true, by name
+
+
+class Foreign(Exception):
+    """An object the operator would write exists and is not this TideDeployment's (`builders.owns`)."""
+
+    def __init__(self, kind: str, name: str) -> None:
+        super().__init__(f"{kind} {name} exists and is not this TideDeployment's (no ownerReference to it, no "
+                         "tide-operator labels for it): left unchanged; delete or rename it")
 
 
 def now() -> str:
@@ -71,13 +82,14 @@ class Reconciler:
         name, ns = td["metadata"]["name"], td["metadata"]["namespace"]
         old = _old_status(td)
         spec, problems = status.parse(name, td.get("spec") or {})
-        versions = self._versions(ns, name)
-        seen, pods = Observed(old.events_cursor), {}
+        versions = self._versions(td)
+        seen, pods, secrets = Observed(old.events_cursor), {}, self._secrets(ns)
         if spec is not None:
-            problems += self._secret_problems(ns, spec)
+            problems += [p for f, ref in status.secret_refs(spec)
+                         if (p := status.check_secret(f, ref, secrets.get(ref.name))) is not None]
         if spec is not None and not problems:  # a wrong spec changes nothing until it is fixed
-            pods, rejected = self._apply_children(td, spec, prune)
-            seen = self._rollout(td, spec, versions, old.events_cursor, pods.get(name, Pods(0, 0)).ready)
+            pods, rejected = self._apply_children(td, spec, prune, secrets)
+            seen = self._rollout(td, spec, versions, old.events_cursor, pods.get(name, Pods(0, 0)).ready, secrets)
             problems += rejected + seen.problems
             self._retain(td, spec, versions)
         route = rollout.routing(versions)
@@ -94,11 +106,11 @@ class Reconciler:
         self._write_status(td, new)
 
     def _rollout(self, td: Obj, spec: TideDeploymentSpec, versions: Versions, cursor: str,
-                 ready: int) -> "Observed":
+                 ready: int, secrets: Secrets) -> "Observed":
         """Ingest published versions, take one rollout step, publish the control state. Mutates `versions`."""
         name, ns = td["metadata"]["name"], td["metadata"]["namespace"]
         try:
-            client = self._client(td, spec)
+            client = self._client(td, spec, secrets)
             cursor = self._ingest(client, td, versions, cursor)
             problems = status.check_pin(spec, set(versions))
             stats = redis_io.read_stats(client, ns, name, _judged(versions))
@@ -117,6 +129,8 @@ class Reconciler:
             return Observed(cursor, stats, fleet, problems)
         except redis_io.Malformed as e:
             return Observed(cursor, problems=[Problem("InvalidRolloutData", str(e))])
+        except Foreign as e:
+            return Observed(cursor, problems=[Problem("Conflict", str(e))])
         except redis_io.Unavailable as e:
             self._redis.clear()
             return Observed(cursor, problems=[Problem("RedisUnavailable", f"Redis: {e}")])
@@ -140,7 +154,7 @@ class Reconciler:
         reach the registry). Mutates `versions`."""
         name, ns = td["metadata"]["name"], td["metadata"]["namespace"]
         for v in rollout.retired(spec.draft, versions):
-            self.kube.delete("DraftVersion", ns, f"{name}-v{v}")
+            self.kube.delete("DraftVersion", ns, f"{name}-v{v}")  # listed as this deployment's: owned
             del versions[v]
         registry = registry_io.open_registry(ns, name, spec.registry)
         if registry is not None:
@@ -154,8 +168,12 @@ class Reconciler:
         try:
             self.kube.create(body)
         except ApiError as e:
-            if e.status != 409:  # 409: it exists but was not listed (a race); it starts from `initial` too
+            # 409: it exists but was not listed: a race (it starts from `initial` too), or someone else's (Conflict)
+            if e.status != 409:
                 raise
+            live = self.kube.get("DraftVersion", ns, body["metadata"]["name"])
+            if live is not None and not builders.owns(td, live):
+                raise Foreign("DraftVersion", body["metadata"]["name"]) from None
         self._set_version_status(td, version, None, initial)
         return initial
 
@@ -165,10 +183,12 @@ class Reconciler:
         name, ns = td["metadata"]["name"], td["metadata"]["namespace"]
         self.kube.patch("DraftVersion", ns, f"{name}-v{version}", {"status": patch}, status=True)
 
-    def _versions(self, ns: str, name: str) -> Versions:
+    def _versions(self, td: Obj) -> Versions:
+        """This deployment's DraftVersions (its own only: labelled, naming it, and owned)."""
+        name, ns = td["metadata"]["name"], td["metadata"]["namespace"]
         out: Versions = {}
         for dv in self.kube.list("DraftVersion", ns, {"tide.dev/deployment": name}):
-            if (dv.get("spec") or {}).get("deployment") != name:
+            if (dv.get("spec") or {}).get("deployment") != name or not builders.owns(td, dv):
                 continue
             try:
                 out[int(dv["spec"]["version"])] = DraftVersionStatus.model_validate(dv.get("status") or {})
@@ -176,17 +196,27 @@ class Reconciler:
                 log.warning("ignoring DraftVersion %s: %s", dv["metadata"]["name"], e)
         return out
 
-    def _apply_children(self, td: Obj, spec: TideDeploymentSpec, prune: bool) -> tuple[dict[str, Pods], list[Problem]]:
-        """Apply every wanted child, delete unwanted ones. A child the API server refuses (an immutable
-        field changed, a CRD not installed) becomes a problem; the other children are still applied."""
+    def _apply_children(self, td: Obj, spec: TideDeploymentSpec, prune: bool,
+                        secrets: Secrets) -> tuple[dict[str, Pods], list[Problem]]:
+        """Apply every wanted child, delete unwanted ones, touching only objects this TideDeployment owns (another
+        one of the same name is a Conflict problem). A child the API server refuses (an immutable field changed,
+        a CRD not installed) becomes a problem; the other children are still applied."""
         name, ns = td["metadata"]["name"], td["metadata"]["namespace"]
-        desired = builders.children(name, ns, spec)
+        desired = builders.children(name, ns, spec, redis_url=self._redis_url(td, spec, secrets),
+                                    operator_namespace=self.config.namespace)
         wanted = {(c["kind"], c["metadata"]["name"]) for c in desired}
         kopf.adopt(desired, owner=td)
         pods, rejected = {}, []
+        if spec.redis.managed.enabled:
+            wanted.add(("Secret", f"{name}-redis"))
+            rejected += self._ensure_redis_secret(td, secrets)
         for child in desired:
+            live = self.kube.get(child["kind"], ns, child["metadata"]["name"])
+            if live is not None and not builders.owns(td, live):
+                rejected.append(Problem("Conflict", str(Foreign(child["kind"], child["metadata"]["name"]))))
+                continue
             try:
-                live = self.kube.apply(child)
+                live = self.kube.apply(child, live)
             except ApiError as e:
                 if e.status not in (400, 404, 409, 422):
                     raise
@@ -194,35 +224,66 @@ class Reconciler:
                 continue
             if child["kind"] in ("Deployment", "StatefulSet"):  # the live count: an autoscaler may set it
                 ready = (live.get("status") or {}).get("readyReplicas") or 0
-                desired = (live.get("spec") or {}).get("replicas", 1)
-                pods[child["metadata"]["name"]] = Pods(desired, ready)
-                if ready < desired and child["spec"]["template"]["spec"].get("initContainers"):
+                count = (live.get("spec") or {}).get("replicas", 1)
+                pods[child["metadata"]["name"]] = Pods(count, ready)
+                if ready < count and child["spec"]["template"]["spec"].get("initContainers"):
                     selector = child["spec"]["selector"]["matchLabels"]
                     rejected += status.init_failures(self.kube.list("Pod", ns, selector))
         for kind, child_name in builders.possible_children(name) if prune else ():
             if (kind, child_name) not in wanted:
-                self.kube.delete(kind, ns, child_name)
+                self._delete_owned(td, kind, child_name, secrets)
         return pods, rejected
 
-    def _secret_problems(self, ns: str, spec: TideDeploymentSpec) -> list[Problem]:
-        found = [status.check_secret(f, ref, self.kube.get("Secret", ns, ref.name))
-                 for f, ref in status.secret_refs(spec)]
-        return [p for p in found if p is not None]
+    def _ensure_redis_secret(self, td: Obj, secrets: Secrets) -> list[Problem]:
+        """The managed Redis's password Secret: created once with a random password, never rewritten."""
+        name, ns = td["metadata"]["name"], td["metadata"]["namespace"]
+        if f"{name}-redis" in secrets:
+            if builders.owns(td, secrets[f"{name}-redis"]):
+                return []
+            return [Problem("Conflict", str(Foreign("Secret", f"{name}-redis")))]
+        body = builders.redis_secret(name, ns, random_secrets.token_urlsafe(32))
+        kopf.adopt(body, owner=td)
+        try:
+            live = self.kube.create(body)
+        except ApiError as e:
+            if e.status != 409:
+                raise
+            return [Problem("Conflict", str(Foreign("Secret", f"{name}-redis")))]  # unlabelled: not ours
+        secrets[f"{name}-redis"] = live or body
+        return []
 
-    def _secret_value(self, ns: str, ref: Any) -> str | None:
+    def _delete_owned(self, td: Obj, kind: str, name: str, secrets: Secrets) -> None:
+        """Delete a child, unless it is someone else's (then it stays, unread and unwritten)."""
+        ns = td["metadata"]["namespace"]
+        live = secrets.get(name) if kind == "Secret" else self.kube.get(kind, ns, name)
+        if live is not None and builders.owns(td, live):
+            self.kube.delete(kind, ns, name)
+
+    def _secrets(self, ns: str) -> Secrets:
+        """The only Secrets the operator reads: those labelled tide.dev/secret=true (selected by the API server)."""
+        return {s["metadata"]["name"]: s for s in self.kube.list("Secret", ns, {SECRET_LABEL: "true"})}
+
+    @staticmethod
+    def _secret_value(secrets: Secrets, ref: Any) -> str | None:
         if ref is None:
             return None
-        secret = self.kube.get("Secret", ns, ref.name) or {}
+        secret = secrets[ref.name]  # checked by status.check_secret first
+        if ref.key in (secret.get("stringData") or {}):
+            return secret["stringData"][ref.key]
         return base64.b64decode(secret["data"][ref.key]).decode()
 
-    def _client(self, td: Obj, spec: TideDeploymentSpec) -> redis_io.Client:
+    def _redis_url(self, td: Obj, spec: TideDeploymentSpec, secrets: Secrets) -> str:
         name, ns = td["metadata"]["name"], td["metadata"]["namespace"]
         r = spec.redis
-        url = r.url or self._secret_value(ns, r.url_secret_ref) or builders.managed_redis_url(name, ns)
-        password = self._secret_value(ns, r.password_secret_ref)
-        key = (url, password, r.cluster)
+        return r.url or self._secret_value(secrets, r.url_secret_ref) or builders.managed_redis_url(name, ns)
+
+    def _client(self, td: Obj, spec: TideDeploymentSpec, secrets: Secrets) -> redis_io.Client:
+        url = self._redis_url(td, spec, secrets)
+        password = self._secret_value(secrets, builders.redis_password_ref(td["metadata"]["name"], spec))
+        key = (url, password, spec.redis.cluster)
         if key not in self._redis:
-            self._redis[key] = redis_io.client_for(name, url, password, r.cluster, self.config.redis_timeout_s)
+            self._redis[key] = redis_io.client_for(td["metadata"]["name"], url, password, spec.redis.cluster,
+                                                   self.config.redis_timeout_s)
         return self._redis[key]
 
     def _write_status(self, td: Obj, new: TideDeploymentStatus) -> None:
@@ -236,18 +297,20 @@ class Reconciler:
         """Delete children, DraftVersions and Redis keys. In a cluster, ownerReferences would garbage-collect
         the objects too; deleting them here frees the GPUs at once and works where GC is absent."""
         with self._locks[namespace, name]:
-            for kind, child in builders.possible_children(name):
-                self.kube.delete(kind, namespace, child)
-            for v in self._versions(namespace, name):
-                self.kube.delete("DraftVersion", namespace, f"{name}-v{v}")
             td = self.kube.get("TideDeployment", namespace, name)
-            spec, _ = status.parse(name, (td or {}).get("spec") or {})
-            if td is None or spec is None:
+            if td is None:
                 return
-            try:
-                redis_io.forget(self._client(td, spec), namespace, name)
-            except (*redis_io.Unavailable, KeyError) as e:
-                log.warning("left the Redis keys of %s/%s in place: %s", namespace, name, e)
+            secrets = self._secrets(namespace)
+            spec, _ = status.parse(name, td.get("spec") or {})
+            if spec is not None:  # the keys first: the managed Redis and its password go with the children
+                try:
+                    redis_io.forget(self._client(td, spec, secrets), namespace, name)
+                except (*redis_io.Unavailable, KeyError) as e:
+                    log.warning("left the Redis keys of %s/%s in place: %s", namespace, name, e)
+            for kind, child in builders.possible_children(name):
+                self._delete_owned(td, kind, child, secrets)
+            for v in self._versions(td):
+                self.kube.delete("DraftVersion", namespace, f"{name}-v{v}")
         self._locks.pop((namespace, name), None)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from tide_operator.builders import FETCH_PREFIX, IMPORT_DRAFT, RESERVED_ENV
-from tide_operator.models import Condition, RegistrySpec, SecretKeyRef, TideDeploymentSpec, seconds
+from tide_operator.models import SECRET_LABEL, Condition, RegistrySpec, SecretKeyRef, TideDeploymentSpec, seconds
 from tide_operator.rollout import Fleet, Routing, parse_time
 from tide_sglang.sources import ModelSourceError, parse_model_source
 
@@ -53,6 +53,9 @@ def check(spec: TideDeploymentSpec) -> list[Problem]:
     if sum((r.url is not None, r.url_secret_ref is not None, r.managed.enabled)) != 1:
         out.append(Problem("InvalidRedis", "set exactly one of redis.url, redis.urlSecretRef, "
                                            "redis.managed.enabled"))
+    if r.managed.enabled and r.password_secret_ref is not None:
+        out.append(Problem("InvalidRedis", "redis.passwordSecretRef does not apply to the managed Redis: the "
+                                           "operator generates its password into the Secret <name>-redis"))
     out += _registry_problems(spec.registry)
     for field, text in (("model.path", spec.model.path), ("draft.initialPath", spec.draft.initial_path)):
         try:
@@ -94,8 +97,11 @@ def secret_refs(spec: TideDeploymentSpec) -> list[tuple[str, SecretKeyRef]]:
 
 
 def check_secret(field: str, ref: SecretKeyRef, secret: Mapping[str, Any] | None) -> Problem | None:
+    """`secret` as the operator may see it: None when it does not exist or is not labelled for TIDE."""
     if secret is None:
-        return Problem("SecretNotFound", f"{field}: Secret {ref.name!r} does not exist")
+        return Problem("SecretNotFound", f"{field}: Secret {ref.name!r} does not exist or is not labelled "
+                                         f'{SECRET_LABEL}: "true" (the operator reads, and hands to pods, only '
+                                         f"Secrets labelled for TIDE)")
     if ref.key not in (secret.get("data") or {}) and ref.key not in (secret.get("stringData") or {}):
         return Problem("SecretKeyNotFound", f"{field}: Secret {ref.name!r} has no key {ref.key!r}")
     return None
@@ -140,7 +146,8 @@ class Pods:
 def conditions(generation: int, problems: list[Problem], pods: Mapping[str, Pods], route: Routing,
                pending: str | None, fleet: Fleet | None, spec: TideDeploymentSpec | None, old: list[Condition],
                now: str) -> list[Condition]:
-    """Ready, Progressing, Degraded, RolloutPaused and Swapped, keeping lastTransitionTime where status holds.
+    """Ready, Progressing, Degraded, RolloutPaused, Swapped and Conflict, keeping lastTransitionTime where status
+    holds.
     `pending` is the phase (Promoting, RollingBack) of a rollout the pods have not confirmed yet; `fleet` is
     None when the heartbeats could not be read."""
     previous = {c.type: c for c in old}
@@ -160,7 +167,7 @@ def conditions(generation: int, problems: list[Problem], pods: Mapping[str, Pods
         progressing = ("True", "PodsStarting", ", ".join(waiting)) if waiting else \
             ("False", "Stable", f"serving v{route.stable}")
     new = {"Ready": ready, "Progressing": progressing, "Degraded": degraded, "RolloutPaused": _paused(spec, problems),
-           "Swapped": _swapped(route, fleet, spec, previous.get("Swapped"), now)}
+           "Swapped": _swapped(route, fleet, spec, previous.get("Swapped"), now), "Conflict": _conflict(problems)}
     out = []
     for kind, (status, reason, message) in new.items():
         prev = previous.get(kind)
@@ -186,6 +193,12 @@ def _swapped(route: Routing, fleet: Fleet | None, spec: TideDeploymentSpec | Non
     since = prev.last_transition_time if prev is not None and prev.status == "False" else now
     late = (parse_time(now) - parse_time(since)).total_seconds() >= seconds(spec.rollout.swap_timeout)
     return "False", "SwapTimeout" if late else "Swapping", "; ".join(lag)
+
+
+def _conflict(problems: list[Problem]) -> tuple[str, str, str]:
+    """True while an object the operator would write belongs to someone else (it is left unchanged)."""
+    foreign = [p.message for p in problems if p.reason == "Conflict"]
+    return ("True", "NotOwned", "; ".join(foreign)) if foreign else ("False", "AllOwned", "")
 
 
 def _paused(spec: TideDeploymentSpec | None, problems: list[Problem]) -> tuple[str, str, str]:

@@ -45,7 +45,9 @@ def json_schema(node: Any) -> Any:
 def validator(crd: dict[str, Any]) -> jsonschema.Draft7Validator:
     schema = copy.deepcopy(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
     schema = json_schema(schema)
-    schema["properties"]["metadata"] = {"type": "object"}  # metadata is validated by the API server itself
+    # apiVersion, kind and metadata are every object's, whatever the schema says; the API server checks them itself
+    schema["properties"] |= {"apiVersion": {"type": "string"}, "kind": {"type": "string"},
+                             "metadata": {"type": "object"}}
     return jsonschema.Draft7Validator(schema)
 
 

@@ -66,6 +66,7 @@ app.kubernetes.io/component: {{ index . 1 }}
 - --{{ $op.verbosity }}
 {{- end }}
 - --liveness=http://0.0.0.0:{{ $op.healthPort }}/healthz
+- --peering={{ include "tide.fullname" . }}
 {{- if $op.watchNamespaces }}
 {{- range $op.watchNamespaces }}
 - --namespace={{ . }}
