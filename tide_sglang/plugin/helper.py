@@ -115,9 +115,7 @@ class Helper:
         self.assembler = Assembler(config, settings.capture_sample_rate, settings.capture_max_acceptance)
         self.metrics = PluginMetrics(settings.deployment)
         stream = keys.hidden_states(settings.namespace, settings.deployment)
-        self.writer = StreamWriter(lambda: connect(settings, check=False), stream,
-                                   budget_bytes=settings.stream_budget_mib << 20,
-                                   queue_entries=settings.stream_queue_entries)
+        self.writer = StreamWriter.from_settings(settings, stream)
         client = connect(settings, check=False)
         self.stats = StatsReporter(client, settings.namespace, settings.deployment, interval_s=settings.stats_flush_s)
         self.version = 0

@@ -106,9 +106,10 @@ def _build(settings: TideSettings, location: str | None, create_registry: bool) 
         consumer = settings.train_consumer if dist is None else f"{settings.train_consumer}-{dist.rank}"
         client = connect(settings)
         heads = load_heads(settings.target)
-        reader = StreamReader(client, keys.hidden_states(settings.namespace, settings.deployment),
-                              keys.dead_letter(settings.namespace, settings.deployment), consumer, block_ms=200,
-                              claim_idle_ms=reclaim_idle_ms(settings))
+        ns, dep = settings.namespace, settings.deployment
+        reader = StreamReader.from_settings(client, settings, keys.hidden_states(ns, dep), keys.dead_letter(ns, dep),
+                                            consumer, block_ms=200, claim_idle_ms=reclaim_idle_ms(settings),
+                                            vocab_size=heads.config.vocab_size)
         return DraftTrainer(settings, registry, reader, heads, dist=dist)
     except (RedisUnavailable, TrainerError, VocabMismatch, DraftVerificationError, ValueError, OSError) as e:
         _fail(str(e))

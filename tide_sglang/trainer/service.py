@@ -258,7 +258,7 @@ class DraftTrainer:
         self.learner.load_optimizer(state, tensors)
         self.ingest.restore(state, tensors)
         if state.contained_ids:  # a trainer killed between writing this checkpoint and acking: ack now, not re-read
-            self.reader.client.xack(self.reader.stream, self.reader.group, *state.contained_ids)
+            self.reader.ack_ids(state.contained_ids)
         log.info("resumed at step %d from %s", state.steps, self.checkpoint_dir)
 
     # -- the service loop ---------------------------------------------------------------------------------
