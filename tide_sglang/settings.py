@@ -16,11 +16,10 @@ def redacted(url: str) -> str:
     """The URL without its password (in the user part or a `password=` query parameter), for reprs, logs and
     error messages."""
     parts = urlsplit(url)
-    query = _PASSWORD_PARAM.sub(r"\1***", parts.query)
-    netloc = parts.netloc
     if parts.password is not None:
         netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
+        url = urlunsplit(parts._replace(netloc=netloc))
+    return _PASSWORD_PARAM.sub(r"\1***", url)
 
 
 class TideSettings(BaseSettings):
