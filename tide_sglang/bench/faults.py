@@ -299,12 +299,31 @@ def _server_cert(tmp: Path, ca: tuple[Path, Path]) -> tuple[Path, Path]:
     return crt, key
 
 
+def tamper(version_dir: Path, name: str, data: bytes | None = None, link_to: Path | None = None) -> None:
+    """Replace a file of a stored version (or make it a symlink to `link_to`) and make the manifest's checksum
+    agree, so only the registry's deeper checks can catch it."""
+    from tide_sglang.draft.registry import MANIFEST, Manifest
+
+    path = version_dir / name
+    if link_to is not None:
+        path.unlink()
+        path.symlink_to(link_to)
+        data = link_to.read_bytes()
+    else:
+        assert data is not None
+        path.write_bytes(data)
+    manifest = Manifest.model_validate_json((version_dir / MANIFEST).read_bytes())
+    entry = manifest.files[name].model_copy(update={"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)})
+    (version_dir / MANIFEST).write_text(manifest.model_copy(update={"files": {**manifest.files, name: entry}})
+                                        .model_dump_json())
+
+
 def drill_registry(quick: bool) -> Drill:
     """A reference engine (`DraftFollower`) is told to load versions that are corrupt in every way the registry
     must catch, and a control value that is no number; it never dies, counts each failure in its heartbeat, and
     then loads a good version. Two publishers racing never take the same number."""
     from tide_sglang.draft import DirectoryRegistry, DraftConfig, Eagle3Draft, select_vocab
-    from tide_sglang.draft.registry import MANIFEST, WEIGHTS, Manifest
+    from tide_sglang.draft.registry import CONFIG, WEIGHTS
     from tide_sglang.engine.swap import DraftFollower
 
     config = DraftConfig(hidden_size=32, target_hidden_size=32, intermediate_size=64, num_attention_heads=4,
@@ -322,25 +341,10 @@ def drill_registry(quick: bool) -> Drill:
             t.join()
         distinct = registry.versions() == list(range(1, 7))
 
-        def rewrite(version: int, name: str, data: bytes | None = None, link_to: Path | None = None) -> None:
-            path = registry.path(version) / name
-            if link_to is not None:
-                path.unlink()
-                path.symlink_to(link_to)
-                data = link_to.read_bytes()
-            else:
-                path.write_bytes(data)
-            manifest = Manifest.model_validate_json((registry.path(version) / MANIFEST).read_bytes())
-            files = dict(manifest.files)
-            files[name] = files[name].model_copy(update={"sha256": hashlib.sha256(data).hexdigest(),
-                                                         "bytes": len(data)})
-            (registry.path(version) / MANIFEST).write_text(manifest.model_copy(update={"files": files})
-                                                           .model_dump_json())
-
         weights = (registry.path(1) / WEIGHTS).read_bytes()
-        rewrite(1, WEIGHTS, weights[: len(weights) // 2])  # truncated, manifest matching
-        rewrite(2, "config.json", b"[]")  # a list
-        rewrite(3, WEIGHTS, link_to=registry.path(6) / WEIGHTS)  # a symlink to a valid file
+        tamper(registry.path(1), WEIGHTS, weights[: len(weights) // 2])  # truncated
+        tamper(registry.path(2), CONFIG, b"[]")  # a list
+        tamper(registry.path(3), WEIGHTS, link_to=registry.path(6) / WEIGHTS)  # a symlink to a valid file
         with _server() as server:
             client = connect(settings_for(server.url))
             follower = DraftFollower(client, registry, NS, DEP, "pod-0", torch.randn(100, 32), poll_s=0.0, version=0)
