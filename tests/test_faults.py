@@ -15,7 +15,7 @@ from tide_sglang.bench.faults import DRILLS
 def test_drill(name: str) -> None:
     drill = DRILLS[name](True)
     assert drill.crashes == 0 and drill.lost == 0, drill
-    assert drill.recovery_s is not None and drill.recovery_s < 5, drill
+    assert drill.recovery_s is not None and drill.recovery_s < 30, drill  # trainer-killed: a process restart
     assert all(drill.checks.values()), drill
     assert drill.max_stall_ms < 50, drill  # submit() never waits for Redis, whatever Redis does
 

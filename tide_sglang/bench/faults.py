@@ -13,11 +13,13 @@ import contextlib
 import hashlib
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import redis
 import torch
@@ -31,6 +33,9 @@ from tide_sglang.capture import CaptureBatch
 from tide_sglang.settings import TideSettings
 from tide_sglang.stream import RedisUnavailable, StreamReader, StreamWriter, connect, encode
 from tide_sglang.stream.server import LocalRedis, free_port
+
+if TYPE_CHECKING:
+    from tide_sglang.draft import DraftConfig
 
 NS, DEP = "default", "faults"
 STREAM, DEAD = keys.hidden_states(NS, DEP), keys.dead_letter(NS, DEP)
@@ -299,6 +304,77 @@ def _server_cert(tmp: Path, ca: tuple[Path, Path]) -> tuple[Path, Path]:
     return crt, key
 
 
+def tiny_config() -> "DraftConfig":
+    from tide_sglang.draft import DraftConfig
+
+    return DraftConfig(hidden_size=32, target_hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=8, vocab_size=100, draft_vocab_size=40, aux_layer_ids=[0, 1, 2],
+                       torch_dtype="float32")
+
+
+def checkpointing_consumer(url: str, directory: str, ballast_floats: int) -> None:
+    """The trainer's durability protocol, without the model (trainer/service.py, trainer/state.py): resume from the
+    newest checkpoint and ack the entries it lists, ingest, every 20 entries write a checkpoint holding every row
+    ingested so far (`seqs`, plus `ballast` so that the write takes a while), then ack. Exits once the stream is
+    drained for 1 s. Run as a process by `drill_trainer_killed`."""
+    from tide_sglang.trainer import state as ckpt
+
+    s = settings_for(url)
+    reader = StreamReader.from_settings(connect(s), s, STREAM, DEAD, "trainer-0", block_ms=100, vocab_size=VOCAB)
+    saved = ckpt.load_latest(Path(directory))
+    seqs: list[int] = saved[1]["seqs"].tolist() if saved else []
+    if saved:
+        reader.ack_ids(saved[0].contained_ids)
+    pending, idle = [], 0
+    while idle < 10:
+        entries = reader.read()
+        idle = 0 if entries else idle + 1
+        seqs += [e.batch.draft_version for e in entries]
+        pending += entries
+        if len(pending) >= 20 or (pending and not entries):
+            state = ckpt.TrainerState(config=tiny_config(), vocab_sha256="-", contained_ids=[e.id for e in pending])
+            ckpt.save(Path(directory), state, {"seqs": torch.tensor(seqs), "ballast": torch.zeros(ballast_floats)})
+            reader.ack(pending)
+            pending = []
+
+
+def drill_trainer_killed(quick: bool) -> Drill:
+    """SIGKILL a checkpointing consumer while it writes a checkpoint, then restart it: every entry is in the final
+    checkpoint exactly once (entries of the half-written one are delivered again, entries of the last complete one
+    are acked on resume and not read again)."""
+    from tide_sglang.trainer import state as ckpt
+
+    entries = 100 if quick else 400
+    tmp = Path(tempfile.mkdtemp(prefix="tide-ckpt-"))
+    try:
+        with _server() as server:
+            with StreamWriter.from_settings(settings_for(server.url), STREAM) as w:
+                for i in range(entries):
+                    while not w.submit(batch(i)):
+                        time.sleep(0.001)
+                w.flush()
+            argv = [sys.executable, "-c", "from tide_sglang.bench.faults import checkpointing_consumer as c; "
+                    f"c({server.url!r}, {str(tmp)!r}, {(8 if quick else 16) << 20})"]
+            first = subprocess.Popen(argv)
+            mid_write = False
+            while first.poll() is None and not mid_write:
+                mid_write = any(tmp.glob("ckpt-*")) and any(tmp.glob(".tmp-*"))
+                time.sleep(0.001)
+            first.kill()
+            first.wait()
+            killed = time.monotonic()
+            crashes = int(subprocess.run(argv, timeout=120).returncode != 0)
+            recovery = round(time.monotonic() - killed - 1.0, 3)  # less the 1 s that tells it the stream is drained
+            saved = ckpt.load_latest(tmp)
+            seqs = saved[1]["seqs"].tolist() if saved else []
+            pending = int(_admin(server).xpending(STREAM, keys.TRAINER_GROUP)["pending"])
+            return Drill(name="trainer-killed", injected="SIGKILL while a checkpoint is being written, restart",
+                         lost=entries - len(set(seqs)), duplicates=len(seqs) - len(set(seqs)), crashes=crashes,
+                         recovery_s=recovery, checks={"killed_mid_write": mid_write, "all_acked": pending == 0})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def tamper(version_dir: Path, name: str, data: bytes | None = None, link_to: Path | None = None) -> None:
     """Replace a file of a stored version (or make it a symlink to `link_to`) and make the manifest's checksum
     agree, so only the registry's deeper checks can catch it."""
@@ -322,13 +398,11 @@ def drill_registry(quick: bool) -> Drill:
     """A reference engine (`DraftFollower`) is told to load versions that are corrupt in every way the registry
     must catch, and a control value that is no number; it never dies, counts each failure in its heartbeat, and
     then loads a good version. Two publishers racing never take the same number."""
-    from tide_sglang.draft import DirectoryRegistry, DraftConfig, Eagle3Draft, select_vocab
+    from tide_sglang.draft import DirectoryRegistry, Eagle3Draft, select_vocab
     from tide_sglang.draft.registry import CONFIG, WEIGHTS
     from tide_sglang.engine.swap import DraftFollower
 
-    config = DraftConfig(hidden_size=32, target_hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=8, vocab_size=100, draft_vocab_size=40,
-                         aux_layer_ids=[0, 1, 2], torch_dtype="float32")
+    config = tiny_config()
     tmp = Path(tempfile.mkdtemp(prefix="tide-registry-"))
     try:
         registry = DirectoryRegistry(tmp / "reg", create=True)
@@ -381,6 +455,7 @@ DRILLS: dict[str, Callable[[bool], Drill]] = {
     "poison": drill_poison,
     "tls": drill_tls,
     "registry": drill_registry,
+    "trainer-killed": drill_trainer_killed,
 }
 
 
