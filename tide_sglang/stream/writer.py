@@ -179,7 +179,7 @@ class StreamWriter:
             self._client = self._connect()
             self._stats.connected = True
         self._trim()
-        pipe, sent = self._client.pipeline(transaction=False), []
+        pipe, sent = self._client.pipeline(), []  # MULTI on one server: all or nothing, so counts are exact
         for batch, fields in encoded:
             size = encoded_size(fields)
             if size > self._max_entry_bytes:
