@@ -78,6 +78,7 @@ class StreamWriter:
         self._backlog: Backlog | None = None  # what trim() last left; None: not known yet
         self._room = float(budget_bytes)  # bytes the unacked backlog may still grow by (a group exists)
         self._next_trim = 0.0
+        self._in_flight = 0  # batches of the current _send not yet counted anywhere
         self._max_pipeline = max_pipeline
         self._backoff = backoff_s
         self._queue: queue.Queue[CaptureBatch] = queue.Queue(maxsize=queue_entries)
@@ -158,7 +159,7 @@ class StreamWriter:
                 self._send(batches)
                 delay = self._backoff[0]
             except _REDIS_ERRORS as e:
-                self._on_error(e, len(batches))
+                self._on_error(e, self._in_flight)
                 self._stop.wait(delay)
                 delay = min(delay * 2, self._backoff[1])
             finally:
@@ -173,6 +174,7 @@ class StreamWriter:
             except CodecError as e:
                 self._stats.dropped_invalid += 1
                 log.error("dropping an invalid capture batch: %s", e)
+        self._in_flight = len(encoded)  # what a Redis error from here on drops (each batch counted once)
         if not encoded:
             return
         if self._client is None:
@@ -197,6 +199,7 @@ class StreamWriter:
             else:
                 pipe.xadd(self.stream, fields, maxlen=self._stats.maxlen, approximate=True)
             sent.append((batch, fields))
+        self._in_flight = len(sent)
         if sent:
             pipe.execute()
         for batch, fields in sent:
