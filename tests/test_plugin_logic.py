@@ -234,3 +234,15 @@ def test_the_control_states_collect_switches_row_copies_at_the_sync_point() -> N
     capturer.sampling = False  # TIDE_CAPTURE_SAMPLE_RATE=0 wins over the control state
     rt.sync(None)
     assert capturer.collect is False
+
+
+def test_the_stream_writers_own_drops_are_exported_once_each_by_reason() -> None:
+    from tide_sglang.plugin.helper import writer_drops
+    from tide_sglang.stream import WriterStats
+
+    reported: dict[str, int] = {}
+    assert writer_drops(WriterStats(dropped_redis_error=3, dropped_backlog=2), reported) == {
+        "redis_error": 3, "backlog": 2}
+    assert writer_drops(WriterStats(dropped_redis_error=3, dropped_backlog=5, dropped_oversized=1), reported) == {
+        "backlog": 3, "oversized": 1}
+    assert writer_drops(WriterStats(dropped_redis_error=3, dropped_backlog=5, dropped_oversized=1), reported) == {}

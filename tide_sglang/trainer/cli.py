@@ -39,7 +39,8 @@ def _settings(overrides: dict[str, Any]) -> TideSettings:
               "final norm are read. [TIDE_TARGET]")
 @click.option("--deployment", help="TideDeployment name: the stream is tide:{NAMESPACE/NAME}:hs. [TIDE_DEPLOYMENT]")
 @click.option("--namespace", help="Kubernetes namespace of the TideDeployment. [TIDE_NAMESPACE, default: default]")
-@click.option("--redis-url", help="redis://, rediss:// or unix:// URL. [TIDE_REDIS_URL]")
+@click.option("--redis-url", help="redis://, rediss:// or unix:// URL; a password in it shows in the process list, "
+              "so pass it as TIDE_REDIS_PASSWORD(_FILE). [TIDE_REDIS_URL]")
 @click.option("--consumer", "train_consumer", help="Consumer name in group 'trainers'; keep it stable across "
               "restarts to resume this trainer's pending entries. [TIDE_TRAIN_CONSUMER, default: host name]")
 @click.option("--device", "train_device", help="auto, cpu, cuda or cuda:N. [TIDE_TRAIN_DEVICE]")
