@@ -293,6 +293,7 @@ class DraftTrainer:
         if time.monotonic() - self._stream_metrics_at < every_s:
             return
         self._stream_metrics_at = time.monotonic()
+        self.metrics.reader(self.reader.stats.dead_lettered, self.reader.stats.redis_errors)
         try:
             self.metrics.stream(self.reader.lag(), self.reader.pending())
         except rollout.UNAVAILABLE as e:
