@@ -87,3 +87,21 @@ def test_dead_letter_stream_is_bounded_in_entries_and_bytes(settings):
         pass
     assert client.xlen(DEAD) == DEAD_LETTERS_KEPT
     assert client.memory_usage(DEAD, samples=0) <= 1 << 20
+
+
+def test_an_entry_claimed_again_and_again_goes_to_the_dead_letters(settings):
+    """Trainers that die on one entry hand it to each other by XAUTOCLAIM: each claim is a delivery."""
+    s = settings.model_copy(update={"stream_max_deliveries": 2})
+    client = connect(s)
+    first = StreamReader.from_settings(client, s, STREAM, DEAD, "a", block_ms=10, claim_idle_ms=60_000)
+    client.xadd(STREAM, {k: bytes(v) for k, v in encode(make_batch()).items()})
+    assert len(first.read()) == 1  # delivery 1, never acked
+    got = []
+    for name in ("b", "c"):  # deliveries 2 and 3, each by a claim
+        time.sleep(0.02)
+        r = StreamReader.from_settings(client, s, STREAM, DEAD, name, block_ms=10, claim_idle_ms=10)
+        got.append(len(r.read()))
+    assert got == [1, 0] and r.stats.dead_lettered == 1
+    [(_, fields)] = client.xrange(DEAD)
+    assert fields[b"tide_reason"] == b"delivery_limit" and b"delivered 3 times" in fields[b"tide_error"]
+    assert client.xpending(STREAM, keys.TRAINER_GROUP)["pending"] == 0

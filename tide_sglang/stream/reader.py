@@ -220,9 +220,10 @@ class StreamReader:
         one that crashed its trainer each time would otherwise crash every trainer for ever."""
         if not raw:
             return raw
-        info = self.client.xpending_range(self.stream, self.group, min=_id(raw[0][0]), max=_id(raw[-1][0]),
-                                          count=len(raw) + 1000)
-        times = {_id(p["message_id"]): p["times_delivered"] for p in info}
+        pipe = self.client.pipeline(transaction=False)
+        for entry_id, _ in raw:  # one id each: the pending list may hold many others between them
+            pipe.xpending_range(self.stream, self.group, min=_id(entry_id), max=_id(entry_id), count=1)
+        times = {_id(p["message_id"]): p["times_delivered"] for info in pipe.execute() for p in info}
         keep = []
         for entry_id, fields in raw:
             n = times.get(_id(entry_id), 0)
