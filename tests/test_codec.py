@@ -100,7 +100,7 @@ def test_a_format_1_entry_is_refused_naming_both_versions():
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("token_ids", 49152, r"token_ids must be in \[0, 49152\)"),
     ("token_ids", -1, r"token_ids must be in \[0, 49152\)"),
-    ("positions", -1, "positions must be in >= 0"),
+    ("positions", -1, r"positions must be in \[0, 2147483648\)"),
     ("req_index", 2, r"req_index must be in \[0, 2\)"),
 ])
 def test_out_of_bounds_ids_are_refused_before_use(field, value, message):

@@ -263,3 +263,15 @@ def test_helper_counts_each_versions_verify_steps_in_redis_and_in_prometheus(set
     finally:
         helper.close()
         slab.close()
+
+
+def test_the_stream_writers_own_drops_are_exported_once_each_by_reason() -> None:
+    from tide_sglang.plugin.helper import writer_drops
+    from tide_sglang.stream import WriterStats
+
+    reported: dict[str, int] = {}
+    assert writer_drops(WriterStats(dropped_redis_error=3, dropped_backlog=2), reported) == {
+        "redis_error": 3, "backlog": 2}
+    assert writer_drops(WriterStats(dropped_redis_error=3, dropped_backlog=5, dropped_oversized=1), reported) == {
+        "backlog": 3, "oversized": 1}
+    assert writer_drops(WriterStats(dropped_redis_error=3, dropped_backlog=5, dropped_oversized=1), reported) == {}

@@ -253,7 +253,11 @@ def test_trainer_metrics_are_exposed_under_the_documented_names():
     m.step(32)
     m.evaluation(candidate=1.9, deployed=1.7, deployed_version=None, loss=2.0)
     m.stream(lag=12, pending=3)
+    m.reader(dead_lettered=2, redis_errors=5)
+    m.reader(dead_lettered=3, redis_errors=5)
     text = generate_latest(m.registry).decode()
+    assert 'tide_stream_dead_letters_total{deployment="chat"} 3.0' in text
+    assert 'tide_trainer_redis_errors_total{deployment="chat"} 5.0' in text
     assert 'tide_trainer_loss{deployment="chat"} 2.0' in text
     assert 'tide_trainer_tokens_total{deployment="chat"} 96.0' in text
     assert 'tide_trainer_heldout_acceptance{deployment="chat",draft_version="0",model="candidate"} 1.9' in text

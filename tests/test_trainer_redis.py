@@ -3,6 +3,8 @@
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -257,3 +259,38 @@ def test_entries_are_reclaimed_only_after_a_live_trainer_would_have_acked_them(i
 
     idle = reclaim_idle_ms(TideSettings(train_checkpoint_interval_s=interval_s))
     assert idle == idle_ms and idle > interval_s * 1000
+
+
+def test_trainer_run_survives_dropped_connections_and_acks_at_checkpoints(
+        settings: TideSettings, smollm2: Target, traffic: list[CaptureBatch], tmp_path: Path) -> None:
+    """Issue 18: a dropped Redis connection is retried, not fatal; entries stay pending until a checkpoint holds
+    them, then are acked (all of them, once)."""
+    settings = settings.model_copy(update={**SMALL, "train_checkpoint_dir": tmp_path / "ckpt",
+                                           "train_checkpoint_interval_s": 1.0})
+    _write(settings, traffic)
+    trainer = _trainer(settings, tmp_path / "reg", smollm2)
+    stop, errors = threading.Event(), []
+
+    def run() -> None:
+        try:
+            trainer.run(stop, slice_s=0.05)
+        except Exception as e:  # the test fails on it below
+            errors.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    admin = connect(settings)
+    try:
+        for _ in range(6):
+            time.sleep(0.2)
+            admin.client_kill_filter(_type="normal", skipme=True)
+        total = sum(b.num_tokens for b in traffic)
+        wait_for(lambda: trainer.ingested_rows == total or not thread.is_alive(), timeout=60, what="ingestion")
+        wait_for(lambda: admin.xpending(keys.hidden_states("default", "test"), keys.TRAINER_GROUP)["pending"] == 0
+                 or not thread.is_alive(), timeout=30, what="the checkpoint's acks")
+    finally:
+        stop.set()
+        thread.join(60)
+    assert not errors and trainer.ingested_rows == total
+    assert trainer.reader.stats.redis_errors > 0  # the kills were felt, and survived
+    assert ckpt.load_latest(tmp_path / "ckpt") is not None

@@ -1,15 +1,30 @@
 """The one settings object: every `TIDE_*` environment variable is read here."""
 
+import re
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+_PASSWORD_PARAM = re.compile(r"(?i)(password=)[^&#]*")  # redis-py also takes ?password= in any URL scheme
+
+
+def redacted(url: str) -> str:
+    """The URL without its password (in the user part or a `password=` query parameter), for reprs, logs and
+    error messages."""
+    parts = urlsplit(url)
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+        url = urlunsplit(parts._replace(netloc=netloc))
+    return _PASSWORD_PARAM.sub(r"\1***", url)
+
 
 class TideSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TIDE_", extra="forbid", frozen=True)
+    # hide_input_in_errors: a rejected TIDE_REDIS_URL may hold a password; errors name the field, not its value.
+    model_config = SettingsConfigDict(env_prefix="TIDE_", extra="forbid", frozen=True, hide_input_in_errors=True)
 
     deployment: str = Field("default", description="TideDeployment name; with the namespace, the hash tag of every "
                             "Redis key")
@@ -33,6 +48,16 @@ class TideSettings(BaseSettings):
     # Hidden-state stream.
     stream_budget_mib: int = Field(1024, gt=0, description="Redis memory the stream may hold (MAXLEN ~)")
     stream_queue_entries: int = Field(64, gt=0, description="writer queue; a full queue drops, never blocks")
+    stream_retention_s: float = Field(
+        86400.0, gt=0, description="hidden states older than this are trimmed (by entry id), acked or not: the "
+        "time bound on captured data (docs/security.md)")
+    stream_max_entry_mib: int = Field(
+        64, gt=0, description="largest entry a writer sends or a reader decodes; a larger one is dropped (writer) "
+        "or dead-lettered (reader)")
+    stream_max_deliveries: int = Field(
+        5, ge=1, description="deliveries of one entry without an ack (trainer restarts, claims) before it goes to "
+        "the dead-letter stream")
+    stream_dead_letter_mib: int = Field(16, gt=0, description="Redis memory the dead-letter stream may hold")
 
     # SGLang plugin (tide_sglang/plugin, docs/sglang.md).
     capture_sample_rate: float = Field(1.0, ge=0, le=1, description="share of requests whose rows are captured")
@@ -126,5 +151,9 @@ class TideSettings(BaseSettings):
     @classmethod
     def _scheme(cls, url: str) -> str:
         if not url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"TIDE_REDIS_URL must start with redis://, rediss:// or unix://, got {url!r}")
+            raise ValueError(f"TIDE_REDIS_URL must start with redis://, rediss:// or unix://, got {redacted(url)!r}")
         return url
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, redacted(value) if name == "redis_url" else value

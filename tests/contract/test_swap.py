@@ -16,6 +16,7 @@ from tests.contract.drafts import CONFIG, draft, registry_with, sglang_eagle3
 from tests.helpers import wait_for
 from tests.specforge import write_specforge_export
 from tide_sglang import keys
+from tide_sglang.bench.faults import tamper
 from tide_sglang.draft import DirectoryRegistry, DraftVocab, Eagle3Draft
 from tide_sglang.draft.importer import import_draft
 from tide_sglang.draft.registry import WEIGHTS
@@ -136,3 +137,23 @@ def test_the_imported_version_0_is_swapped_to_like_any_other_and_heartbeats_say_
         assert beats["pod-a"].version == version and beats["pod-a"].role == "stable"
     params = dict(model.named_parameters())
     assert torch.equal(params["model.fc.weight"], load_file(str(v0.weights_path))["fc.weight"])
+
+
+def test_the_stager_never_dies_and_counts_every_failure_in_the_heartbeat(setup) -> None:
+    """Issue 19: a config.json that is a list (checksums made to match), a control value that is no number, and
+    an unexpected error inside the stager's loop: each is counted as a swap failure; the thread lives on."""
+    registry, _, swapper, _, _, client = setup
+    tamper(registry.path(4), "config.json", b"[]")
+    client.hset(keys.control("default", "test"), mapping={"stable": "²"})
+    thread = swapper.start(poll_s=0.01, heartbeat_s=0.01)
+    try:
+        wait_for(lambda: swapper.swap_failures == 1, what="the malformed control state counted")
+        write_control(client, "default", "test", ControlState(stable=4))
+        wait_for(lambda: 4 in swapper.failed, what="the list config refused")
+        assert "config.json is not a valid draft config" in swapper.failed[4]
+        swapper.heartbeat = lambda: (_ for _ in ()).throw(RuntimeError("boom"))  # anything escaping the loop
+        wait_for(lambda: swapper.swap_failures >= 3, what="the unexpected error counted")
+        assert thread.is_alive()
+    finally:
+        swapper.stop()
+        thread.join(5)

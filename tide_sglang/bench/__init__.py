@@ -67,4 +67,5 @@ BENCHMARKS = {
     "train": "tide_sglang.bench.train",
     "control": "tide_sglang.bench.control",
     "capture": "tide_sglang.bench.capture",
+    "faults": "tide_sglang.bench.faults",
 }

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 HIDDEN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 DEFAULT_DOMAIN = "default"  # the domain of every row of an untagged batch (domains=None)
+MAX_POSITION = 1 << 31  # positions travel as int32; the trainer sorts rows by req_index * 2**40 + position
 
 Domain = Annotated[str, Field(max_length=64)]
 
@@ -51,7 +52,7 @@ class CaptureBatch(BaseModel):
             raise ValueError(f"is_prompt must be a bool tensor of shape [{n}], got {self.is_prompt.dtype} "
                              f"{tuple(self.is_prompt.shape)}")
         _bounded("token_ids", self.token_ids, 0, self.vocab_size)
-        _bounded("positions", self.positions, 0, None)
+        _bounded("positions", self.positions, 0, MAX_POSITION)
         _bounded("req_index", self.req_index, 0, len(self.rids))
         for name in ("domains", "acceptance"):
             values = getattr(self, name)
@@ -73,11 +74,10 @@ class CaptureBatch(BaseModel):
         return DEFAULT_DOMAIN if self.domains is None else self.domains[request]
 
 
-def _bounded(name: str, t: torch.Tensor, low: int, high: int | None) -> None:
+def _bounded(name: str, t: torch.Tensor, low: int, high: int) -> None:
     """Every value of t in [low, high): checked before anything indexes with it."""
     if not t.numel():
         return
     lo, hi = int(t.min()), int(t.max())
-    if lo < low or (high is not None and hi >= high):
-        span = f"[{low}, {high})" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be in {span}, got values from {lo} to {hi}")
+    if lo < low or hi >= high:
+        raise ValueError(f"{name} must be in [{low}, {high}), got values from {lo} to {hi}")

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from tide_sglang.draft.config import DraftConfig
 from tide_sglang.draft.model import checkpoint_dtype, checkpoint_shapes
-from tide_sglang.draft.registry import CONFIG, MANIFEST, DraftRegistry, Manifest, verify_files
+from tide_sglang.draft.registry import CONFIG, MANIFEST, DraftRegistry, Manifest, verified_bytes
 from tide_sglang.draft.vocab import DraftVocab
 
 log = logging.getLogger("tide.draft.import")
@@ -53,7 +53,7 @@ def read_source(source: Path) -> SourceDraft:
         raise DraftImportError(f"{source} has no safetensors weights" + (
             f" (only {pickled}: pickle files are never loaded; convert them to safetensors)" if pickled else ""))
     if (source / MANIFEST).is_file():
-        verify_files(source, Manifest.model_validate_json((source / MANIFEST).read_bytes()))
+        verified_bytes(source, Manifest.model_validate_json((source / MANIFEST).read_bytes()))
     body = json.loads((source / CONFIG).read_text())
     try:
         config = DraftConfig.from_sglang(body)

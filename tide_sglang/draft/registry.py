@@ -17,9 +17,11 @@ lineage and share one draft vocabulary. Version 0 is the imported initial draft 
 """
 
 import hashlib
+import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from abc import ABC, abstractmethod
@@ -30,8 +32,8 @@ from urllib.parse import urlsplit
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save_file
 
 from tide_sglang.draft.config import DraftConfig
 from tide_sglang.draft.model import Eagle3Draft, checkpoint_dtype, checkpoint_shapes
@@ -224,39 +226,51 @@ class DraftRegistry(ABC):
 
     def verify(self, version: int) -> VerifiedDraft:
         """Stage the version locally, then check checksums, config, tensor names/shapes/dtypes and the vocabulary
-        hash of that local copy; raise on any mismatch."""
-        path = self.stage(version)
-        label = f"draft v{version} ({self.location})"
-        try:
-            manifest = Manifest.model_validate_json((path / MANIFEST).read_bytes())
-        except FileNotFoundError:
-            raise DraftVerificationError(f"{label}: {MANIFEST} is missing") from None
-        except ValidationError as e:
-            raise DraftVerificationError(f"{label}: {MANIFEST} is not a valid manifest: {e}") from None
-
-        def fail(what: str) -> DraftVerificationError:
-            return DraftVerificationError(f"{label}: {what}")
-
-        if manifest.version != version:
-            raise fail(f"manifest says version {manifest.version}")
-        verify_files(path, manifest, label)
-        try:
-            config = DraftConfig.read(path)
-        except (ValueError, KeyError) as e:
-            raise fail(f"config.json is not a valid draft config: {e}") from None
-        _check_tensors(path / WEIGHTS, config, manifest, fail)
-        return VerifiedDraft(version=version, path=path, weights_path=path / WEIGHTS, config=config,
-                             manifest=manifest)
+        hash of that local copy; raise `DraftVerificationError` on any mismatch, whatever the files hold."""
+        return self._verified(version)[0]
 
     def load_tensors(self, version: int, device: str = "cpu") -> tuple[VerifiedDraft, dict[str, torch.Tensor]]:
-        """Verify, then read the checkpoint tensors (SGLang names) for an in-place copy."""
-        verified = self.verify(version)
-        return verified, load_file(str(verified.weights_path), device=device)
+        """Verify, then the checkpoint tensors (SGLang names) for an in-place copy, deserialized from the very bytes
+        that were hashed: a file replaced between the check and the load cannot slip in."""
+        verified, tensors = self._verified(version)
+        return verified, {k: v.to(device) for k, v in tensors.items()}
 
     def load(self, version: int, embed: torch.Tensor, device: str = "cpu") -> Eagle3Draft:
         """Verify, then build the draft on `device` with the target's embedding [V, H]."""
         verified, tensors = self.load_tensors(version)
         return Eagle3Draft.from_tensors(verified.config, tensors, embed).to(device)
+
+    def _verified(self, version: int) -> tuple[VerifiedDraft, dict[str, torch.Tensor]]:
+        """Read each file once (no symlinks, nothing outside the version directory), hash those bytes, then parse
+        them; every failure of any kind is a `DraftVerificationError` naming the version and the file."""
+        path = self.stage(version)
+        label = f"draft v{version} ({self.location})"
+
+        def fail(what: str) -> DraftVerificationError:
+            return DraftVerificationError(f"{label}: {what}")
+
+        try:
+            manifest = Manifest.model_validate_json(_read_plain(path, MANIFEST))
+        except FileNotFoundError:
+            raise fail(f"{MANIFEST} is missing") from None
+        except ValidationError as e:
+            raise fail(f"{MANIFEST} is not a valid manifest: {e}") from None
+        except OSError as e:
+            raise fail(f"{MANIFEST} cannot be read: {e}") from None
+        if manifest.version != version:
+            raise fail(f"manifest says version {manifest.version}")
+        data = verified_bytes(path, manifest, label)
+        try:
+            config = DraftConfig.from_sglang(json.loads(data[CONFIG]))
+        except Exception as e:  # any JSON value may be there (a list, a string): every parse error is a refusal
+            raise fail(f"config.json is not a valid draft config: {type(e).__name__}: {e}") from None
+        try:
+            tensors = safetensors_load(data[WEIGHTS])
+        except Exception as e:  # safetensors raises its own error types on a malformed file
+            raise fail(f"{WEIGHTS} is not a readable safetensors file: {e}") from None
+        _check_tensors(tensors, config, manifest, fail)
+        return VerifiedDraft(version=version, path=path, weights_path=path / WEIGHTS, config=config,
+                             manifest=manifest), tensors
 
     # Last in the class body: once defined, the name `list` inside the class would shadow the builtin.
     def list(self) -> list[Manifest]:
@@ -264,7 +278,7 @@ class DraftRegistry(ABC):
         return [self.get(v) for v in self.versions()]
 
 
-def _check_tensors(weights: Path, config: DraftConfig, manifest: Manifest,
+def _check_tensors(tensors: dict[str, torch.Tensor], config: DraftConfig, manifest: Manifest,
                    fail: Callable[[str], DraftVerificationError]) -> None:
     expected = {name: TensorSpec(shape=list(shape), dtype=_DTYPE_NAMES[checkpoint_dtype(name, config)])
                 for name, shape in checkpoint_shapes(config).items()}
@@ -272,20 +286,17 @@ def _check_tensors(weights: Path, config: DraftConfig, manifest: Manifest,
         names = set(manifest.tensors) | set(expected)
         wrong = sorted(n for n in names if manifest.tensors.get(n) != expected.get(n))
         raise fail(f"manifest tensors disagree with config.json: {wrong}")
+    stored = {name: TensorSpec(shape=list(t.shape), dtype=_DTYPE_NAMES.get(t.dtype, str(t.dtype)))
+              for name, t in tensors.items()}
+    if stored != expected:
+        missing, extra = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+        bad = sorted(n for n in set(stored) & set(expected) if stored[n] != expected[n])
+        raise fail(f"weights disagree with config.json: missing {missing}, unexpected {extra}, "
+                   f"wrong shape/dtype {[(n, stored[n].shape, stored[n].dtype) for n in bad]}")
     try:
-        with safe_open(str(weights), framework="pt") as f:
-            stored = {name: TensorSpec(shape=list(f.get_slice(name).get_shape()), dtype=f.get_slice(name).get_dtype())
-                      for name in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
-            if stored != expected:
-                missing, extra = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
-                bad = sorted(n for n in set(stored) & set(expected) if stored[n] != expected[n])
-                raise fail(f"weights disagree with config.json: missing {missing}, unexpected {extra}, "
-                           f"wrong shape/dtype {[(n, stored[n].shape, stored[n].dtype) for n in bad]}")
-            vocab = DraftVocab.from_d2t(f.get_tensor("d2t"), config.vocab_size)
-    except DraftVerificationError:
-        raise
-    except Exception as e:  # safetensors raises its own error types on a malformed header
-        raise fail(f"{WEIGHTS} is not a readable safetensors file: {e}") from None
+        vocab = DraftVocab.from_d2t(tensors["d2t"], config.vocab_size)
+    except (ValueError, RuntimeError) as e:
+        raise fail(f"d2t is not a valid vocabulary map: {e}") from None
     if vocab.sha256() != manifest.vocab_sha256:
         raise fail("d2t does not match the manifest's vocabulary hash")
 
@@ -372,16 +383,35 @@ def open_registry(location: str | Path, *, create: bool = False) -> DraftRegistr
     return DirectoryRegistry(Path(text), create=create)
 
 
-def verify_files(path: Path, manifest: Manifest, label: str | None = None) -> None:
-    """The files a manifest lists are there, with their sizes and sha256; raise `DraftVerificationError`."""
+def _read_plain(directory: Path, name: str) -> bytes:
+    """A regular file directly in `directory`, read once; a symlink (the file or the directory) is refused, so
+    nothing outside the version is ever read."""
+    if directory.is_symlink():
+        raise OSError(f"{directory} is a symlink")
+    fd = os.open(directory / name, os.O_RDONLY | os.O_NOFOLLOW)  # ELOOP on a symlink
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError(f"{directory / name} is not a regular file")
+        return f.read()
+
+
+def verified_bytes(path: Path, manifest: Manifest, label: str | None = None) -> dict[str, bytes]:
+    """The files a manifest lists, each read once and checked against its size and sha256; the caller parses
+    these bytes, never the files again. Raise `DraftVerificationError`."""
     label = label or str(path)
     if set(manifest.files) != {CONFIG, WEIGHTS}:
         raise DraftVerificationError(f"{label}: manifest lists files {sorted(manifest.files)}, expected "
                                      f"{[CONFIG, WEIGHTS]}")
+    out = {}
     for name, entry in manifest.files.items():
-        file = path / name
-        if not file.is_file():
-            raise DraftVerificationError(f"{label}: {name} is missing")
-        if file.stat().st_size != entry.bytes or _sha256(file) != entry.sha256:
+        try:
+            data = _read_plain(path, name)
+        except FileNotFoundError:
+            raise DraftVerificationError(f"{label}: {name} is missing") from None
+        except OSError as e:
+            raise DraftVerificationError(f"{label}: {name} is refused: {e}") from None
+        if len(data) != entry.bytes or hashlib.sha256(data).hexdigest() != entry.sha256:
             raise DraftVerificationError(f"{label}: {name} does not match its sha256 in the manifest "
                                          "(corrupted or modified)")
+        out[name] = data
+    return out

@@ -82,11 +82,13 @@ def start_trainer(registry: Path, workdir: Path, target: str, settings: TideSett
     workdir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "tide_sglang.cli", "-v", "train", "--registry", str(registry), "--create-registry",
            "--checkpoint-dir", str(workdir / "trainer"), "--target", target, "--deployment", settings.deployment,
-           "--namespace", settings.namespace, "--redis-url", settings.redis_url,
+           "--namespace", settings.namespace,
            "--consumer", f"{settings.deployment}-trainer", "--device", device]
     logfile = (workdir / "trainer.log").open("wb")
-    # The preset gives defaults; TIDE_TRAIN_* variables already in the environment win.
-    return subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, env={**env, **os.environ})
+    # The preset gives defaults; TIDE_TRAIN_* variables already in the environment win. The Redis URL goes in the
+    # environment, not argv: it may hold a password, and argv is visible to every process on the machine.
+    return subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT,
+                            env={**env, **os.environ, "TIDE_REDIS_URL": settings.redis_url})
 
 
 def stop_trainer(proc: subprocess.Popen[bytes]) -> None:
@@ -123,8 +125,7 @@ def online_engine(target: Target, settings: TideSettings, registry: Path | str, 
                                        settings)
     client = connect(settings)
     stream = keys.hidden_states(settings.namespace, settings.deployment)
-    writer = StreamWriter(lambda: connect(settings, check=False), stream,
-                          budget_bytes=settings.stream_budget_mib << 20, queue_entries=settings.stream_queue_entries)
+    writer = StreamWriter.from_settings(settings, stream)
     reporter = StatsReporter(client, settings.namespace, settings.deployment)
     follower = DraftFollower(client, open_registry(registry), settings.namespace, settings.deployment,
                              settings.pod_name, heads.embed, device=param.device, dtype=param.dtype,

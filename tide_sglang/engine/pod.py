@@ -52,9 +52,7 @@ def run_pod(options: PodOptions, settings: TideSettings) -> int:
     dtype = next(target.model.parameters()).dtype
     registry = open_registry(options.registry)
     client = connect(settings)
-    writer = StreamWriter(lambda: connect(settings, check=False),
-                          keys.hidden_states(settings.namespace, settings.deployment),
-                          budget_bytes=settings.stream_budget_mib << 20, queue_entries=settings.stream_queue_entries)
+    writer = StreamWriter.from_settings(settings, keys.hidden_states(settings.namespace, settings.deployment))
     reporter = rollout.StatsReporter(client, settings.namespace, settings.deployment, interval_s=settings.stats_flush_s)
     follower = DraftFollower(client, registry, settings.namespace, settings.deployment, settings.pod_name, heads.embed,
                              dtype=dtype, reporter=reporter, poll_s=settings.swap_poll_s, version=options.version)

@@ -1,9 +1,11 @@
 """Hot swap for the reference engine: follow the control state for this pod, load verified versions between
 steps, and report what it serves in a heartbeat.
 
-A version that fails `DraftRegistry.verify()` (checksum, shapes, vocabulary) is refused once, counted in its
-`swap_failures` stat (the operator rolls a canary back on it) and never retried; the engine keeps serving with
-the weights it has. Version 0, the imported draft, is a version like any other.
+A version that fails to load for any reason (`DraftRegistry.verify()`: checksum, symlink, config, shapes,
+vocabulary; or anything else the load raises) is refused once, counted in its `swap_failures` stat (the operator
+rolls a canary back on it) and in the heartbeat, and never retried; the engine keeps serving with the weights it
+has. A malformed control state is counted in the heartbeat once per value. Version 0, the imported draft, is a
+version like any other.
 """
 
 import logging
@@ -15,7 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from tide_sglang import rollout
-from tide_sglang.draft import DraftRegistry, DraftVerificationError, Eagle3Draft
+from tide_sglang.draft import DraftRegistry, Eagle3Draft
 from tide_sglang.stream.connection import Client
 
 log = logging.getLogger("tide.engine.swap")
@@ -43,6 +45,7 @@ class DraftFollower:
         self.role: rollout.Role = "stable"
         self.collect = True  # the control state's `collect`: capture hidden states
         self.refused: dict[int, str] = {}  # version -> why
+        self.bad_control: set[str] = set()  # malformed control states seen (each counted once)
         self.swap_failures = 0
         self._next = 0.0
         self._stop = threading.Event()
@@ -54,7 +57,13 @@ class DraftFollower:
         self._next = time.monotonic() + self.poll_s
         try:
             ctl = rollout.read_control(self.client, self.namespace, self.deployment)
-        except (*rollout.UNAVAILABLE, rollout.RolloutError) as e:
+        except rollout.RolloutError as e:  # a malformed hash: counted once per value, keep serving
+            if str(e) not in self.bad_control:
+                self.bad_control.add(str(e))
+                self.swap_failures += 1
+            log.warning("malformed control state, keeping draft v%s: %s", self.version, e)
+            return None
+        except rollout.UNAVAILABLE as e:
             log.warning("cannot read the control state, keeping draft v%s: %s", self.version, e)
             return None
         if ctl is None:
@@ -69,7 +78,7 @@ class DraftFollower:
         t0 = time.perf_counter()
         try:
             draft = self.registry.load(version, self.embed, device=str(self.device)).to(self.dtype).eval()
-        except (DraftVerificationError, OSError, ValueError, KeyError, RuntimeError) as e:
+        except Exception as e:  # an untrusted version: any failure (parse, I/O, format, shape) refuses it
             self.refused[version] = str(e)
             self.swap_failures += 1
             log.error("refusing draft v%d, keeping v%s: %s", version, self.version, e)

@@ -22,7 +22,7 @@ from tide_sglang.plugin.metrics import PluginMetrics
 from tide_sglang.plugin.slab import FREE, Slab
 from tide_sglang.rollout import StatsReporter
 from tide_sglang.settings import TideSettings
-from tide_sglang.stream import StreamWriter, connect
+from tide_sglang.stream import StreamWriter, WriterStats, connect
 
 log = logging.getLogger("tide.plugin.helper")
 
@@ -106,6 +106,22 @@ class Assembler:
             acceptance=None if acceptance is None else [float(a) for a in acceptance])
 
 
+# tide_capture_drops_total reasons for the drops the stream writer's own thread makes (docs/metrics.md)
+WRITER_DROPS = {"redis_error": "dropped_redis_error", "backlog": "dropped_backlog", "oversized": "dropped_oversized",
+                "invalid": "dropped_invalid"}
+
+
+def writer_drops(stats: WriterStats, reported: dict[str, int]) -> dict[str, int]:
+    """Drops by reason since `reported` (the counts already exported), which is brought up to date."""
+    out = {}
+    for reason, field in WRITER_DROPS.items():
+        now = getattr(stats, field)
+        if now > reported.get(reason, 0):
+            out[reason] = now - reported.get(reason, 0)
+            reported[reason] = now
+    return out
+
+
 class Helper:
     """The helper's loop: frames in, stream entries and stats out."""
 
@@ -115,12 +131,11 @@ class Helper:
         self.assembler = Assembler(config, settings.capture_sample_rate, settings.capture_max_acceptance)
         self.metrics = metrics or PluginMetrics(settings.deployment)
         stream = keys.hidden_states(settings.namespace, settings.deployment)
-        self.writer = StreamWriter(lambda: connect(settings, check=False), stream,
-                                   budget_bytes=settings.stream_budget_mib << 20,
-                                   queue_entries=settings.stream_queue_entries)
+        self.writer = StreamWriter.from_settings(settings, stream)
         client = connect(settings, check=False)
         self.stats = StatsReporter(client, settings.namespace, settings.deployment, interval_s=settings.stats_flush_s)
         self.version = 0
+        self._writer_drops: dict[str, int] = {}  # writer drops already in tide_capture_drops_total
 
     def handle(self, msg: wire.Message) -> None:
         if isinstance(msg, wire.Reg):
@@ -143,6 +158,8 @@ class Helper:
         self.metrics.scheduler_seconds.labels(**labels).observe(t.scheduler_ns / 1e9)
         if t.drops:
             self.metrics.drops.labels(**labels, reason="scheduler").inc(t.drops)
+        for reason, n in writer_drops(self.writer.stats, self._writer_drops).items():
+            self.metrics.drops.labels(**labels, reason=reason).inc(n)
 
     def _slot(self, s: wire.SlotReady) -> None:
         labels = self.metrics.labels(s.version)

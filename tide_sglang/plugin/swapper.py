@@ -10,7 +10,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from tide_sglang import rollout
-from tide_sglang.draft.registry import DraftRegistry, DraftVerificationError
+from tide_sglang.draft.registry import DraftRegistry
 from tide_sglang.plugin.metrics import PluginMetrics
 from tide_sglang.plugin.swap import Baseline, SwapPlan, SwapRefused, apply_swap, desired_version, plan_swap, uncovered
 from tide_sglang.stream.connection import Client
@@ -46,6 +46,7 @@ class Swapper:
         self.allow_vocab_change = allow_vocab_change
         self.staged: SwapPlan | None = None
         self.failed: dict[int, str] = {}  # refused versions, never retried (a new version gets a new number)
+        self.bad_control: set[str] = set()  # malformed control states seen (each counted once)
         self._stop = threading.Event()
         metrics.version.labels(deployment=deployment).set(version)
 
@@ -64,19 +65,29 @@ class Swapper:
         next_poll = next_beat = 0.0
         while not self._stop.is_set():
             now = time.monotonic()
-            if now >= next_poll:
-                next_poll = now + poll_s
-                self.follow()
-            if heartbeat_s is not None and now >= next_beat:
-                next_beat = now + heartbeat_s
-                self.heartbeat()
+            try:
+                if now >= next_poll:
+                    next_poll = now + poll_s
+                    self.follow()
+                if heartbeat_s is not None and now >= next_beat:
+                    next_beat = now + heartbeat_s
+                    self.heartbeat()
+            except Exception as e:  # the stager never dies: whatever escaped is a failure the heartbeat shows
+                self.swap_failures += 1
+                log.exception("swap stager failed, keeping v%d: %s", self.current, e)
             self._stop.wait(min(poll_s, heartbeat_s or poll_s))
 
     def follow(self) -> None:
         """Stage the version the control state names for this pod."""
         try:
             ctl = rollout.read_control(self._client(), self.namespace, self.deployment)
-        except Exception as e:  # Redis down or a bad hash: keep serving the loaded version, try again next poll
+        except rollout.RolloutError as e:  # a malformed hash: counted once per value, keep serving
+            if str(e) not in self.bad_control:
+                self.bad_control.add(str(e))
+                self.swap_failures += 1
+            log.warning("cannot read the control state: %s", e)
+            return
+        except Exception as e:  # Redis down: keep serving the loaded version, try again next poll
             log.warning("cannot read the control state: %s", e)
             return
         if ctl is not None:
@@ -109,7 +120,7 @@ class Swapper:
                 raise SwapRefused(f"draft v{version} leaves draft parameters without weights: {missing}")
             if self.handle.pin:
                 plan = plan.model_copy(update={"weights": {n: t.pin_memory() for n, t in plan.weights.items()}})
-        except (DraftVerificationError, SwapRefused, OSError, ValueError) as e:
+        except Exception as e:  # an untrusted version: any failure (parse, I/O, format, shape) refuses it
             self._refuse(version, e)
             return None
         self.staged = plan

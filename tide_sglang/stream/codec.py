@@ -86,10 +86,15 @@ def encoded_size(fields: Fields) -> int:
     return sum(len(v) for v in fields.values())
 
 
-def decode(fields: dict[bytes, bytes]) -> CaptureBatch:
-    """Decode stream fields; raise `CodecError` naming the problem for anything malformed."""
+def decode(fields: dict[bytes, bytes], *, vocab_size: int | None = None, max_bytes: int | None = None) -> CaptureBatch:
+    """Decode stream fields; raise `CodecError` naming the problem for anything malformed. `vocab_size`: the
+    reader's target vocabulary, which the entry's must equal (its token ids are bounded by the entry's own);
+    `max_bytes`: the largest entry accepted. Every size is checked before anything is allocated from it."""
     if set(fields) != {b"h", b"i", b"x"}:
         raise CodecError(f"entry fields {sorted(fields)} are not the TIDE fields [b'h', b'i', b'x']")
+    size = sum(len(v) for v in fields.values())
+    if max_bytes is not None and size > max_bytes:
+        raise CodecError(f"entry is {size} bytes, over the {max_bytes}-byte limit (TIDE_STREAM_MAX_ENTRY_MIB)")
     head, index, raw = fields[b"h"], fields[b"i"], fields[b"x"]
     if len(head) < _PREFIX.size:
         raise CodecError(f"header is truncated: {len(head)} bytes, needs at least {_PREFIX.size}")
@@ -108,6 +113,9 @@ def decode(fields: dict[bytes, bytes]) -> CaptureBatch:
         meta = EntryMeta.model_validate_json(meta_bytes)
     except ValidationError as e:
         raise CodecError(f"header meta is invalid: {e}") from None
+    if vocab_size is not None and meta.vocab_size != vocab_size:
+        raise CodecError(f"entry is for a vocabulary of {meta.vocab_size} tokens, this reader's target has "
+                         f"{vocab_size}: another target model wrote it")
     return _batch(meta, index, raw)
 
 

@@ -1,14 +1,16 @@
 """Redis clients built from `TideSettings`: single server or Cluster, TLS, password from env or a secret file."""
 
 import ssl
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import redis
 from redis._parsers.encoders import Encoder
 from redis.cluster import RedisCluster
 from redis.connection import PythonRespSerializer
 
-from tide_sglang.settings import TideSettings
+from tide_sglang.settings import TideSettings, redacted
+
+__all__ = ["Client", "RedisUnavailable", "client_kwargs", "connect", "redacted"]
 
 Client = redis.Redis | RedisCluster
 
@@ -17,16 +19,6 @@ _PACKER = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)  
 
 class RedisUnavailable(RuntimeError):
     """Redis cannot be used with these settings; the message says why and which setting to look at."""
-
-
-def redacted(url: str) -> str:
-    """The URL without its password, for logs and error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _password(settings: TideSettings) -> str | None:

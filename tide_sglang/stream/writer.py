@@ -1,8 +1,11 @@
 """`StreamWriter`: the engine's side of the hidden-state stream.
 
 `submit()` only puts the batch on a bounded queue (microseconds, never blocks, never raises). A background thread
-encodes, pipelines `XADD`s with an approximate `MAXLEN` derived from a byte budget, and, when Redis is down,
-drops and counts, then reconnects with exponential backoff. Decoding must never wait for the stream.
+encodes and pipelines `XADD`s, and, when Redis is down, paused or full, drops and counts, then reconnects with
+exponential backoff. Decoding must never wait for the stream. What the stream keeps is trim.py's: about every
+`TRIM_EVERY_S` the writer trims acked and expired entries; while a trainers' group exists it never trims an unacked
+entry for space but drops new captures once the unacked backlog fills the byte budget (`dropped_backlog`); before
+any group exists its `MAXLEN ~` keeps the newest entries within the budget.
 """
 
 import contextlib
@@ -17,12 +20,16 @@ from pydantic import BaseModel
 from redis.exceptions import RedisClusterException
 
 from tide_sglang.capture import CaptureBatch
+from tide_sglang.settings import TideSettings
 from tide_sglang.stream.codec import CodecError, encode, encoded_size
-from tide_sglang.stream.connection import Client, RedisUnavailable
+from tide_sglang.stream.connection import Client, RedisUnavailable, connect
+from tide_sglang.stream.trim import Backlog, trim
 
 log = logging.getLogger("tide.stream.writer")
 
 _REDIS_ERRORS = (redis.RedisError, RedisClusterException, RedisUnavailable, OSError)
+MIB = 1 << 20
+TRIM_EVERY_S = 0.5  # how stale the writer's view of the unacked backlog may get (several writers may overshoot)
 
 
 class WriterStats(BaseModel):
@@ -33,6 +40,8 @@ class WriterStats(BaseModel):
     dropped_queue_full: int = 0
     dropped_redis_error: int = 0
     dropped_invalid: int = 0
+    dropped_oversized: int = 0  # larger than TIDE_STREAM_MAX_ENTRY_MIB
+    dropped_backlog: int = 0  # the trainers' unacked backlog filled the budget: what entered the stream is kept
     redis_errors: int = 0
     connected: bool = False
     maxlen: int = 0
@@ -40,7 +49,8 @@ class WriterStats(BaseModel):
 
     @property
     def dropped(self) -> int:
-        return self.dropped_queue_full + self.dropped_redis_error + self.dropped_invalid
+        return (self.dropped_queue_full + self.dropped_redis_error + self.dropped_invalid + self.dropped_oversized
+                + self.dropped_backlog)
 
 
 def maxlen_for_budget(budget_bytes: int, entry_bytes: float, floor: int = 16) -> int:
@@ -58,10 +68,17 @@ class StreamWriter:
         queue_entries: int = 64,
         max_pipeline: int = 16,
         backoff_s: tuple[float, float] = (0.05, 2.0),
+        retention_s: float = 86400.0,
+        max_entry_bytes: int = 64 * MIB,
     ) -> None:
         self._connect = connect
         self.stream = stream
         self._budget = budget_bytes
+        self._retention_s, self._max_entry_bytes = retention_s, max_entry_bytes
+        self._backlog: Backlog | None = None  # what trim() last left; None: not known yet
+        self._room = float(budget_bytes)  # bytes the unacked backlog may still grow by (a group exists)
+        self._next_trim = 0.0
+        self._in_flight = 0  # batches of the current _send not yet counted anywhere
         self._max_pipeline = max_pipeline
         self._backoff = backoff_s
         self._queue: queue.Queue[CaptureBatch] = queue.Queue(maxsize=queue_entries)
@@ -72,6 +89,15 @@ class StreamWriter:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tide-stream-writer", daemon=True)
         self._thread.start()
+
+    @classmethod
+    def from_settings(cls, settings: TideSettings, stream: str, **overrides: object) -> "StreamWriter":
+        """The writer every engine runs: connection, budget, queue, retention and entry bound from TIDE_*."""
+        kwargs: dict[str, object] = {
+            "budget_bytes": settings.stream_budget_mib * MIB, "queue_entries": settings.stream_queue_entries,
+            "retention_s": settings.stream_retention_s, "max_entry_bytes": settings.stream_max_entry_mib * MIB,
+        }
+        return cls(lambda: connect(settings, check=False), stream, **(kwargs | overrides))  # type: ignore[arg-type]
 
     # -- caller side (the engine's thread) ---------------------------------------------------------------
 
@@ -133,7 +159,7 @@ class StreamWriter:
                 self._send(batches)
                 delay = self._backoff[0]
             except _REDIS_ERRORS as e:
-                self._on_error(e, len(batches))
+                self._on_error(e, self._in_flight)
                 self._stop.wait(delay)
                 delay = min(delay * 2, self._backoff[1])
             finally:
@@ -148,22 +174,47 @@ class StreamWriter:
             except CodecError as e:
                 self._stats.dropped_invalid += 1
                 log.error("dropping an invalid capture batch: %s", e)
+        self._in_flight = len(encoded)  # what a Redis error from here on drops (each batch counted once)
         if not encoded:
             return
         if self._client is None:
             self._client = self._connect()
             self._stats.connected = True
-        pipe = self._client.pipeline()
-        for _, fields in encoded:
+        self._trim()
+        pipe, sent = self._client.pipeline(), []  # MULTI on one server: all or nothing, so counts are exact
+        for batch, fields in encoded:
             size = encoded_size(fields)
+            if size > self._max_entry_bytes:
+                self._stats.dropped_oversized += 1
+                log.error("dropping a %d-byte entry: larger than TIDE_STREAM_MAX_ENTRY_MIB", size)
+                continue
             self._entry_bytes = size if not self._entry_bytes else 0.9 * self._entry_bytes + 0.1 * size
             self._stats.maxlen = maxlen_for_budget(self._budget, self._entry_bytes)
-            pipe.xadd(self.stream, fields, maxlen=self._stats.maxlen, approximate=True)
-        pipe.execute()
-        for batch, fields in encoded:
+            if self._backlog is not None and self._backlog.group:
+                if self._room < size:
+                    self._stats.dropped_backlog += 1
+                    continue
+                self._room -= size
+                pipe.xadd(self.stream, fields)  # never MAXLEN: it could trim entries no trainer has acked
+            else:
+                pipe.xadd(self.stream, fields, maxlen=self._stats.maxlen, approximate=True)
+            sent.append((batch, fields))
+        self._in_flight = len(sent)
+        if sent:
+            pipe.execute()
+        for batch, fields in sent:
             self._stats.sent_entries += 1
             self._stats.sent_tokens += batch.num_tokens
             self._stats.sent_bytes += encoded_size(fields)
+
+    def _trim(self) -> None:
+        """Every TRIM_EVERY_S: trim acked and expired entries, and learn how much the unacked backlog may grow."""
+        if time.monotonic() < self._next_trim:
+            return
+        assert self._client is not None
+        self._backlog = trim(self._client, self.stream, self._retention_s, maxlen=self._stats.maxlen)
+        self._room = self._budget - self._backlog.entries * self._entry_bytes
+        self._next_trim = time.monotonic() + TRIM_EVERY_S
 
     def _on_error(self, error: BaseException, lost: int) -> None:
         if self._stats.connected or self._stats.last_error is None:
@@ -172,6 +223,7 @@ class StreamWriter:
         self._stats.last_error = f"{type(error).__name__}: {error}"
         self._stats.connected = False
         self._stats.redis_errors += 1
+        self._next_trim = 0.0  # trim first on the next try: at maxmemory that is what frees room
         if self._client is not None:
             with contextlib.suppress(*_REDIS_ERRORS):
                 self._client.close()

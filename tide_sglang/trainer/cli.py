@@ -39,7 +39,8 @@ def _settings(overrides: dict[str, Any]) -> TideSettings:
               "final norm are read. [TIDE_TARGET]")
 @click.option("--deployment", help="TideDeployment name: the stream is tide:{NAMESPACE/NAME}:hs. [TIDE_DEPLOYMENT]")
 @click.option("--namespace", help="Kubernetes namespace of the TideDeployment. [TIDE_NAMESPACE, default: default]")
-@click.option("--redis-url", help="redis://, rediss:// or unix:// URL. [TIDE_REDIS_URL]")
+@click.option("--redis-url", help="redis://, rediss:// or unix:// URL; a password in it shows in the process list, "
+              "so pass it as TIDE_REDIS_PASSWORD(_FILE). [TIDE_REDIS_URL]")
 @click.option("--consumer", "train_consumer", help="Consumer name in group 'trainers'; keep it stable across "
               "restarts to resume this trainer's pending entries. [TIDE_TRAIN_CONSUMER, default: host name]")
 @click.option("--device", "train_device", help="auto, cpu, cuda or cuda:N. [TIDE_TRAIN_DEVICE]")
@@ -106,9 +107,10 @@ def _build(settings: TideSettings, location: str | None, create_registry: bool) 
         consumer = settings.train_consumer if dist is None else f"{settings.train_consumer}-{dist.rank}"
         client = connect(settings)
         heads = load_heads(settings.target)
-        reader = StreamReader(client, keys.hidden_states(settings.namespace, settings.deployment),
-                              keys.dead_letter(settings.namespace, settings.deployment), consumer, block_ms=200,
-                              claim_idle_ms=reclaim_idle_ms(settings))
+        ns, dep = settings.namespace, settings.deployment
+        reader = StreamReader.from_settings(client, settings, keys.hidden_states(ns, dep), keys.dead_letter(ns, dep),
+                                            consumer, block_ms=200, claim_idle_ms=reclaim_idle_ms(settings),
+                                            vocab_size=heads.config.vocab_size)
         return DraftTrainer(settings, registry, reader, heads, dist=dist)
     except (RedisUnavailable, TrainerError, VocabMismatch, DraftVerificationError, ValueError, OSError) as e:
         _fail(str(e))

@@ -22,6 +22,11 @@ class TrainerMetrics:
                          registry=r)
         self.pending = Gauge("tide_stream_pending_entries", "Entries delivered and not yet acknowledged", d,
                              registry=r)
+        self.dead_letters = Counter("tide_stream_dead_letters", "Entries moved to the dead-letter stream: refused "
+                                    "by the codec or delivered too often without an ack", d, registry=r)
+        self.redis_errors = Counter("tide_trainer_redis_errors", "Redis errors the trainer's stream reader "
+                                    "retried with backoff", d, registry=r)
+        self._reader_counts = (0, 0)  # dead letters and Redis errors already counted
 
     def step(self, rows: int) -> None:
         self.tokens.labels(self.deployment).inc(rows)
@@ -31,6 +36,13 @@ class TrainerMetrics:
         version = str(deployed_version if deployed_version is not None else 0)
         self.heldout.labels(self.deployment, version, "deployed").set(deployed)
         self.heldout.labels(self.deployment, version, "candidate").set(candidate)
+
+    def reader(self, dead_lettered: int, redis_errors: int) -> None:
+        """The reader's running totals; the counters grow by what is new since the last call."""
+        done_dead, done_errors = self._reader_counts
+        self.dead_letters.labels(self.deployment).inc(dead_lettered - done_dead)
+        self.redis_errors.labels(self.deployment).inc(redis_errors - done_errors)
+        self._reader_counts = (dead_lettered, redis_errors)
 
     def stream(self, lag: int | None, pending: int) -> None:
         if lag is not None:

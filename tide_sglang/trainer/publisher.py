@@ -30,6 +30,7 @@ class Publisher:
                  device: torch.device) -> None:
         self.s, self.registry, self.client, self.embed, self.device = settings, registry, client, embed, device
         self._deployed: tuple[int, Eagle3Draft] | None = None
+        self.unannounced: list[rollout.Published] = []  # stored versions whose event Redis has not taken yet
 
     def deployed(self, version: int) -> Eagle3Draft:
         """The served draft of `version`, loaded once."""
@@ -55,7 +56,18 @@ class Publisher:
         """Store the next version, then tell the operator (the registry first: an event names a stored version)."""
         manifest = self.registry.publish(draft, parent=parent, metrics=metrics)
         numbers = {k: float(v) for k, v in metrics.model_dump(exclude={"domains"}).items() if v is not None}
-        rollout.append_event(self.client, self.s.namespace, self.s.deployment,
-                             rollout.Published(version=manifest.version, parent=manifest.parent, metrics=numbers))
+        self.unannounced.append(rollout.Published(version=manifest.version, parent=manifest.parent, metrics=numbers))
         log.info("published draft v%d (parent %s)", manifest.version, manifest.parent)
+        self.announce()
         return manifest.version
+
+    def announce(self) -> None:
+        """Append the events not yet in Redis, oldest first; Redis down: keep them for the next call (the trainer
+        calls this every loop), so a dropped connection neither stops the trainer nor loses a version."""
+        while self.unannounced:
+            try:
+                rollout.append_event(self.client, self.s.namespace, self.s.deployment, self.unannounced[0])
+            except rollout.UNAVAILABLE as e:
+                log.warning("cannot announce draft v%d yet: %s", self.unannounced[0].version, e)
+                return
+            self.unannounced.pop(0)

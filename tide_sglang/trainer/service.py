@@ -17,7 +17,6 @@ import threading
 import time
 from collections.abc import Callable
 
-import redis
 import torch
 
 from tide_sglang import rollout
@@ -95,9 +94,9 @@ class DraftTrainer:
             self._continue_from(version)
 
     def _continue_from(self, version: int) -> None:
-        verified = self.registry.verify(version)
+        verified, tensors = self.registry.load_tensors(version)
         lineage.check_lineage(self.s, self.heads, self.registry, verified.config)
-        draft = self.registry.load(version, self.heads.embed).float()
+        draft = Eagle3Draft.from_tensors(verified.config, tensors, self.heads.embed).float()
         self.learner = Learner(self.s, draft, version, self.device, self.dist, self.ingest.rows)
         self._head_routed = False
         log.info("training from served draft v%d", version)
@@ -258,7 +257,7 @@ class DraftTrainer:
         self.learner.load_optimizer(state, tensors)
         self.ingest.restore(state, tensors)
         if state.contained_ids:  # a trainer killed between writing this checkpoint and acking: ack now, not re-read
-            self.reader.client.xack(self.reader.stream, self.reader.group, *state.contained_ids)
+            self.reader.ack_ids(state.contained_ids)
         log.info("resumed at step %d from %s", state.steps, self.checkpoint_dir)
 
     # -- the service loop ---------------------------------------------------------------------------------
@@ -270,6 +269,7 @@ class DraftTrainer:
         next_checkpoint = time.monotonic() + self.s.train_checkpoint_interval_s
         while True:
             self.poll()
+            self.publisher.announce()
             self._stream_metrics()
             if self.learner is not None:
                 self.follow_rollbacks()
@@ -293,9 +293,10 @@ class DraftTrainer:
         if time.monotonic() - self._stream_metrics_at < every_s:
             return
         self._stream_metrics_at = time.monotonic()
+        self.metrics.reader(self.reader.stats.dead_lettered, self.reader.stats.redis_errors)
         try:
             self.metrics.stream(self.reader.lag(), self.reader.pending())
-        except redis.RedisError as e:
+        except rollout.UNAVAILABLE as e:
             log.warning("cannot read the stream's lag: %s", e)
 
     def _train_slice(self, stop: threading.Event, max_steps: int | None, slice_s: float) -> None:

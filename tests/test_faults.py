@@ -1,0 +1,30 @@
+"""The fault drills of `tide bench faults` (tide_sglang/bench/faults.py), each a test against real redis-server
+processes (and a TLS one), plus the bench's CLI once. docs/security.md names the drill behind each guarantee."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tide_sglang.bench.faults import DRILLS
+
+
+@pytest.mark.parametrize("name", list(DRILLS))
+def test_drill(name: str) -> None:
+    drill = DRILLS[name](True)
+    assert drill.crashes == 0 and drill.lost == 0, drill
+    assert drill.recovery_s is not None and drill.recovery_s < 30, drill  # trainer-killed: a process restart
+    assert all(drill.checks.values()), drill
+    assert drill.max_stall_ms < 50, drill  # submit() never waits for Redis, whatever Redis does
+
+
+def test_bench_faults_quick_json(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "tide_sglang.cli", "bench", "faults", "--quick", "--json", "--out",
+                          str(tmp_path), "-p", "drills=clients-killed"],
+                         capture_output=True, text=True, timeout=120, check=True)
+    report = json.loads(out.stdout)
+    assert report["name"] == "faults" and [d["name"] for d in report["figures"]["drills"]] == ["clients-killed"]
+    assert {g["name"] for g in report["goals"]} == {"lost", "crashes", "drills_recovered", "max_producer_stall_ms"}
+    assert all(g["met"] for g in report["goals"]), report["goals"]
