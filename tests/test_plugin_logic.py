@@ -309,3 +309,25 @@ def test_helper_counts_each_versions_verify_steps_in_redis_and_in_prometheus(set
     finally:
         helper.close()
         slab.close()
+
+
+def test_helper_counts_every_invalid_domain_and_logs_only_the_first(settings, caplog) -> None:
+    from tide_sglang.plugin.helper import Helper
+
+    reg = CollectorRegistry()
+    slab = Slab.create(slots=1, slot_bytes=4096)
+    helper = Helper(HelperConfig(slab=slab.name, slots=1, slot_bytes=slab.slot_bytes, aux_layers=3, vocab_size=100),
+                    settings, PluginMetrics(settings.deployment, registry=reg))
+    try:
+        with caplog.at_level("WARNING", logger="tide.plugin.helper"):
+            for msg in wire.Decoder().feed(b"".join(wire.reg(t, f"r{t}", d) for t, d in
+                                                    enumerate(["code", "a b", "", "x" * 99, NOT_TEXT]))):
+                helper.handle(msg)
+        labels = {"deployment": settings.deployment, "draft_version": "0"}
+        assert reg.get_sample_value("tide_capture_invalid_domains_total", labels) == 3
+        assert [r.getMessage() for r in caplog.records] == [
+            "request r1: domain 'a b' is not a label (1-64 of A-Z a-z 0-9 _ . -); its rows go to the 'default' "
+            "domain. Counted in tide_capture_invalid_domains_total, logged only this once"]
+    finally:
+        helper.close()
+        slab.close()
