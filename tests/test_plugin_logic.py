@@ -9,10 +9,13 @@ import torch
 from click.testing import CliRunner
 from prometheus_client import CollectorRegistry
 
+from tide_sglang.capture import is_domain_label
 from tide_sglang.cli import main
 from tide_sglang.control import Profile, SpeculationController
 from tide_sglang.plugin import rows, wire
+from tide_sglang.plugin.capture import NOT_TEXT, request_domain
 from tide_sglang.plugin.cli import serve_argv
+from tide_sglang.plugin.helper import Assembler, HelperConfig
 from tide_sglang.plugin.metrics import PluginMetrics
 from tide_sglang.plugin.runtime import Runtime
 from tide_sglang.plugin.slab import FREE, Slab
@@ -63,6 +66,49 @@ def test_capture_frames_round_trip_through_any_split_of_the_byte_stream() -> Non
         assert got == [wire.Reg(5, "rid-ü", "code"), wire.Tick(7, 9, 3, 3, 12345, 1), slot, wire.Fin(5)]
     with pytest.raises(ValueError, match="kind 9"):
         wire.Decoder().feed(b"\x00\x00\x09")
+
+
+@pytest.mark.parametrize(("text", "ok"), [
+    ("code", True), ("fr-FR", True), ("team_a.v2", True), ("7", True), ("x" * 64, True),
+    ("", False), ("x" * 65, False), ("two words", False), ("-code", False), (".hidden", False), ("ünï", False),
+    ("a/b", False), ("code\n", False), (NOT_TEXT, False),
+])
+def test_a_domain_is_a_short_label(text: str, ok: bool) -> None:
+    assert is_domain_label(text) is ok
+
+
+def _req(custom_params: object) -> object:
+    import types
+
+    return types.SimpleNamespace(sampling_params=types.SimpleNamespace(custom_params=custom_params))
+
+
+@pytest.mark.parametrize(("params", "domain"), [
+    (None, ""), ({}, ""), ({"thinking_budget": 5}, ""), ({"tide_domain": None}, ""), ({"tide_domain": ""}, ""),
+    ({"tide_domain": "code"}, "code"), ({"tide_domain": "two words"}, "two words"),
+    ({"tide_domain": 7}, NOT_TEXT), ({"tide_domain": ["code"]}, NOT_TEXT), ({"tide_domain": {"a": 1}}, NOT_TEXT),
+])
+def test_admission_reads_the_domain_from_custom_params_without_judging_it(params: object, domain: str) -> None:
+    """SGLang's custom_params may hold any JSON value: the scheduler thread only looks the key up."""
+    assert request_domain(_req(params)) == domain
+
+
+def test_the_helper_keeps_label_domains_and_puts_anything_else_in_the_default_one() -> None:
+    config = HelperConfig(slab="unused", slots=1, slot_bytes=1, aux_layers=1, vocab_size=16)
+    assembler = Assembler(config, sample_rate=1.0, max_acceptance=1.0)
+    sent = {0: "code", 1: "", 2: "two words", 3: "x" * 65, 4: "x" * 1000, 5: NOT_TEXT, 6: "ü" * 40, 7: "x" * 64}
+    regs = wire.Decoder().feed(b"".join(wire.reg(tag, f"r{tag}", domain) for tag, domain in sent.items()))
+    valid = [assembler.register(msg) for msg in regs]
+    assert valid == [True, True, False, False, False, False, False, True]  # "" is no domain, not a bad one
+    assert [assembler.requests[t][1] for t in sent] == ["code", "", "", "", "", "", "", "x" * 64]
+    # A prefill slot of two rows per request: each request's rows carry its domain, "default" when it has none.
+    hidden = torch.arange(16, dtype=torch.float32)
+    data = memoryview(bytearray(hidden.numpy().tobytes() + np.arange(16, dtype=np.int64).tobytes()))
+    side = memoryview(np.arange(8, dtype=np.int64).tobytes() + np.repeat(np.arange(8, dtype=np.int32), 2).tobytes()
+                      + np.tile(np.arange(2, dtype=np.int32), 8).tobytes())
+    batch = assembler.prefill(data, side, wire.SlotReady(0, "prefill", 0, 8, 1, 16, 1, torch.float32))
+    assert batch.domains == ["code"] + ["default"] * 6 + ["x" * 64]
+    assert [batch.domain_of(int(i)) for i in batch.req_index[:4]] == ["code", "code", "default", "default"]
 
 
 def test_slab_slots_are_shared_between_mappings_and_acquire_never_waits() -> None:
@@ -275,3 +321,25 @@ def test_the_stream_writers_own_drops_are_exported_once_each_by_reason() -> None
     assert writer_drops(WriterStats(dropped_redis_error=3, dropped_backlog=5, dropped_oversized=1), reported) == {
         "backlog": 3, "oversized": 1}
     assert writer_drops(WriterStats(dropped_redis_error=3, dropped_backlog=5, dropped_oversized=1), reported) == {}
+
+
+def test_helper_counts_every_invalid_domain_and_logs_only_the_first(settings, caplog) -> None:
+    from tide_sglang.plugin.helper import Helper
+
+    reg = CollectorRegistry()
+    slab = Slab.create(slots=1, slot_bytes=4096)
+    helper = Helper(HelperConfig(slab=slab.name, slots=1, slot_bytes=slab.slot_bytes, aux_layers=3, vocab_size=100),
+                    settings, PluginMetrics(settings.deployment, registry=reg))
+    try:
+        with caplog.at_level("WARNING", logger="tide.plugin.helper"):
+            for msg in wire.Decoder().feed(b"".join(wire.reg(t, f"r{t}", d) for t, d in
+                                                    enumerate(["code", "a b", "", "x" * 99, NOT_TEXT]))):
+                helper.handle(msg)
+        labels = {"deployment": settings.deployment, "draft_version": "0"}
+        assert reg.get_sample_value("tide_capture_invalid_domains_total", labels) == 3
+        assert [r.getMessage() for r in caplog.records] == [
+            "request r1: domain 'a b' is not a label (1-64 of A-Z a-z 0-9 _ . -); its rows go to the 'default' "
+            "domain. Counted in tide_capture_invalid_domains_total, logged only this once"]
+    finally:
+        helper.close()
+        slab.close()

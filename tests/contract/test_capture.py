@@ -65,8 +65,9 @@ def eagle_worker() -> eagle.EAGLEWorkerV2:
     return worker
 
 
-def admitted(n: int, worker: eagle.EAGLEWorkerV2) -> list[Req]:
-    reqs = [Req(f"r{i}", "", [1, 2, 3], SamplingParams(max_new_tokens=64)) for i in range(n)]
+def admitted(n: int, worker: eagle.EAGLEWorkerV2, custom_params: list[dict | None] | None = None) -> list[Req]:
+    params = custom_params or [None] * n
+    reqs = [Req(f"r{i}", "", [1, 2, 3], SamplingParams(max_new_tokens=64, custom_params=params[i])) for i in range(n)]
     scheduler = types.SimpleNamespace(draft_worker=worker)
     for r in reqs:
         hooks.before_admit(scheduler, r)
@@ -132,6 +133,27 @@ def test_verify_capture_emits_exactly_accepted_rows_of_committed_requests(tide_e
     stats = client.hgetall(keys.stats("default", "test", 0))
     # 3 committed requests x (ND - 1) draft tokens verified; accepted drafts exclude each bonus token.
     assert (int(stats[b"tokens"]), int(stats[b"accepted"]), int(stats[b"verify_steps"])) == (3 * (ND - 1), 3, 3)
+
+
+def test_rows_carry_each_requests_domain_into_per_domain_replay(tide_env, monkeypatch) -> None:
+    """custom_params["tide_domain"] (tests/contract/test_domain.py shows it reaches the Req from every API): a label
+    tags the request's rows; none, or one that is not a label, puts them in the default domain."""
+    from tide_sglang.trainer.replay import ReplayBuffer, SequenceAssembler
+
+    worker = eagle_worker()
+    params = [{"tide_domain": "code"}, None, {"tide_domain": "not a label"}, {"tide_domain": "fr-FR", "k": 1}]
+    batch = ScheduleBatch(reqs=admitted(4, worker, params), seq_lens=torch.tensor([10, 20, 30, 40]),
+                          forward_mode=ForwardMode.DECODE)
+    result = verify_result([2, 2, 2, 2])
+    verify(worker, batch, result, monkeypatch)
+    commit(batch, result)
+    [got] = read_all(tide_env, 1)
+    assert got.rids == ["r0", "r1", "r2", "r3"] and got.domains == ["code", "default", "default", "fr-FR"]
+    replay = ReplayBuffer(recent=8, reservoir=8)
+    assembler = SequenceAssembler(chunk_len=8, min_len=2)
+    for chunk in assembler.add(got) + assembler.flush():
+        replay.add(chunk)
+    assert replay.added_rows == {"code": 2, "default": 4, "fr-FR": 2}
 
 
 def test_prefill_capture_emits_prompt_rows_and_leaves_out_a_chunks_last_row(tide_env) -> None:

@@ -75,10 +75,12 @@ class Arm(BaseModel):
 
 
 class Req:
-    """Stands in for sglang's Req: the capture path reads `rid`, `finished_reason`, `is_retracted` and its tag."""
+    """Stands in for sglang's Req: the capture path reads `rid`, `finished_reason`, `is_retracted`, its tag and, at
+    admission, `sampling_params.custom_params` (no domain here, as for an untagged request)."""
 
     def __init__(self, rid: str) -> None:
         self.rid, self.finished_reason, self.is_retracted, self._tide_tag = rid, None, False, -1
+        self.sampling_params = types.SimpleNamespace(custom_params=None)
 
 
 def _batches(bs: int, count: int, seed: int) -> list[tuple[Any, dict[str, Any]]]:

@@ -6,6 +6,7 @@ was accepted. Rows of one request are in position order, so a trainer can chain 
 is_prompt[r] says whether x_p was a prompt token (a prefill row) or a generated one (an accepted decode row).
 """
 
+import re
 from typing import Annotated
 
 import torch
@@ -14,8 +15,17 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 HIDDEN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 DEFAULT_DOMAIN = "default"  # the domain of every row of an untagged batch (domains=None)
 MAX_POSITION = 1 << 31  # positions travel as int32; the trainer sorts rows by req_index * 2**40 + position
+DOMAIN_MAX = 64
+# What a client may send as a request's domain (docs/sglang.md, "Domains"): a short label, so a per-domain replay
+# buffer, a manifest's row counts and a log line never carry free text.
+_DOMAIN_LABEL = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{DOMAIN_MAX - 1}}}")
 
-Domain = Annotated[str, Field(max_length=64)]
+Domain = Annotated[str, Field(max_length=DOMAIN_MAX)]
+
+
+def is_domain_label(text: str) -> bool:
+    """1-64 characters of [A-Za-z0-9_.-], starting with a letter or digit."""
+    return _DOMAIN_LABEL.fullmatch(text) is not None
 
 
 class CaptureBatch(BaseModel):

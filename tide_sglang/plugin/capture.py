@@ -10,7 +10,8 @@ Per decode batch (docs/sglang.md, "Capture cost"):
 - `on_committed`, after: the per-version counts go to the helper in a tick (so a full slab drops hidden states,
   never the counts a canary is judged on), requests that finished go as FIN frames, and every slot whose copy
   is done is posted.
-Requests are registered once, at admission (`on_admit`): a tag on SGLang's `Req`, and a REG frame with its rid.
+Requests are registered once, at admission (`on_admit`): a tag on SGLang's `Req`, and a REG frame with its rid and
+the domain the client set in `custom_params["tide_domain"]` (docs/sglang.md, "Domains"); the helper validates it.
 """
 
 import itertools
@@ -35,6 +36,12 @@ FLAGS = "_tide_flags"  # on the result from before to after its processing: (fin
 CHECK_EVERY = 256  # batches between looks at the helper process
 STALE_S = 5.0  # a verify result not committed this long after its verify is taken as never committed
 
+# The request's domain: a key of SamplingParams.custom_params, the one request field that reaches the scheduler's
+# Req unchanged in 0.5.17-0.5.23 from both the OpenAI-compatible and the native API without touching the prefix
+# cache, routing or scheduling (docs/sglang.md, "Domains", says why not routing_key, lora_id, extra_key, ...).
+DOMAIN_PARAM = "tide_domain"
+NOT_TEXT = "\x00"  # sent for a domain that is not a string: no label can be it, so the helper counts it as invalid
+
 _tags = operator.attrgetter(TAG)
 _finished = operator.attrgetter("finished_reason")  # Req.finished() is `finished_reason is not None`
 _retracted = operator.attrgetter("is_retracted")
@@ -45,6 +52,15 @@ def flags(reqs: list[Any]) -> tuple[bytes, bytes]:
     had finished or was retracted before SGLang processed it (SGLang's own overlap-scheduling rule)."""
     fin = bytes(map(operator.truth, map(_finished, reqs)))
     return fin, bytes(map(operator.not_, map(operator.or_, fin, map(operator.truth, map(_retracted, reqs)))))
+
+
+def request_domain(req: Any) -> str:
+    """The domain the client set ("" when none), unvalidated: one dict lookup on the scheduler thread."""
+    params = req.sampling_params.custom_params
+    value = params.get(DOMAIN_PARAM) if isinstance(params, dict) else None
+    if value is None or isinstance(value, str):
+        return value or ""
+    return NOT_TEXT
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -76,7 +92,7 @@ class Capturer:
             self.link.send(wire.fin(old))
         tag = next(self._tag)
         setattr(req, TAG, tag)
-        self.link.send(wire.reg(tag, req.rid))
+        self.link.send(wire.reg(tag, req.rid, request_domain(req)))
 
     # -- once per batch ------------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from tide_sglang import keys
-from tide_sglang.capture import CaptureBatch
+from tide_sglang.capture import DEFAULT_DOMAIN, CaptureBatch, is_domain_label
 from tide_sglang.plugin import rows, wire
 from tide_sglang.plugin.metrics import PluginMetrics
 from tide_sglang.plugin.slab import FREE, Slab
@@ -48,11 +48,15 @@ class Assembler:
         self.requests: dict[int, tuple[str, str, bool]] = {}  # tag -> (rid, domain, sampled)
         self.unregistered = 0
 
-    def register(self, msg: wire.Reg) -> None:
+    def register(self, msg: wire.Reg) -> bool:
+        """Keep the request's rid, domain and sampling draw; False when its domain is not a label (it is then in
+        the default domain)."""
         if len(self.requests) >= MAX_TAGS:
             for tag in list(self.requests)[: MAX_TAGS // 2]:
                 del self.requests[tag]
-        self.requests[msg.tag] = (msg.rid, msg.domain, rows.sampled(msg.rid, self.sample_rate))
+        valid = not msg.domain or is_domain_label(msg.domain)
+        self.requests[msg.tag] = (msg.rid, msg.domain if valid else "", rows.sampled(msg.rid, self.sample_rate))
+        return valid
 
     def forget(self, tag: int) -> None:
         self.requests.pop(tag, None)
@@ -95,14 +99,14 @@ class Assembler:
                acceptance: list[int] | None) -> CaptureBatch | None:
         if not len(row):
             return None
-        domains = [info[i][1] or "default" for i in keep]
+        domains = [info[i][1] or DEFAULT_DOMAIN for i in keep]
         index = torch.from_numpy(row)
         return CaptureBatch(
             rids=[info[i][0] for i in keep], req_index=torch.from_numpy(req), positions=torch.from_numpy(pos),
             token_ids=torch.from_numpy(ids[row].astype(np.int64)), hidden=hidden.index_select(0, index),
             is_prompt=torch.full((len(row),), s.kind == "prefill"), vocab_size=self.config.vocab_size,
             aux_layers=self.config.aux_layers, draft_version=s.version,
-            domains=domains if any(d != "default" for d in domains) else None,
+            domains=domains if any(d != DEFAULT_DOMAIN for d in domains) else None,
             acceptance=None if acceptance is None else [float(a) for a in acceptance])
 
 
@@ -136,16 +140,27 @@ class Helper:
         self.stats = StatsReporter(client, settings.namespace, settings.deployment, interval_s=settings.stats_flush_s)
         self.version = 0
         self._writer_drops: dict[str, int] = {}  # writer drops already in tide_capture_drops_total
+        self.invalid_domains = 0
 
     def handle(self, msg: wire.Message) -> None:
         if isinstance(msg, wire.Reg):
-            self.assembler.register(msg)
+            if not self.assembler.register(msg):
+                self._invalid_domain(msg)
         elif isinstance(msg, wire.Fin):
             self.assembler.forget(msg.tag)
         elif isinstance(msg, wire.Tick):
             self._tick(msg)
         else:
             self._slot(msg)
+
+    def _invalid_domain(self, msg: wire.Reg) -> None:
+        """Counted every time, logged once per process: a client sending bad labels must not flood the log."""
+        self.metrics.invalid_domains.labels(**self.metrics.labels(self.version)).inc()
+        self.invalid_domains += 1
+        if self.invalid_domains == 1:
+            log.warning("request %s: domain %r is not a label (1-64 of A-Z a-z 0-9 _ . -); its rows go to the %r "
+                        "domain. Counted in tide_capture_invalid_domains_total, logged only this once",
+                        msg.rid, msg.domain, DEFAULT_DOMAIN)
 
     def _tick(self, t: wire.Tick) -> None:
         self.version = t.version

@@ -23,6 +23,9 @@ class PluginMetrics:
                                       LABELS, **r)
         self.drops = Counter("tide_capture_drops_total", "Capture batches dropped instead of blocking",
                              (*LABELS, "reason"), **r)
+        self.invalid_domains = Counter("tide_capture_invalid_domains_total",
+                                       "Requests whose domain was not a label (their rows went to the default domain)",
+                                       LABELS, **r)
         self.swaps = Counter("tide_draft_swaps_total", "Draft versions copied in place", LABELS, **r)
         self.swap_seconds = Histogram("tide_draft_swap_seconds", "Time the in-place copy held the scheduler",
                                       LABELS, **r, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))

@@ -16,6 +16,8 @@ from typing import Literal
 
 import torch
 
+from tide_sglang.capture import DOMAIN_MAX
+
 _HEAD = struct.Struct("<HB")
 REG, FIN, TICK, SLOT = 1, 2, 3, 4
 _REG = struct.Struct("<qHH")  # tag, rid length, domain length, then the two utf-8 strings
@@ -77,7 +79,9 @@ def _frame(kind: int, body: bytes) -> bytes:
 
 
 def reg(tag: int, rid: str, domain: str = "") -> bytes:
-    r, d = rid.encode()[:MAX_TEXT], domain.encode()[:64]
+    """The domain is cut one byte past the longest label, never to it: an over-long value stays invalid for the
+    helper, which validates it (off the scheduler thread)."""
+    r, d = rid.encode()[:MAX_TEXT], domain.encode(errors="replace")[: DOMAIN_MAX + 1]
     return _frame(REG, _REG.pack(tag, len(r), len(d)) + r + d)
 
 
