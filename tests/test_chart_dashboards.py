@@ -201,6 +201,8 @@ def rollout_objects() -> list[dict[str, Any]]:
     td = yaml.safe_load((ROOT / "docs/examples/tidedeployment-minimal.yaml").read_text())
     cond = {"status": "True", "reason": "Canary", "observedGeneration": 1, "lastTransitionTime": "2026-11-25T18:00:00Z"}
     td["status"] = {"observedGeneration": 1, "stable": 3, "canary": 4, "candidate": 4, "acceptance": 0.66,
+                    "training": {"state": "Training", "reason": "TriggerFired", "since": "2026-11-25T17:30:00Z",
+                                 "upSince": "2026-11-25T17:30:00Z", "lastTrigger": "2026-11-25T18:00:00Z"},
                     "conditions": [{"type": "Progressing", **cond},
                                    {"type": "Ready", **cond, "status": "False", "reason": "PodsNotReady"}]}
     crds = load_crds()

@@ -66,7 +66,14 @@ def test_names_columns_and_short_names() -> None:
     assert td["group"] == dv["group"] == "tide.dev"
     assert td["names"]["shortNames"] == ["tided"] and dv["names"]["shortNames"] == ["dv"]
     columns = [c["name"] for c in td["versions"][0]["additionalPrinterColumns"]]
-    assert columns == ["Ready", "Draft", "Candidate", "Acceptance", "Age"]
+    assert columns == ["Ready", "Draft", "Candidate", "Acceptance", "Trainer", "Trainer Reason", "Age"]
+    schema = td["versions"][0]["schema"]["openAPIV3Schema"]
+    for column in td["versions"][0]["additionalPrinterColumns"]:  # a dotted status path exists in the schema
+        if column["jsonPath"].startswith(".status.") and "[" not in column["jsonPath"]:
+            node = schema
+            for key in column["jsonPath"].split(".")[1:]:
+                node = node["properties"][key]
+            assert node["type"] == column["type"], column
     assert td["versions"][0]["name"] == "v1alpha1"
 
 

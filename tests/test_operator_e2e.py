@@ -68,6 +68,7 @@ class Engines:
         self.client, self.pods = client, pods
         self.loaded = dict.fromkeys(pods, 0)
         self.stuck: set[str] = set()
+        self.trigger: dict[str, float | bool | str] = {}  # what every pod's training trigger reports
 
     def tick(self) -> ControlState | None:
         ctl = read_control(self.client, NS, NAME)
@@ -76,7 +77,7 @@ class Engines:
                 self.loaded[pod] = ctl.version_for(pod)
             role = ctl.role_of(pod) if ctl is not None else "stable"
             write_heartbeat(self.client, NS, NAME, Heartbeat(pod=pod, role=role, version=self.loaded[pod],
-                                                             time=time.time()))
+                                                             trigger=self.trigger, time=time.time()))
         return ctl
 
     async def run(self) -> None:
@@ -223,6 +224,37 @@ async def test_canary_on_a_named_pod_promoted_once_every_pod_serves_it_then_pinn
     assert engines.loaded == dict.fromkeys(PODS, 0) and control(r).stable == 0
     await wait_for(lambda: cluster.condition(NAME, "RolloutPaused").get("reason") == "Pinned", what="paused")
     assert pod(cluster, NAME) == template  # no pod template changed: nothing restarted
+
+
+def trainer(cluster: Cluster) -> tuple[str | None, str | None]:
+    """What `kubectl get tided` shows in the Trainer and Trainer Reason columns."""
+    training = td_status(cluster).get("training") or {}
+    return training.get("state"), training.get("reason")
+
+
+async def test_trigger_votes_scale_the_trainer_down_and_back(cluster: Cluster, operator: Operator,
+                                                            redis_server: LocalRedis, r: redis.Redis,
+                                                            engines: Engines) -> None:
+    quiet = {"state": "idle", "reason": "plateau", "train": False, "collect": False, "short": 0.7, "long": 0.7}
+    drift = {**quiet, "state": "active", "reason": "drift", "train": True, "collect": True}
+    engines.trigger = drift
+    await running(cluster, redis_server, r, training={"holdFor": "1s", "idleAfter": "2s", "minUp": "2s"})
+    await wait_for(lambda: trainer(cluster) == ("Training", "TriggerFired"), what="training on a vote")
+    assert td_status(cluster)["training"]["message"] == f"{PODS[0]}, {PODS[1]} of 2 live pod(s) vote to train"
+    assert replicas(cluster, f"{NAME}-trainer") == 1
+    assert (control(r).train, control(r).collect) == (True, True)
+    engines.trigger = quiet  # every pod's trigger went idle: training off, then the trainer scaled to zero
+    await wait_for(lambda: trainer(cluster)[0] == "Idle", what="idle")
+    assert (control(r).train, control(r).collect) == (False, False)
+    await wait_for(lambda: trainer(cluster) == ("ScaledDown", "IdleAfter"), what="scaled down")
+    await wait_for(lambda: replicas(cluster, f"{NAME}-trainer") == 0, what="trainer at zero")
+    assert cluster.get("PersistentVolumeClaim", f"{NAME}-trainer-checkpoint") is not None  # it resumes from it
+    assert (control(r).train, control(r).collect) == (False, False)
+    engines.trigger = drift  # drift again: back to one trainer at once
+    await wait_for(lambda: replicas(cluster, f"{NAME}-trainer") == 1, what="trainer back")
+    assert trainer(cluster) == ("Training", "TriggerFired")
+    await wait_for(lambda: control(r).train, what="train on")
+    assert_rbac_covers(cluster.kmock)
 
 
 async def test_swap_timeout_names_the_lagging_pod(cluster: Cluster, operator: Operator, redis_server: LocalRedis,

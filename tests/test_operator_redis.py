@@ -5,9 +5,9 @@ import time
 
 import pytest
 import redis
-from tide_operator import redis_io
-from tide_operator.models import Counters, TrainingSpec
-from tide_operator.rollout import Routing, control_state
+from tide_operator import gate, redis_io
+from tide_operator.models import Counters, TrainerState, TrainingStatus
+from tide_operator.rollout import Routing
 
 from tide_sglang import keys
 from tide_sglang.rollout import (
@@ -60,7 +60,8 @@ def test_live_heartbeats_only(client: redis.Redis) -> None:
 
 
 def test_control_state_as_the_engines_read_it_and_forget(client: redis.Redis) -> None:
-    state = control_state(Routing(1, 2, ("chat-a",)), TrainingSpec(gate="trigger"), [{"train": False}])
+    idle = TrainingStatus(state=TrainerState.IDLE, reason="NoTrigger", since="2026-11-25T18:00:00Z")
+    state = gate.control_state(Routing(1, 2, ("chat-a",)), idle, gate.Votes(live=2, reporting=2, collect=("chat-a",)))
     redis_io.write_control(client, NS, DEP, state)
     got = read_control(client, NS, DEP)
     assert (got.version_for("chat-a"), got.version_for("chat-b"), got.train, got.collect) == (2, 1, False, True)

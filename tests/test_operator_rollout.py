@@ -3,12 +3,11 @@
 import datetime
 
 import pytest
-from tide_operator.models import Baseline, Counters, DraftSpec, DraftVersionStatus, Phase, RolloutSpec, TrainingSpec
+from tide_operator.models import Baseline, Counters, DraftSpec, DraftVersionStatus, Phase, RolloutSpec
 from tide_operator.rollout import (
     Fleet,
     Routing,
     canary_count,
-    control_state,
     pick_canary_pods,
     retired,
     routing,
@@ -288,16 +287,3 @@ def test_window(now: Counters, base: Counters, expected: Counters) -> None:
 def test_retired(draft: DraftSpec, versions: dict, expected: list) -> None:
     assert retired(draft, versions) == expected
 
-
-@pytest.mark.parametrize(("enabled", "gate", "triggers", "expected"), [
-    (True, "always", [{"train": False, "collect": False}], (True, True)),
-    (True, "trigger", [{"train": False, "collect": True}, {"train": True, "collect": True}], (True, True)),
-    (True, "trigger", [{"train": False, "collect": False}], (False, False)),
-    (True, "trigger", [{"train": False, "collect": True}], (False, True)),
-    (True, "trigger", [{}], (True, True)),  # no pod reports a trigger: both stay on
-    (False, "always", [{"train": True, "collect": True}], (False, False)),  # no trainer: nothing captured
-])
-def test_control_state(enabled: bool, gate: str, triggers: list, expected: tuple) -> None:
-    state = control_state(Routing(3, 4, ("a",)), TrainingSpec(enabled=enabled, gate=gate), triggers)
-    assert (state.train, state.collect) == expected
-    assert (state.stable, state.canary, state.canary_pods, state.version_for("a")) == (3, 4, ("a",), 4)

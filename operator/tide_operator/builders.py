@@ -326,7 +326,8 @@ def checkpoint_claim(name: str, namespace: str, spec: TideDeploymentSpec) -> Man
             "metadata": _meta(f"{name}-trainer-checkpoint", namespace, name, "trainer"), "spec": pvc}
 
 
-def trainer_deployment(name: str, namespace: str, spec: TideDeploymentSpec) -> Manifest:
+def trainer_deployment(name: str, namespace: str, spec: TideDeploymentSpec, replicas: int = 1) -> Manifest:
+    """`replicas` 0 while the training gate has scaled the trainer down (`tide_operator.gate`)."""
     tr = spec.training
     volumes, mounts = _volumes(namespace, name, spec, registry_read_only=False)
     volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})  # torchrun's ranks and NCCL use /dev/shm
@@ -360,8 +361,8 @@ def trainer_deployment(name: str, namespace: str, spec: TideDeploymentSpec) -> M
     pod = {"initContainers": init, "containers": [container], "volumes": volumes, **_pod_placement(tr)}
     pod_labels = labels(name, "trainer")
     # Recreate: never two trainers at once (a ReadWriteOnce checkpoint, and one publisher per lineage).
-    return _deployment(_meta(f"{name}-trainer", namespace, name, "trainer"), tr.replicas, pod_labels, pod,
-                       strategy={"type": "Recreate"})
+    return _deployment(_meta(f"{name}-trainer", namespace, name, "trainer"), min(tr.replicas, replicas), pod_labels,
+                       pod, strategy={"type": "Recreate"})
 
 
 def inference_service(name: str, namespace: str, spec: TideDeploymentSpec) -> Manifest:
@@ -489,15 +490,16 @@ def service_monitor(name: str, namespace: str, spec: TideDeploymentSpec) -> Mani
 
 
 def children(name: str, namespace: str, spec: TideDeploymentSpec, *, redis_url: str | None = None,
-             operator_namespace: str | None = None) -> list[Manifest]:
+             operator_namespace: str | None = None, trainer_replicas: int = 1) -> list[Manifest]:
     """Every child this spec wants; `possible_children` minus these are deleted. `redis_url` is the Redis URL as
     resolved (from `redis.urlSecretRef` too), `operator_namespace` where the operator runs (both for the
-    NetworkPolicies). The managed Redis's password Secret is not among them: it is created once (`redis_secret`)."""
+    NetworkPolicies), `trainer_replicas` the training gate's. The managed Redis's password Secret is not among them:
+    it is created once (`redis_secret`)."""
     out = [inference_deployment(name, namespace, spec), inference_service(name, namespace, spec)]
     if spec.training.enabled:
         if spec.training.checkpoint.enabled:
             out.append(checkpoint_claim(name, namespace, spec))
-        out.append(trainer_deployment(name, namespace, spec))
+        out.append(trainer_deployment(name, namespace, spec, trainer_replicas))
     if spec.redis.managed.enabled:
         out += [redis_statefulset(name, namespace, spec), redis_service(name, namespace)]
     if spec.network_policy.enabled:

@@ -49,6 +49,8 @@ TIDE_DEPLOYMENT = Kind(
      ("Draft", "integer", ".status.stable"),
      ("Candidate", "integer", ".status.candidate"),
      ("Acceptance", "number", ".status.acceptance"),
+     ("Trainer", "string", ".status.training.state"),
+     ("Trainer Reason", "string", ".status.training.reason"),
      _AGE))
 DRAFT_VERSION = Kind(
     "DraftVersion", "draftversions", ("dv",), DraftVersionSpec, DraftVersionStatus,

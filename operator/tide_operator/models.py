@@ -179,7 +179,15 @@ class TrainingSpec(Placement):
                                description="trainer entry point")
     separate_pool: bool = Field(True, description="require a node selector different from inference's")
     gate: Literal["always", "trigger"] = Field(
-        "trigger", description="trigger: train only while the engines' trigger says acceptance drifted")
+        "trigger", description="trigger: train only while the engines' trigger says acceptance drifted, and scale "
+        "the trainer to zero when it stays quiet (idleAfter); always: train and capture all the time")
+    hold_for: Duration = Field("2m", description="gate trigger: train and collect stay on this long after the last "
+                               "live pod stopped voting for training, so pods whose triggers alternate do not flap")
+    idle_after: Duration = Field("10m", description="gate trigger: scale the trainer Deployment to zero once no live "
+                                 "pod has voted to train for this long; the next vote scales it back to one, and it "
+                                 "resumes from its checkpoint")
+    min_up: Duration = Field("15m", description="gate trigger: a trainer scaled up stays up at least this long (a "
+                             "start costs minutes: scheduling on a GPU node, loading the target's heads)")
     trigger: TriggerSpec = Field(default_factory=TriggerSpec, description="training trigger thresholds")
 
 
@@ -296,6 +304,25 @@ class Condition(_Model):
     last_transition_time: str = Field(description="when status last changed (RFC 3339)")
 
 
+class TrainerState(StrEnum):
+    TRAINING = "Training"  # the trainer is up and trains (control state train=1)
+    IDLE = "Idle"  # up, not training; scaled to zero after idleAfter without a vote
+    SCALED_DOWN = "ScaledDown"  # the trainer Deployment has 0 replicas; nothing is captured
+    DISABLED = "Disabled"  # training.enabled is false: no trainer Deployment
+
+
+class TrainingStatus(_Model):
+    """The training gate's decision (`tide_operator.gate`): what the trainer does and why."""
+
+    state: TrainerState = Field(description="Training, Idle, ScaledDown or Disabled")
+    reason: str = Field(pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$", description="CamelCase reason")
+    message: str = Field("", max_length=32768, description="human-readable detail")
+    since: str = Field(description="when the state last changed (RFC 3339)")
+    up_since: str | None = Field(None, description="when the trainer was last scaled up (minUp counts from it); "
+                                 "unset while it is scaled down or disabled")
+    last_trigger: str | None = Field(None, description="the last pass on which a live pod voted to train")
+
+
 class TideDeploymentStatus(_Model):
     """What the operator observed; written only by the operator."""
 
@@ -306,6 +333,7 @@ class TideDeploymentStatus(_Model):
     candidate: Version | None = Field(None, description="version under evaluation or next in line")
     acceptance: float | None = Field(None, ge=0, le=1, description="stable version's draft acceptance rate")
     events_cursor: str = Field("0-0", pattern=r"^\d+-\d+$", description="last Redis events entry consumed")
+    training: TrainingStatus | None = Field(None, description="the training gate: trainer state and why")
     conditions: list[Condition] = Field(default_factory=list, description="Ready, Progressing, Degraded, "
                                         "RolloutPaused, Swapped, Conflict")
 

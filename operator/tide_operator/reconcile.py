@@ -17,7 +17,7 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from tide_operator import builders, redis_io, registry_io, rollout, status
+from tide_operator import builders, gate, redis_io, registry_io, rollout, status
 from tide_operator.config import OperatorSettings
 from tide_operator.kube import ApiError, Kube, Obj, merge_patch
 from tide_operator.models import (
@@ -28,6 +28,7 @@ from tide_operator.models import (
     Phase,
     TideDeploymentSpec,
     TideDeploymentStatus,
+    TrainingStatus,
     seconds,
 )
 from tide_operator.status import Pods, Problem
@@ -51,12 +52,14 @@ def now() -> str:
 
 @dataclass
 class Observed:
-    """What one pass read from Redis: the events cursor, the stats judged, the pods' versions (None: unread)."""
+    """What one pass read from Redis: the events cursor, the stats judged, the pods' versions and the training
+    gate's decision (None: unread)."""
 
     cursor: str
     stats: dict[int, Counters] = field(default_factory=dict)
     fleet: rollout.Fleet | None = None
     problems: list[Problem] = field(default_factory=list)
+    training: TrainingStatus | None = None
 
 
 def _dump(model: Any) -> Obj:
@@ -88,8 +91,11 @@ class Reconciler:
             problems += [p for f, ref in status.secret_refs(spec)
                          if (p := status.check_secret(f, ref, secrets.get(ref.name))) is not None]
         if spec is not None and not problems:  # a wrong spec changes nothing until it is fixed
-            pods, rejected = self._apply_children(td, spec, prune, secrets)
-            seen = self._rollout(td, spec, versions, old.events_cursor, pods.get(name, Pods(0, 0)).ready, secrets)
+            pods, rejected = self._apply_children(td, spec, prune, secrets, gate.replicas(old.training))
+            seen = self._rollout(td, spec, versions, old, pods.get(name, Pods(0, 0)).ready, secrets)
+            if gate.replicas(seen.training or old.training) != gate.replicas(old.training):
+                # the gate scaled the trainer: apply it in this pass rather than on the next one
+                pods, rejected = self._apply_children(td, spec, False, secrets, gate.replicas(seen.training))
             problems += rejected + seen.problems
             self._retain(td, spec, versions)
         route = rollout.routing(versions)
@@ -100,15 +106,16 @@ class Reconciler:
             canary_pods=list(route.canary_pods),
             candidate=route.canary if route.canary is not None else _waiting(versions),
             acceptance=rollout.rounded(seen.stats.get(route.stable, Counters()).acceptance),
-            events_cursor=seen.cursor,
+            events_cursor=seen.cursor, training=seen.training or old.training,
             conditions=status.conditions(generation, problems, pods, route, pending, seen.fleet, spec,
                                          old.conditions, now()))
         self._write_status(td, new)
 
-    def _rollout(self, td: Obj, spec: TideDeploymentSpec, versions: Versions, cursor: str,
+    def _rollout(self, td: Obj, spec: TideDeploymentSpec, versions: Versions, old: TideDeploymentStatus,
                  ready: int, secrets: Secrets) -> "Observed":
-        """Ingest published versions, take one rollout step, publish the control state. Mutates `versions`."""
-        name, ns = td["metadata"]["name"], td["metadata"]["namespace"]
+        """Ingest published versions, take one rollout step, decide the training gate, publish the control state.
+        Mutates `versions`."""
+        name, ns, cursor = td["metadata"]["name"], td["metadata"]["namespace"], old.events_cursor
         try:
             client = self._client(td, spec, secrets)
             cursor = self._ingest(client, td, versions, cursor)
@@ -116,17 +123,18 @@ class Reconciler:
             stats = redis_io.read_stats(client, ns, name, _judged(versions))
             beats = redis_io.read_heartbeats(client, ns, name, seconds(spec.rollout.heartbeat_interval))
             fleet = rollout.Fleet({pod: beat.version for pod, beat in beats.items()}, ready)
-            changed = {} if problems else rollout.step(spec.draft, spec.rollout, versions, stats, fleet,
-                                                      datetime.datetime.now(datetime.UTC))
+            when = datetime.datetime.now(datetime.UTC)
+            changed = {} if problems else rollout.step(spec.draft, spec.rollout, versions, stats, fleet, when)
             # Engines first, then the DraftVersions: a version reads Canary or Promoting only once the control
             # state routes it (Redis down: neither changes, and the next pass decides again).
             route = rollout.routing({**versions, **changed})
-            triggers = [beat.trigger for beat in beats.values()]
-            redis_io.write_control(client, ns, name, rollout.control_state(route, spec.training, triggers))
+            votes = gate.votes(beats)
+            training = gate.decide(spec.training, old.training, votes, when)
+            redis_io.write_control(client, ns, name, gate.control_state(route, training, votes))
             for v, st in changed.items():
                 self._set_version_status(td, v, versions.get(v), st)
                 versions[v] = st
-            return Observed(cursor, stats, fleet, problems)
+            return Observed(cursor, stats, fleet, problems, training)
         except redis_io.Malformed as e:
             return Observed(cursor, problems=[Problem("InvalidRolloutData", str(e))])
         except Foreign as e:
@@ -196,14 +204,15 @@ class Reconciler:
                 log.warning("ignoring DraftVersion %s: %s", dv["metadata"]["name"], e)
         return out
 
-    def _apply_children(self, td: Obj, spec: TideDeploymentSpec, prune: bool,
-                        secrets: Secrets) -> tuple[dict[str, Pods], list[Problem]]:
+    def _apply_children(self, td: Obj, spec: TideDeploymentSpec, prune: bool, secrets: Secrets,
+                        trainer_replicas: int) -> tuple[dict[str, Pods], list[Problem]]:
         """Apply every wanted child, delete unwanted ones, touching only objects this TideDeployment owns (another
         one of the same name is a Conflict problem). A child the API server refuses (an immutable field changed,
-        a CRD not installed) becomes a problem; the other children are still applied."""
+        a CRD not installed) becomes a problem; the other children are still applied. `trainer_replicas` is the
+        training gate's (0 while it has scaled the trainer down)."""
         name, ns = td["metadata"]["name"], td["metadata"]["namespace"]
         desired = builders.children(name, ns, spec, redis_url=self._redis_url(td, spec, secrets),
-                                    operator_namespace=self.config.namespace)
+                                    operator_namespace=self.config.namespace, trainer_replicas=trainer_replicas)
         wanted = {(c["kind"], c["metadata"]["name"]) for c in desired}
         kopf.adopt(desired, owner=td)
         pods, rejected = {}, []

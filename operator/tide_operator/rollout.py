@@ -19,7 +19,7 @@ when the canary started), so a shift in traffic during the canary moves both sid
 
 import datetime
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from tide_operator.models import (
@@ -29,10 +29,8 @@ from tide_operator.models import (
     DraftVersionStatus,
     Phase,
     RolloutSpec,
-    TrainingSpec,
     seconds,
 )
-from tide_sglang.rollout import ControlState
 
 Versions = Mapping[int, DraftVersionStatus]
 PENDING = (Phase.PROMOTING, Phase.ROLLING_BACK)
@@ -254,14 +252,3 @@ def retired(draft: DraftSpec, versions: Versions) -> list[int]:
 def rounded(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
-
-def control_state(route: Routing, training: TrainingSpec, triggers: Sequence[Mapping[str, object]]) -> ControlState:
-    """The control state for the engines and the trainer. With `training.gate: trigger`, the trainer trains and
-    the engines capture while any pod's training trigger asks for it (`train` / `collect` in its heartbeat); a
-    fleet where no pod reports a trigger keeps both on. Without a trainer nothing is captured."""
-    def wanted(flag: str) -> bool:
-        votes = [t[flag] for t in triggers if isinstance(t.get(flag), bool)]
-        return training.enabled and (training.gate == "always" or not votes or any(votes))
-
-    return ControlState(stable=route.stable, canary=route.canary, canary_pods=route.canary_pods,
-                        train=wanted("train"), collect=wanted("collect"))

@@ -3,6 +3,7 @@ writes its own every `TIDE_HEARTBEAT_S`; the operator reads them to know which p
 heartbeat older than 3 x `TIDE_HEARTBEAT_S` counts as gone (the pod died or was scaled away)."""
 
 import logging
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -25,6 +26,12 @@ class Heartbeat(BaseModel):
     swap_failures: int = Field(0, ge=0, description="failed swaps since the engine started")
     trigger: dict[str, float | bool | str] = Field(default_factory=dict, description="training trigger state")
     time: float = Field(description="unix seconds when written")
+
+    def wants(self, flag: Literal["train", "collect"]) -> bool | None:
+        """The trigger's vote for training or capture (`TrainingTrigger.report()`); None when the engine runs no
+        trigger (the SGLang plugin without TIDE_CONTROL_PROFILE)."""
+        vote = self.trigger.get(flag)
+        return vote if isinstance(vote, bool) else None
 
 
 def write_heartbeat(client: Client, namespace: str, deployment: str, beat: Heartbeat) -> None:
