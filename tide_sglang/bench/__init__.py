@@ -23,15 +23,11 @@ class Goal(BaseModel):
     unit: str
     target: str = Field(description="human-readable comparison, e.g. '< 50' or '>= 400'")
     met: bool
-    spread: tuple[float, float] | None = Field(
-        None, description="(lowest, highest) of the per-window values when `value` is their median")
 
 
-def goal(name: str, value: float, unit: str, op: str, bound: float,
-         spread: tuple[float, float] | None = None) -> Goal:
+def goal(name: str, value: float, unit: str, op: str, bound: float) -> Goal:
     ops = {"<": value < bound, "<=": value <= bound, ">": value > bound, ">=": value >= bound}
-    return Goal(name=name, value=round(value, 4), unit=unit, target=f"{op} {bound:g}", met=ops[op],
-                spread=None if spread is None else (round(spread[0], 4), round(spread[1], 4)))
+    return Goal(name=name, value=round(value, 4), unit=unit, target=f"{op} {bound:g}", met=ops[op])
 
 
 def machine() -> dict[str, Any]:

@@ -80,6 +80,10 @@ class DemoPhase(BaseModel):
     tide_accept_last_third: float | None
 
 
+class DemoGoal(Goal):
+    spread: tuple[float, float]  # (lowest, highest) of the per-window ratios `value` is the median of
+
+
 class Swap(BaseModel):
     t: float
     version: int
@@ -88,7 +92,7 @@ class Swap(BaseModel):
 class DemoSummary(BaseModel):
     phases: list[DemoPhase]
     swaps: list[Swap]
-    goals: list[Goal]
+    goals: list[DemoGoal]
     total_seconds: float
     published: list[int]
     interrupted: bool
@@ -159,8 +163,9 @@ def summarize(waves: list[ArmWave], steps: dict[str, list[StepRecord]], publishe
         if r.draft_version != version:
             swaps.append(Swap(t=round(r.t, 3), version=r.draft_version))
             version = r.draft_version
-    goals = [goal(f"tide_over_nospec_last_third_{p.phase}", p.tide_over_nospec.median, "x", ">=", NOSPEC_GOAL,
-                  spread=(p.tide_over_nospec.low, p.tide_over_nospec.high)) for p in phases]
+    goals = [DemoGoal(**goal(f"tide_over_nospec_last_third_{p.phase}", p.tide_over_nospec.median, "x", ">=",
+                             NOSPEC_GOAL).model_dump(), spread=(p.tide_over_nospec.low, p.tide_over_nospec.high))
+             for p in phases]
     return DemoSummary(phases=phases, swaps=swaps, goals=goals, published=published, interrupted=interrupted,
                        total_seconds=max((p.end for p in phases), default=0.0))
 
@@ -189,7 +194,7 @@ def plot(waves: list[ArmWave], summary: DemoSummary, path: Path) -> None:
     ax1.set_ylabel("acceptance length\n(tokens / verify)")
     ax2.set_ylabel("tokens / s")
     ax2.set_xlabel("seconds (each arm serves every wave in turn)")
-    ax1.legend(loc="upper left", fontsize=8, ncol=3)
+    ax1.legend(loc="upper right", fontsize=8, ncol=3)
     ax2.sharex(ax1)
     for ax in (ax1, ax2):
         for p in summary.phases[1:]:
