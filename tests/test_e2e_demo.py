@@ -15,10 +15,11 @@ def test_demo_serves_three_arms_and_tide_publishes_swaps_and_beats_the_cold_star
     out = tmp_path / "run"
     # Probes every 4 off decisions: an early, weak version is measured over ~40 probes, not ~12. With 12, all of
     # them accepting nothing happened once in CI (a flaky acceptance of exactly 1.0), although the draft was fine.
-    # Since only generated rows of whole held-out prompts grade a version, the first one is published some waves
-    # into serving; 24 requests leave TIDE enough drafted steps after the swap to judge.
+    # Only generated rows of whole held-out prompts grade a version: with writing's ~15 "eval" prompts, 15 % held
+    # out left 40 graded rows by the end once (on a quiet machine the trainer gets few seconds) and nothing was
+    # published; 30 % holds out twice as many, and 24 requests leave enough drafted steps after the swap to judge.
     env = {**os.environ, "TIDE_TRAIN_VOCAB_WARMUP_ROWS": "600", "TIDE_TRAIN_MIN_HELDOUT_ROWS": "32",
-           "TIDE_CONTROL_PROBE_INTERVAL": "4"}
+           "TIDE_TRAIN_HELDOUT_FRACTION": "0.3", "TIDE_CONTROL_PROBE_INTERVAL": "4"}
     env.pop("TIDE_REDIS_URL", None)
     proc = subprocess.run(
         [sys.executable, "-m", "tide_sglang.cli", "demo", "--schedule", "writing:24", "--batch-size", "2",
