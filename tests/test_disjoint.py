@@ -9,7 +9,8 @@ prompt stay on one side).
 import pytest
 
 from tide_sglang.bench import adapt, control, static
-from tide_sglang.workloads import WORKLOADS, Prompt, WorkloadUnavailable, load_workload, split_of
+from tide_sglang.demo import run as demo
+from tide_sglang.workloads import DEFAULT_SPEC, WORKLOADS, Prompt, WorkloadUnavailable, load_workload, split_of
 
 
 def _texts(prompts) -> set[str]:
@@ -54,6 +55,14 @@ def test_bench_control_serves_no_prompt_its_static_draft_trained_on(size: str) -
     s, _ = control.SIZES[size]
     trained = _texts(p for plan in adapt.static_plans(s) for p in plan.prompts)
     assert trained and not trained & _texts(control.eval_prompts())
+
+
+@pytest.mark.parametrize("schedule", [DEFAULT_SPEC, "writing:24"])  # `make demo`'s and tests/test_e2e_demo.py's
+def test_demo_serves_no_prompt_its_static_draft_trained_on(schedule: str) -> None:
+    options = demo.DemoOptions(schedule=schedule, batch_size=2, max_new_tokens=32, seed=0, target="t", out=".")
+    trained = _texts(p for plan in adapt.static_plans(demo.static_size(options)) for p in plan.prompts)
+    served = _texts(p for plan in demo.served_plans(options) for p in plan.prompts)
+    assert trained and served and not trained & served
 
 
 def test_gpu_static_draft_is_evaluated_on_prompts_it_never_trained_on() -> None:

@@ -12,6 +12,7 @@ from rich.console import Console
 
 from tide_sglang import __version__
 from tide_sglang.bench import BENCHMARKS, BenchReport
+from tide_sglang.workloads import DEFAULT_SPEC
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -67,24 +68,32 @@ def bench(name: str, quick: bool, as_json: bool, out: Path, check: bool, params:
 
 
 @main.command()
-@click.option("--schedule", default="writing:24,code:24,math:24,french:24", show_default=True,
+@click.option("--schedule", default=DEFAULT_SPEC, show_default=True,
               help="Drift schedule: workload:requests,... (workloads: writing, code, math, chat, french, german).")
 @click.option("--batch-size", type=click.IntRange(1, 64), default=2, show_default=True,
               help="Requests per wave (on CPU, speculation pays at small batches).")
-@click.option("--max-new-tokens", type=click.IntRange(1, 1024), default=48, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(1, 1024), default=32, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same prompts and report.")
 @click.option("--target", default="smollm2-135m", show_default=True, help="Target checkpoint dir or smollm2-135m.")
+@click.option("--static-requests", type=click.IntRange(1), default=32, show_default=True,
+              help="The static draft's training requests (\"train\" prompts of the first phase's workload).")
+@click.option("--static-train-steps", type=click.IntRange(1), default=200, show_default=True,
+              help="The static draft's offline training steps.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Report directory [runs/<timestamp>].")
 def demo(out: Path | None, **options: object) -> None:
-    """Serve a drifting workload from a cold draft while a trainer learns it online; hot-swap versions as they
-    are published; write runs/<timestamp>/report.{md,json} and plot.png. Ctrl-C stops and still reports."""
+    """Serve a drifting workload three ways side by side, wave by wave: no speculation, a static draft, and TIDE
+    from a cold draft while a trainer learns it online and versions are hot-swapped as they are published; write
+    runs/<timestamp>/report.{md,json} and plot.png. Ctrl-C stops and still reports."""
     from tide_sglang.demo.run import DemoOptions, default_out, run_demo
 
     console = Console()
     opts = DemoOptions(out=out or default_out(), **options)
     summary = run_demo(opts, console)
+    for g in summary.goals:
+        console.print(f"goal {g.name}: {g.value:g} {g.unit}, spread {g.spread} (target {g.target}) "
+                      + ("[green]met[/]" if g.met else "[red]missed[/]"))
     console.print(f"report: {opts.out / 'report.md'} (plot: {opts.out / 'plot.png'}); "
-                  f"{summary.total_tokens} tokens, published {summary.published or 'nothing'}")
+                  f"published {summary.published or 'nothing'}")
 
 
 @main.command()

@@ -5,7 +5,7 @@ Shared by `tide demo` and `tide bench adapt`, so both measure exactly the same s
 
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 
 from pydantic import BaseModel
 from transformers import PreTrainedTokenizerBase
@@ -73,46 +73,73 @@ def chat_ids(tokenizer: PreTrainedTokenizerBase, text: str, max_prompt_tokens: i
                                               return_dict=False))
 
 
-def _waves(plan: PhasePlan, size: int) -> Iterator[Sequence]:
-    prompts = plan.prompts
-    for i in range(0, len(prompts), size):
-        yield prompts[i : i + size]
+class Wave(BaseModel):
+    """One wave of a phase: up to `batch_size` requests served together, as token ids in the chat template."""
+
+    phase: str
+    domain: str
+    index: int  # within its phase
+    ids: list[list[int]]
+
+
+def waves(plans: list[PhasePlan], options: ServeOptions, tokenizer: PreTrainedTokenizerBase) -> Iterator[Wave]:
+    for plan in plans:
+        prompts = plan.prompts
+        for n, i in enumerate(range(0, len(prompts), options.batch_size)):
+            yield Wave(phase=plan.phase.name, domain=plan.phase.workload, index=n,
+                       ids=[chat_ids(tokenizer, p.text, options.max_prompt_tokens)
+                            for p in prompts[i : i + options.batch_size]])
+
+
+class Serving:
+    """One engine's serving loop, a wave at a time: hot swaps between steps, stats to Redis, a record per step.
+    `start`: the clock records count from (engines served side by side share one)."""
+
+    def __init__(self, engine: SpecEngine, options: ServeOptions, *, follower: DraftFollower | None = None,
+                 reporter: StatsReporter | None = None, on_record: Callable[[StepRecord], None] | None = None,
+                 start: float | None = None) -> None:
+        self.engine, self.options, self.follower, self.reporter = engine, options, follower, reporter
+        self.on_record = on_record
+        self.start = time.monotonic() if start is None else start
+        self.records: list[StepRecord] = []
+        self._swap()
+
+    def _swap(self) -> None:
+        if self.follower is None:
+            return
+        if (swap_to := self.follower.poll()) is not None:
+            self.engine.set_draft(swap_to.draft, swap_to.version)
+        self.engine.collect = self.follower.collect
+
+    def _on_step(self, stats: StepStats, phase: str) -> None:
+        record = StepRecord(**stats.model_dump(), t=time.monotonic() - self.start, phase=phase)
+        self.records.append(record)
+        if self.reporter is not None and stats.draft_steps:
+            self.reporter.add(stats.draft_version, tokens=stats.batch_size * stats.draft_steps,
+                              accepted=stats.accepted, verify_steps=stats.batch_size)
+        if self.on_record is not None:
+            self.on_record(record)
+        self._swap()
+
+    def serve(self, wave: Wave) -> list[list[int]]:
+        """Generate one wave; returns the completions. Ctrl-C propagates after the current step."""
+        # unique, as SGLang's are: two pods (or two rounds) reusing a rid would interleave in the trainer's
+        # sequences, which are stitched by rid and position
+        rids = [f"{wave.phase}-{wave.index}-{i}-{uuid.uuid4().hex[:12]}" for i in range(len(wave.ids))]
+        return self.engine.generate(wave.ids, self.options.max_new_tokens, rids=rids, domain=wave.domain,
+                                    on_step=lambda s: self._on_step(s, wave.phase))
+
+    def close(self) -> None:
+        if self.reporter is not None:
+            self.reporter.flush()
 
 
 def serve(engine: SpecEngine, plans: list[PhasePlan], options: ServeOptions, *,
           follower: DraftFollower | None = None, reporter: StatsReporter | None = None,
           on_record: Callable[[StepRecord], None] | None = None) -> list[StepRecord]:
     """Run every phase in order; returns one record per verify step. Ctrl-C propagates after the current step."""
-    records: list[StepRecord] = []
-    start = time.monotonic()
-    tokenizer = engine.target.tokenizer
-
-    def swap() -> None:
-        if follower is None:
-            return
-        if (swap_to := follower.poll()) is not None:
-            engine.set_draft(swap_to.draft, swap_to.version)
-        engine.collect = follower.collect
-
-    def on_step(stats: StepStats, phase: str) -> None:
-        record = StepRecord(**stats.model_dump(), t=time.monotonic() - start, phase=phase)
-        records.append(record)
-        if reporter is not None and stats.draft_steps:
-            reporter.add(stats.draft_version, tokens=stats.batch_size * stats.draft_steps,
-                         accepted=stats.accepted, verify_steps=stats.batch_size)
-        if on_record is not None:
-            on_record(record)
-        swap()
-
-    swap()
-    for plan in plans:
-        for n, wave in enumerate(_waves(plan, options.batch_size)):
-            ids = [chat_ids(tokenizer, p.text, options.max_prompt_tokens) for p in wave]
-            # unique, as SGLang's are: two pods (or two rounds) reusing a rid would interleave in the trainer's
-            # sequences, which are stitched by rid and position
-            rids = [f"{plan.phase.name}-{n}-{i}-{uuid.uuid4().hex[:12]}" for i in range(len(wave))]
-            engine.generate(ids, options.max_new_tokens, rids=rids, domain=plan.phase.workload,
-                            on_step=lambda s, name=plan.phase.name: on_step(s, name))
-    if reporter is not None:
-        reporter.flush()
-    return records
+    serving = Serving(engine, options, follower=follower, reporter=reporter, on_record=on_record)
+    for wave in waves(plans, options, engine.target.tokenizer):
+        serving.serve(wave)
+    serving.close()
+    return serving.records
