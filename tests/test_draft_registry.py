@@ -378,6 +378,23 @@ def test_s3_server_stopped_and_restarted_mid_publish(own_s3: LocalS3) -> None:
     assert Store(location).debris() == []
 
 
+def test_s3_server_errors_are_unavailable_and_refusals_are_not(s3_location: str) -> None:
+    """A 5xx left after boto3's retries (a SeaweedFS just restarted answers InternalError for a while) is
+    RegistryUnavailable, which publishers and stagers retry; a refusal such as 403 is a plain OSError."""
+    from botocore.exceptions import ClientError
+
+    registry = open_registry(s3_location)
+
+    def answer(code: str, status: int) -> OSError:
+        return registry._error("read v3 manifest", ClientError(
+            {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject"))
+
+    assert isinstance(answer("InternalError", 500), RegistryUnavailable)
+    assert isinstance(answer("SlowDown", 503), RegistryUnavailable)
+    refused = answer("AccessDenied", 403)
+    assert not isinstance(refused, RegistryUnavailable) and "AccessDenied" in str(refused)
+
+
 def test_s3_staging_keeps_only_the_newest_versions_on_local_disk(s3_location: str, tmp_path: Path) -> None:
     registry = S3Registry(*s3_location.removeprefix("s3://").split("/", 1), cache_dir=tmp_path / "cache")
     for _ in range(4):

@@ -98,7 +98,10 @@ class S3Registry(DraftRegistry):
         return f"{self.prefix}/v{version:06d}/{name}".lstrip("/")
 
     def _error(self, what: str, error: Exception) -> OSError:
-        if isinstance(error, ClientError):
+        """A server-side failure (HTTP 5xx: InternalError, SlowDown, ... still there after boto3's retries) or no
+        answer is RegistryUnavailable, which callers retry; any other refusal is a plain OSError. A SeaweedFS just
+        restarted answers InternalError for a while (tests/test_draft_registry.py, stopped and restarted)."""
+        if isinstance(error, ClientError) and not _status(error).startswith("5"):
             return OSError(f"draft registry {self.location}: {what}: {_code(error) or _status(error)}: {error}")
         return RegistryUnavailable(f"draft registry {self.location}: {what}: {error}")
 
