@@ -252,7 +252,8 @@ async def test_trigger_votes_scale_the_trainer_down_and_back(cluster: Cluster, o
     assert (control(r).train, control(r).collect) == (False, False)
     engines.trigger = drift  # drift again: back to one trainer at once
     await wait_for(lambda: replicas(cluster, f"{NAME}-trainer") == 1, what="trainer back")
-    assert trainer(cluster) == ("Training", "TriggerFired")
+    # The Deployment is scaled before the status is patched in the same pass: wait for both.
+    await wait_for(lambda: trainer(cluster) == ("Training", "TriggerFired"), what="status training again")
     await wait_for(lambda: control(r).train, what="train on")
     assert_rbac_covers(cluster.kmock)
 
