@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# On the GPU machine, after the pieces of scripts/gpu/prepare-sglang.sh were copied to $TIDE_GPU_HOME/part-k:
+# On the GPU machine, after the pieces of scripts/gpu/prepare-sglang.sh were copied to $GPU_RUN_HOME/part-k:
 # check and unpack them once, take the registry and workload snapshots from the carried .gpu/data, make the target
-# checkpoint, and write $TIDE_GPU_HOME/env.sh to source before `tide serve`. Idempotent while the machine stays warm.
+# checkpoint, and write $GPU_RUN_HOME/env.sh to source before `tide serve`. Idempotent while the machine stays warm.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-HOME_DIR=${TIDE_GPU_HOME:-/root/tide}
+HOME_DIR=${GPU_RUN_HOME:-/root/tide}
 P=$HOME_DIR/payload
 if [ ! -f "$P/.done" ]; then
   [ -f .gpu/piece-1/sha256 ] && cp .gpu/piece-1/sha256 "$HOME_DIR/sha256"
@@ -28,7 +28,7 @@ export PYTHONPATH=$P/site:$PWD
 export PATH=$P/redis:$nvcc_dir:\$PATH
 export LD_LIBRARY_PATH=$P/redis:$nvrtc_dir:\${LD_LIBRARY_PATH:-}
 export CUDA_HOME=\${CUDA_HOME:-$(dirname "$nvcc_dir")}
-export TIDE_GPU_HOME=$HOME_DIR HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export GPU_RUN_HOME=$HOME_DIR HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export SGLANG_CACHE_DIR=$HOME_DIR/cache XDG_CACHE_HOME=$HOME_DIR/cache
 ENV
 . "$HOME_DIR/env.sh"

@@ -1,6 +1,6 @@
 """Checks of the TIDE plugin inside a real SGLang server on a GPU (issue: run the plugin on the H100).
 
-Run on the GPU machine after scripts/gpu/setup-sglang.sh (source $TIDE_GPU_HOME/env.sh first):
+Run on the GPU machine after scripts/gpu/setup-sglang.sh (source $GPU_RUN_HOME/env.sh first):
 
     python3 scripts/gpu/sglang_run.py --out $OUT [--phases truth,swap,control,throughput] [--no-cuda-graph]
 
@@ -49,7 +49,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tide_sglang import keys, rollout
 from tide_sglang.draft import DirectoryRegistry
-from tide_sglang.draft.target import resolve
+from tide_sglang.draft.target import DEFAULT_TARGET, resolve
 from tide_sglang.stream import codec, connect
 from tide_sglang.stream.server import LocalRedis, free_port
 from tide_sglang.workloads.registry import load_workload
@@ -58,7 +58,7 @@ DEPLOYMENT = "gpu"
 NAMESPACE = "default"
 POD = "gpu-0"
 HEARTBEAT_S = 1.0
-HOME = Path(os.environ.get("TIDE_GPU_HOME", "/root/tide"))
+HOME = Path(os.environ.get("GPU_RUN_HOME", "/root/tide"))
 
 
 def log(msg: str) -> None:
@@ -464,7 +464,7 @@ def phase_collect(out: Path, args: list[str], env: dict[str, str], tok: Any, red
               "capture_drops": metric(m, "tide_capture_drops_total")}
     log(f"collect: {json.dumps(served)}")
     plan = static.StaticPlan(requests=requests, steps=steps, seconds=seconds)
-    trained = static.train_static(out / "static-reg", out / "static", "cuda", plan, "smollm2-135m",
+    trained = static.train_static(out / "static-reg", out / "static", "cuda", plan, DEFAULT_TARGET,
                                   stream=(redis_url, DEPLOYMENT))
     return {"served": served, "trained": trained}
 
@@ -493,7 +493,7 @@ def main() -> None:
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     phases = a.phases.split(",")
-    model = resolve("smollm2-135m")
+    model = resolve(DEFAULT_TARGET)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model)

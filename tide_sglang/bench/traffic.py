@@ -127,8 +127,8 @@ def drain_into_trainer(settings: TideSettings, batches: list[CaptureBatch], regi
     """Write the captures to the stream (untimed, as serving does), then `read_into_trainer` all of them."""
     size = sum(b.hidden.numel() * b.hidden.itemsize for b in batches)
     # A budget that holds every entry: MAXLEN must not trim what the trainer has not read yet.
-    with StreamWriter(lambda: connect(settings), keys.hidden_states(settings.namespace, settings.deployment),
-                      budget_bytes=max(1 << 30, 2 * size)) as writer:
+    with StreamWriter.from_settings(settings, keys.hidden_states(settings.namespace, settings.deployment),
+                                    budget_bytes=max(1 << 30, 2 * size)) as writer:
         for b in batches:
             while not writer.submit(b):  # a full queue drops the entry: wait for the writer thread instead
                 writer.flush(60)

@@ -198,14 +198,14 @@ class StreamWriter:
                 pipe.xadd(self.stream, fields)  # never MAXLEN: it could trim entries no trainer has acked
             else:
                 pipe.xadd(self.stream, fields, maxlen=self._stats.maxlen, approximate=True)
-            sent.append((batch, fields))
+            sent.append((batch, size))
         self._in_flight = len(sent)
         if sent:
             pipe.execute()
-        for batch, fields in sent:
+        for batch, size in sent:
             self._stats.sent_entries += 1
             self._stats.sent_tokens += batch.num_tokens
-            self._stats.sent_bytes += encoded_size(fields)
+            self._stats.sent_bytes += size
 
     def _trim(self) -> None:
         """Every TRIM_EVERY_S: trim acked and expired entries, and learn how much the unacked backlog may grow."""
