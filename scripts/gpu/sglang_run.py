@@ -118,9 +118,12 @@ class Server:
         r.raise_for_status()
         return r.json()
 
+    def metrics_text(self) -> str:
+        return requests.get(f"{self.url}/metrics", timeout=10).text
+
     def metrics(self) -> dict[str, float]:
         """TIDE's samples and SGLang's accept length, keyed `name{label="value",...}`."""
-        text = requests.get(f"{self.url}/metrics", timeout=10).text
+        text = self.metrics_text()
         return {s.name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items())) + "}": s.value
                 for family in text_string_to_metric_families(text) for s in family.samples
                 if s.name.startswith(("tide_", "sglang:spec_accept_length"))}
@@ -455,6 +458,8 @@ def phase_collect(out: Path, args: list[str], env: dict[str, str], tok: Any, red
         startup = server.wait_ready()
         results, wall = run_many(server, [chat_ids(tok, t) for t in texts], 256, 128, ignore_eos=False)
         m = server.metrics()
+        # The dashboards' sglang:* expressions are checked against this snapshot (tests/test_dashboard_data.py).
+        (out / "sglang-metrics.prom").write_text(server.metrics_text())
     finally:
         server.stop()
     ok = [r for r in results if not isinstance(r, Exception)]
@@ -484,7 +489,7 @@ def main() -> None:
                     help="capture phase: servers in order (off: no plugin, on: capturing, rate0: sample rate 0)")
     ap.add_argument("--capture-batches", default="1,8,32,64,128")
     ap.add_argument("--capture-seconds", type=float, default=22.0, help="steady decode per batch size")
-    ap.add_argument("--collect-requests", type=int, default=4096, help="collect phase: train prompts served")
+    ap.add_argument("--collect-requests", type=int, default=2048, help="collect phase: train prompts served")
     ap.add_argument("--collect-steps", type=int, default=6000, help="collect phase: optimizer steps at most")
     ap.add_argument("--collect-seconds", type=float, default=150.0, help="collect phase: training time at most")
     ap.add_argument("--static-dir", type=Path, default=None,

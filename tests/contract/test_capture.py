@@ -265,3 +265,21 @@ def test_a_result_never_committed_gives_its_slot_back(tide_env, monkeypatch) -> 
     commit(batch, lost)  # arriving after all: ignored, the slot is no longer its
     [got] = read_all(tide_env, 1)
     assert got.positions.tolist() == [5, 6]
+
+
+def test_the_results_copy_done_covers_the_copies_capture_queues_in_the_verify() -> None:
+    """Decode capture queues its device-to-host copies on the forward stream inside the verify and posts the slot
+    once SGLang processed the result, with no event of its own (docs/sglang.md, "Capture cost"). That holds while
+    SGLang (a) starts the result's readback only after the forward (on a copy stream that first waits for the
+    forward stream, or on the forward stream itself), (b) records `copy_done` after that readback and (c) waits for
+    `copy_done` before processing a decode result. A release that changes any of the three fails here."""
+    import inspect
+
+    from sglang.srt.managers import scheduler
+    from sglang.srt.managers.scheduler_components.batch_result_processor import SchedulerBatchResultProcessor
+
+    assert "self.copy_stream.wait_stream(self.forward_stream)" in inspect.getsource(scheduler)
+    copy = inspect.getsource(GenerationBatchResult.copy_to_cpu).rstrip()
+    assert copy.endswith("self.copy_done.record()"), copy[-200:]
+    decode = inspect.getsource(SchedulerBatchResultProcessor.process_batch_result_decode)
+    assert "result.copy_done.synchronize()" in decode

@@ -44,6 +44,7 @@ ND = 4  # rows per request in a verify output: 3 draft steps + 1
 WIDTH = 3 * 576  # K*H: SmolLM2-135M, 3 aux layers, bf16
 VOCAB = 49_152
 BATCH_SIZES = (8, 48)
+GPU_BATCH_SIZES = (1, 8, 32, 64, 128)  # the running batches of the SGLang capture run (docs/sglang.md)
 ACCEPT = ((1, 0.82), (2, 0.16), (3, 0.015), (4, 0.005))  # accept length (bonus included) -> share: mean ~1.2
 QUICK = {"seconds": 0.4, "reps": 1}
 
@@ -54,6 +55,7 @@ class Params(BaseModel):
     waits: int = 4
     seconds: float = 3.0  # per timed run
     reps: int = 3  # alone/with pairs per batch size, interleaved; the median ratio is reported
+    device: str = "cpu"  # "cuda": the rows live on the GPU and the copy into the pinned slab is queued there
 
 
 class Arm(BaseModel):
@@ -65,6 +67,9 @@ class Arm(BaseModel):
     ms_per_batch_alone: float
     ms_per_batch_capture: float
     sched_capture_us: float  # per batch, on the scheduler thread: TIDE's entry points (wall)
+    verify_us: float  # per batch, scheduler-thread CPU time in each entry point: on_verify
+    commit_us: float  # on_commit
+    committed_us: float  # on_committed (counts, finishes, posting finished copies)
     sched_share_pct: float  # sched_capture_us over the batch time with capture
     helper_cpu_us: float  # per batch, CPU time of the capture helper process (its own core, no GIL shared)
     captured_tokens: int
@@ -83,7 +88,7 @@ class Req:
         self.sampling_params = types.SimpleNamespace(custom_params=None)
 
 
-def _batches(bs: int, count: int, seed: int) -> list[tuple[Any, dict[str, Any]]]:
+def _batches(bs: int, count: int, seed: int, device: str = "cpu") -> list[tuple[Any, dict[str, Any]]]:
     """`count` verify outputs at batch `bs`: a ScheduleBatch stand-in and the fields of a GenerationBatchResult."""
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
@@ -91,12 +96,13 @@ def _batches(bs: int, count: int, seed: int) -> list[tuple[Any, dict[str, Any]]]
     lens, weights = zip(*ACCEPT, strict=True)
     out = []
     for c in range(count):
-        batch = types.SimpleNamespace(reqs=reqs, seq_lens=torch.arange(bs, dtype=torch.int64) * 7 + 100 + c)
+        seq = torch.arange(bs, dtype=torch.int64) * 7 + 100 + c
+        batch = types.SimpleNamespace(reqs=reqs, seq_lens=seq.to(device))
         accept = rng.choices(lens, weights, k=bs)
         fields = {
-            "hidden": torch.randn(bs * ND, WIDTH, generator=g).to(torch.bfloat16),
-            "next_token_ids": torch.randint(0, 49_152, (bs * ND,), generator=g, dtype=torch.int64),
-            "accept_lens": torch.tensor(accept, dtype=torch.int32),
+            "hidden": torch.randn(bs * ND, WIDTH, generator=g).to(device, torch.bfloat16),
+            "next_token_ids": torch.randint(0, 49_152, (bs * ND,), generator=g, dtype=torch.int64).to(device),
+            "accept_lens": torch.tensor(accept, dtype=torch.int32, device=device),
             "correct": [a - 1 for a in accept],
         }
         out.append((batch, fields))
@@ -107,7 +113,21 @@ def _result(fields: dict[str, Any]) -> Any:
     """A fresh GenerationBatchResult stand-in per batch (the plugin parks its pending capture on it)."""
     return types.SimpleNamespace(logits_output=types.SimpleNamespace(hidden_states=fields["hidden"]),
                                  next_token_ids=fields["next_token_ids"], accept_lens=fields["accept_lens"],
-                                 correct=fields["correct"])
+                                 correct=fields["correct"], copy_done=None)
+
+
+def _copy_to_cpu(result: Any) -> None:
+    """SGLang's part after the verify, on a GPU, with or without TIDE: `copy_done` recorded (behind TIDE's
+    copies, when it captures)."""
+    if result.next_token_ids.is_cuda:
+        result.copy_done = torch.cuda.Event()
+        result.copy_done.record()
+
+
+def _wait_copy(result: Any) -> None:
+    """SGLang's wait for `copy_done` before it processes a result."""
+    if result.copy_done is not None:
+        result.copy_done.synchronize()
 
 
 # -- the simulated scheduler --------------------------------------------------------------------------------
@@ -147,13 +167,24 @@ class Loop(BaseModel):
     batches: int
     seconds: float
     capture_ns: int
+    verify_ns: int = 0  # scheduler-thread CPU time per entry point, summed over the batches
+    commit_ns: int = 0
+    committed_ns: int = 0
 
 
-def _commit(capturer: Capturer, batch: Any, result: Any) -> None:
+_thread_ns = time.thread_time_ns
+
+
+def _commit(capturer: Capturer, batch: Any, result: Any, loop: Loop) -> None:
     """What the plugin's commit hooks do around SGLang's processing of a decode result."""
+    t0 = _thread_ns()
     fin, committed = flags(batch.reqs)
     capturer.on_commit(result, committed)
+    loop.commit_ns += _thread_ns() - t0
+    _wait_copy(result)
+    t1 = _thread_ns()
     capturer.on_committed(batch.reqs, fin, committed, result.correct, ND)
+    loop.committed_ns += _thread_ns() - t1
 
 
 def scheduler_loop(p: Params, spin_per_us: float, seconds: float, work: list[tuple[Any, dict[str, Any]]],
@@ -163,34 +194,44 @@ def scheduler_loop(p: Params, spin_per_us: float, seconds: float, work: list[tup
     chunk = max(1, int(p.work_us * spin_per_us / (p.waits + 1)))
     wait_s = p.wait_us / 1e6 / max(p.waits, 1)
     previous = None
-    capture_ns = batches = 0
+    loop = Loop(batches=0, seconds=0.0, capture_ns=0)
     start = time.perf_counter()
     end = start + seconds
     while time.perf_counter() < end:
-        batch, fields = work[batches % len(work)]
+        batch, fields = work[loop.batches % len(work)]
         result = _result(fields)
         _spin(chunk)
         if capturer is not None:
-            t0 = time.perf_counter_ns()
+            t0, c0 = time.perf_counter_ns(), _thread_ns()
             capturer.on_verify(batch, result, ND)
-            if previous is not None:
-                _commit(capturer, *previous)
-            capture_ns += time.perf_counter_ns() - t0
+            loop.verify_ns += _thread_ns() - c0
+            loop.capture_ns += time.perf_counter_ns() - t0
+        _copy_to_cpu(result)
+        if previous is not None:
+            if capturer is not None:
+                t0 = time.perf_counter_ns()
+                _commit(capturer, *previous, loop)
+                loop.capture_ns += time.perf_counter_ns() - t0
+            else:
+                _wait_copy(previous[1])
         previous = (batch, result)
         for _ in range(p.waits):
             time.sleep(wait_s)  # a CUDA sync or a zmq poll: the GIL is released
             _spin(chunk)
-        batches += 1
-    return Loop(batches=batches, seconds=time.perf_counter() - start, capture_ns=capture_ns)
+        loop.batches += 1
+    loop.seconds = time.perf_counter() - start
+    return loop
 
 
-def _capturer(server: LocalRedis, deployment: str, reqs: list[Req]) -> Capturer:
+def _capturer(server: LocalRedis, deployment: str, reqs: list[Req], device: str = "cpu") -> Capturer:
     settings = TideSettings()
     slab = Slab.create(settings.capture_ring_slots, settings.capture_slot_mib << 20)
+    if device.startswith("cuda"):
+        slab.pin()  # as the plugin does: the copy into the slab stays asynchronous
     config = {"slab": slab.name, "slots": slab.slots, "slot_bytes": slab.slot_bytes, "aux_layers": 3,
               "vocab_size": VOCAB}
     env = {"TIDE_REDIS_URL": server.url, "TIDE_DEPLOYMENT": deployment, "TIDE_STREAM_BUDGET_MIB": "256"}
-    capturer = Capturer(slab, HelperLink(slab, config, env), "cpu")
+    capturer = Capturer(slab, HelperLink(slab, config, env), device)
     for r in reqs:
         r._tide_tag = -1
         capturer.on_admit(r)
@@ -206,13 +247,14 @@ def _captured(server: LocalRedis, deployment: str) -> tuple[int, int]:
 
 
 def _arm(p: Params, bs: int, spin: float, server: LocalRedis) -> Arm:
-    work = _batches(bs, 8, seed=bs)
+    work = _batches(bs, 8, seed=bs, device=p.device)
     ratios, alone, capture = [], [], []
     sched_us, helper_us, share = [], [], []
+    parts: dict[str, list[float]] = {"verify": [], "commit": [], "committed": []}
     tokens = drops = 0
     for rep in range(p.reps):
         deployment = f"bench-{bs}-{rep}"
-        capturer = _capturer(server, deployment, work[0][0].reqs)
+        capturer = _capturer(server, deployment, work[0][0].reqs, p.device)
         scheduler_loop(p, spin, min(0.2, p.seconds), work, capturer)  # warm up: helper start, connection
         wait_for_helper(capturer)
         a = scheduler_loop(p, spin, p.seconds, work, None)
@@ -228,6 +270,8 @@ def _arm(p: Params, bs: int, spin: float, server: LocalRedis) -> Arm:
         capture.append(rc)
         ratios.append(rc / ra)
         sched_us.append(c.capture_ns / 1e3 / c.batches)
+        for part, ns in (("verify", c.verify_ns), ("commit", c.commit_ns), ("committed", c.committed_ns)):
+            parts[part].append(ns / 1e3 / c.batches)
         share.append(c.capture_ns / 1e9 / c.seconds * 100)
         helper_us.append((h1 - h0) * 1e6 / c.batches)
     ratio = statistics.median(ratios)
@@ -235,6 +279,8 @@ def _arm(p: Params, bs: int, spin: float, server: LocalRedis) -> Arm:
     return Arm(batch_size=bs, rate_alone=ra, rate_capture=rc, ratio=ratio, loss_pct=(1 - ratio) * 100,
                ms_per_batch_alone=1e3 / ra, ms_per_batch_capture=1e3 / rc,
                sched_capture_us=statistics.median(sched_us), sched_share_pct=statistics.median(share),
+               verify_us=statistics.median(parts["verify"]), commit_us=statistics.median(parts["commit"]),
+               committed_us=statistics.median(parts["committed"]),
                helper_cpu_us=statistics.median(helper_us), captured_tokens=tokens, drops=drops)
 
 
@@ -248,12 +294,13 @@ def wait_for_helper(capturer: Capturer, timeout: float = 60.0) -> None:
 def _table(arms: list[Arm], p: Params) -> Table:
     table = Table(title=f"simulated scheduler ({p.work_us:g} µs Python + {p.wait_us:g} µs GIL-released in "
                         f"{p.waits} waits per batch), alone vs with TIDE capture")
-    for col in ("batch", "alone batch/s", "capture batch/s", "ratio", "loss %", "sched µs/batch", "sched %",
-                "helper CPU µs/batch", "tokens", "drops"):
+    for col in ("batch", "alone batch/s", "capture batch/s", "ratio", "loss %", "sched µs/batch",
+                "verify/commit/committed CPU µs", "sched %", "helper CPU µs/batch", "tokens", "drops"):
         table.add_column(col, justify="right")
     for a in arms:
         table.add_row(str(a.batch_size), f"{a.rate_alone:.1f}", f"{a.rate_capture:.1f}", f"{a.ratio:.3f}",
-                      f"{a.loss_pct:.1f}", f"{a.sched_capture_us:.0f}", f"{a.sched_share_pct:.2f}",
+                      f"{a.loss_pct:.1f}", f"{a.sched_capture_us:.0f}",
+                      f"{a.verify_us:.0f}/{a.commit_us:.0f}/{a.committed_us:.0f}", f"{a.sched_share_pct:.2f}",
                       f"{a.helper_cpu_us:.0f}", str(a.captured_tokens), str(a.drops))
     return table
 
@@ -263,16 +310,23 @@ def _arms(p: Params, console: Console) -> tuple[list[Arm], float]:
     with console.status("calibrating the simulated scheduler's Python work") as status:
         spin = calibrate()
         with LocalRedis() as server:
-            for bs in BATCH_SIZES:
+            for bs in GPU_BATCH_SIZES if p.device.startswith("cuda") else BATCH_SIZES:
                 status.update(f"batch {bs}: {p.reps} x (alone, with capture), {p.seconds:g} s each")
                 arms.append(_arm(p, bs, spin, server))
     return arms, spin
 
 
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
+
+
 def run(quick: bool, console: Console, *, work_us: float | None = None, wait_us: float | None = None,
-        waits: int | None = None, seconds: float | None = None, reps: int | None = None) -> BenchReport:
-    """Parameters left None take Params' defaults (QUICK's under --quick); `tide bench capture -p work_us=3000`."""
-    given = {"work_us": work_us, "wait_us": wait_us, "waits": waits, "seconds": seconds, "reps": reps}
+        waits: int | None = None, seconds: float | None = None, reps: int | None = None,
+        device: str | None = None) -> BenchReport:
+    """Parameters left None take Params' defaults (QUICK's under --quick); `tide bench capture -p work_us=3000`.
+    `--device cuda` (on a GPU machine): the same loop with the rows on the GPU, batch sizes 1 to 128."""
+    given = {"work_us": work_us, "wait_us": wait_us, "waits": waits, "seconds": seconds, "reps": reps,
+             "device": device}
     p = Params(**{**(QUICK if quick else {}), **{k: v for k, v in given.items() if v is not None}})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -286,7 +340,8 @@ def run(quick: bool, console: Console, *, work_us: float | None = None, wait_us:
     return BenchReport(
         name="capture",
         quick=quick,
-        figures={"params": p.model_dump(), "nd": ND, "width": WIDTH, "dtype": "bf16", "torch_threads": 1,
+        figures={"params": p.model_dump(), "device": _device_name(p.device), "nd": ND, "width": WIDTH,
+                 "dtype": "bf16", "torch_threads": 1,
                  "accept_mean": sum(a * w for a, w in ACCEPT), "spin_per_us": spin,
                  "results": [a.model_dump() for a in arms],
                  "ratio_capture_over_alone": {str(a.batch_size): a.ratio for a in arms}},

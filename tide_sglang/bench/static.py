@@ -32,7 +32,7 @@ from tide_sglang.draft.target import DEFAULT_TARGET, Target, load_target
 from tide_sglang.settings import TideSettings
 from tide_sglang.stream.server import LocalRedis
 from tide_sglang.trainer import Acceptance, Chunk, DraftTrainer, SequenceAssembler, acceptance
-from tide_sglang.workloads import Prompt, load_workload
+from tide_sglang.workloads import Prompt, load_workload, split_of
 from tide_sglang.workloads.registry import snapshot_workload
 
 TRAIN_SEED, EVAL_SEED = 1000, 0
@@ -59,8 +59,14 @@ def english(prompt: Prompt) -> bool:
 
 def train_prompts(requests: int) -> list[Prompt]:
     writing = load_workload("writing", requests, TRAIN_SEED, split="train")
-    chat = [p for p in load_workload("chat", 2 * requests, TRAIN_SEED, split="train") if english(p)]
-    return writing + chat[: max(requests - len(writing), 0)]
+    need = max(requests - len(writing), 0)
+    # From the CHAT_SNAPSHOT prompts the GPU machine carries (about 4,000 English "train" ones), not from a pool
+    # that grows until it holds `need`: that one could outgrow the snapshot.
+    pool = load_workload("chat", CHAT_SNAPSHOT, TRAIN_SEED)
+    chat = [p for p in pool if split_of(p) == "train" and english(p)]
+    if len(chat) < need:
+        raise ValueError(f"{requests} train prompts asked; the chat workload holds {len(chat) + len(writing)}")
+    return writing + chat[:need]
 
 
 def eval_prompts() -> list[Prompt]:

@@ -2,14 +2,16 @@
 
 Per decode batch (docs/sglang.md, "Capture cost"):
 - `on_verify`: the verify output's rows (hidden states, next tokens) and the batch's accept and sequence lengths
-  are packed on the GPU into one buffer (`torch.cat`, which also copies out of CUDA-graph buffers before the next
-  replay) and copied device-to-host, on a side stream, into a slot of the shared slab; one CUDA event marks it.
-  The requests' tags go to the slot's side region (a C-level map over the batch, no Python loop).
+  are copied device-to-host, on the forward stream (so before the next replay reuses CUDA-graph buffers), each
+  straight into a typed view of a slot of the shared, page-locked slab: four asynchronous copies, no packing
+  kernel, no side stream, no event. The requests' tags go to the slot's side region (a C-level map over the
+  batch, no Python loop).
 - `on_commit`, before SGLang processes the result: which requests commit it (under overlap scheduling a request
   that finished or was retracted ran once more; SGLang skips those rows, so does TIDE).
-- `on_committed`, after: the per-version counts go to the helper in a tick (so a full slab drops hidden states,
-  never the counts a canary is judged on), requests that finished go as FIN frames, and every slot whose copy
-  is done is posted.
+- `on_committed`, after: SGLang has waited for the result's `copy_done`, recorded after the verify returned, so
+  TIDE's copies are complete and the slot is posted; the per-version counts go to the helper in a tick (so a
+  full slab drops hidden states, never the counts a canary is judged on), and requests that finished go as FIN
+  frames.
 Requests are registered once, at admission (`on_admit`): a tag on SGLang's `Req`, and a REG frame with its rid and
 the domain the client set in `custom_params["tide_domain"]` (docs/sglang.md, "Domains"); the helper validates it.
 """
@@ -82,6 +84,8 @@ class Capturer:
         self._tag = itertools.count()
         self._awaiting: deque[tuple[Any, wire.SlotReady]] = deque()  # committed slots whose copy may be running
         self._filling: dict[int, float] = {}  # decode slot -> verify time, until its result is committed
+        self._sides = [slab.side(i) for i in range(slab.slots)]
+        self._views: dict[tuple, list[tuple[torch.Tensor, ...] | None]] = {}  # decode destinations per shape
 
     # -- once per request ----------------------------------------------------------------------------------
 
@@ -104,14 +108,52 @@ class Capturer:
             return
         n = bs * nd
         ids, accept, seq = result.next_token_ids, result.accept_lens, batch.seq_lens
-        slot = self._copy([_bytes(hidden[:n]), _bytes(ids[:n]), _bytes(accept[:bs]), _bytes(seq[:bs])], 9 * bs)
+        slot = self._acquire()
         if slot is None:
             return
+        views = self._decode_views(slot, hidden, ids, accept, seq)
+        if views is None or n > views[0].shape[0] or bs * 9 > SIDE_BYTES:
+            self.slab.flags[slot] = FREE
+            self.dropped += 1
+            return
+        # Queued on the forward stream, behind the verify and before the next replay reuses graph buffers. The
+        # result's `copy_done`, which SGLang records after the verify returns and waits for before processing
+        # the result, covers these copies: no side stream and no event of TIDE's own (docs/sglang.md).
+        dst_hidden, dst_ids, dst_accept, dst_seq = views
+        dst_hidden[:n].copy_(hidden[:n], non_blocking=True)
+        dst_ids[:n].copy_(ids[:n], non_blocking=True)
+        dst_accept[:bs].copy_(accept[:bs], non_blocking=True)
+        dst_seq[:bs].copy_(seq[:bs], non_blocking=True)
         layout = wire.SlotReady(slot, "decode", self.version, bs, nd, n, hidden.shape[1], hidden.dtype,
                                 ids.element_size(), accept.element_size(), seq.element_size())
-        self.slab.side(slot)[: 8 * bs] = memoryview(array("q", map(_tags, reqs))).cast("B")
+        self._sides[slot][: 8 * bs] = memoryview(array("q", map(_tags, reqs))).cast("B")
         setattr(result, ATTR, (slot, layout))
         self._filling[slot] = time.monotonic()
+
+    def _decode_views(self, slot: int, hidden: torch.Tensor, ids: torch.Tensor, accept: torch.Tensor,
+                      seq: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """The slot's typed destinations at `wire.decode_regions`' offsets, made once per slot and shape; None
+        when not one row fits."""
+        key = (hidden.shape[1], hidden.dtype, ids.dtype, accept.dtype, seq.dtype)
+        views = self._views.get(key)
+        if views is None:
+            views = self._views[key] = [None] * self.slab.slots
+        if views[slot] is None:
+            width = hidden.shape[1]
+            capacity, at_ids, at_accept, at_seq = wire.decode_regions(
+                self.slab.slot_bytes, width, hidden.element_size(), ids.element_size(), accept.element_size(),
+                seq.element_size())
+            if capacity < 1:
+                return None
+            data = self.slab.data(slot)
+
+            def typed(at: int, dtype: torch.dtype, count: int) -> torch.Tensor:
+                return torch.frombuffer(data, dtype=dtype, count=count, offset=at)
+
+            views[slot] = (typed(0, hidden.dtype, capacity * width).view(capacity, width),
+                           typed(at_ids, ids.dtype, capacity), typed(at_accept, accept.dtype, capacity),
+                           typed(at_seq, seq.dtype, capacity))
+        return views[slot]
 
     def on_prefill(self, batch: Any, hidden: torch.Tensor, next_token_ids: torch.Tensor) -> None:
         """Prompt rows (once per request and chunk): rows chosen on the host from the extend's lengths, gathered
@@ -145,14 +187,20 @@ class Capturer:
             self._awaiting.append((self.events[slot], layout))
 
     def on_commit(self, result: Any, committed: bytes) -> None:
-        """Before SGLang processes a decode result: its slot learns which requests commit it."""
+        """Before SGLang processes a decode result: its slot learns which requests commit it. SGLang waits for the
+        result's `copy_done` before processing it, so the slot is complete when `on_committed` posts it; a result
+        without one (not a path of SGLang's speculative decoding) gets an event of TIDE's own."""
         pending = result.__dict__.pop(ATTR, None)
         if pending is not None:
             slot, layout = pending
             if self._filling.pop(slot, None) is None:  # reclaimed as never committed: the slot is no longer its
                 return
-            self.slab.side(slot)[8 * layout.reqs: 9 * layout.reqs] = committed
-            self._awaiting.append((self.events[slot], layout))
+            self._sides[slot][8 * layout.reqs: 9 * layout.reqs] = committed
+            event = None
+            if getattr(result, "copy_done", None) is None and self.events[slot] is not None:
+                event = self.events[slot]
+                event.record()
+            self._awaiting.append((event, layout))
 
     def on_committed(self, reqs: list[Any], fin: bytes, committed: bytes, correct: list[int] | None,
                      nd: int) -> None:
@@ -177,18 +225,24 @@ class Capturer:
             self.link.send(wire.fin(_tags(reqs[i])))
             i = newly.find(1, i + 1)
 
-    def _copy(self, parts: list[torch.Tensor], side_bytes: int) -> int | None:
-        """Pack `parts` (uint8 views) on the device and copy them into a free slot; None (counted) when no slot
-        is free or they do not fit one."""
-        size = sum(p.numel() for p in parts)
-        if size > self.slab.slot_bytes or side_bytes > SIDE_BYTES:
-            self.dropped += 1
-            return None
+    def _acquire(self) -> int | None:
+        """A free slot, reclaiming stale ones when none is; None (counted) when every slot is busy."""
         slot = self.slab.acquire()
         if slot is None:
             slot = self._reclaim()
         if slot is None:
             self.dropped += 1
+        return slot
+
+    def _copy(self, parts: list[torch.Tensor], side_bytes: int) -> int | None:
+        """Prefill: pack `parts` (uint8 views) on the device and copy them into a free slot on a side stream, an
+        event marking the end; None (counted) when no slot is free or they do not fit one."""
+        size = sum(p.numel() for p in parts)
+        if size > self.slab.slot_bytes or side_bytes > SIDE_BYTES:
+            self.dropped += 1
+            return None
+        slot = self._acquire()
+        if slot is None:
             return None
         dst = torch.frombuffer(self.slab.data(slot), dtype=torch.uint8, count=size)
         if self.stream is None:  # CPU: the copy is the only work there is
@@ -225,7 +279,9 @@ class Capturer:
 
     def close(self) -> None:
         if self.stream is not None:
-            self.stream.synchronize()
+            torch.cuda.synchronize(self.stream.device)
         self.post_ready()
+        self._views.clear()  # they view the slab: released before it closes
+        self._sides.clear()
         self.link.close()
         self.slab.close()

@@ -56,8 +56,9 @@ class Tick:
 
 @dataclass(frozen=True, slots=True)
 class SlotReady:
-    """Decode: the data region holds hidden [rows, width] | next ids [rows] | accept lens [reqs] | seq lens
-    [reqs] (item sizes given), the side region tags int64 [reqs] | committed uint8 [reqs]; rows = reqs * nd.
+    """Decode: the data region holds hidden [rows, width], next ids, accept lens [reqs] and seq lens [reqs] at the
+    fixed offsets `decode_regions` gives (item sizes given), the side region tags int64 [reqs] | committed uint8
+    [reqs]; rows = reqs * nd.
     Prefill: the data region holds hidden [rows, width] | token ids [rows]; the side region tags int64 [reqs] |
     req_index int32 [rows] | positions int32 [rows]."""
 
@@ -72,6 +73,17 @@ class SlotReady:
     id_size: int = 8
     accept_size: int = 8
     seq_size: int = 8
+
+
+def decode_regions(slot_bytes: int, width: int, hidden_size: int, id_size: int, accept_size: int,
+                   seq_size: int) -> tuple[int, int, int, int]:
+    """(row capacity, byte offsets of next ids, accept lens, seq lens) in a decode slot. Fixed for a shape, so
+    the scheduler copies each part straight into a view it made once per slot (no packing on the GPU, no
+    per-batch offsets); capacity is a multiple of 8, so every region stays aligned for its item size."""
+    capacity = slot_bytes // (width * hidden_size + id_size + accept_size + seq_size) // 8 * 8
+    ids = capacity * width * hidden_size
+    accept = ids + capacity * id_size
+    return capacity, ids, accept, accept + capacity * accept_size
 
 
 def _frame(kind: int, body: bytes) -> bytes:
