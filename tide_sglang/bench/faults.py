@@ -5,9 +5,10 @@ that acks what it reads, as the trainer does at its checkpoints) through a priva
 fault, ends it, and measures: the producer's longest `submit()` (its stall), entries that entered the stream and
 never reached the consumer (lost), entries delivered twice (duplicates), exceptions that escaped the stream code
 (crashes), and seconds from the end of the fault until an entry produced after it arrived (recovery). The
-registry drill swaps a reference engine through corrupt versions instead, and the trainer-killed drill SIGKILLs
-a process running the trainer's checkpoint-and-ack protocol mid-write. tests/test_faults.py runs the same drills
-(`DRILLS`) with `quick=True`.
+registry drill swaps a reference engine through corrupt versions instead; the trainer-killed drill SIGKILLs a
+process running the trainer's checkpoint-and-ack protocol mid-write; the operator-restarted drill stops and
+restarts the real operator (kopf against kmock, tide_operator/emulator.py) mid-rollout. tests/test_faults.py runs
+the same drills (`DRILLS`) with `quick=True`.
 """
 
 import asyncio
