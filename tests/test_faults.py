@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import tide_operator
 
 from tide_sglang.bench.faults import DRILLS
 
@@ -36,7 +35,6 @@ def test_operator_drill_says_when_kmock_is_missing(monkeypatch: pytest.MonkeyPat
     """kmock is a dev dependency: without it the drill is a failed row that says what to install, not a crash."""
     monkeypatch.setitem(sys.modules, "kmock", None)  # what an import of an absent package sees
     monkeypatch.delitem(sys.modules, "tide_operator.emulator", raising=False)
-    monkeypatch.delattr(tide_operator, "emulator", raising=False)
     drill = DRILLS["operator-restarted"](True)
     assert not drill.ok and drill.recovery_s is None, drill
     assert drill.injected.startswith("not run: kmock is missing") and "[dev] extra" in drill.injected, drill

@@ -23,7 +23,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -464,16 +463,17 @@ def drill_operator_restarted(quick: bool) -> Drill:
     Lost: published versions with no DraftVersion; duplicates: DraftVersions created twice; crashes: exceptions
     that escaped the operator's code into kopf."""
     try:  # the operator imports tide_sglang, never the reverse: only this drill reaches into it, when it runs
-        from tide_operator import emulator
+        import tide_operator.emulator  # noqa: F401
     except ModuleNotFoundError as e:
         return Drill(name="operator-restarted", injected=f"not run: {e.name} is missing (the [operator] extra "
                      "brings kopf, the [dev] extra kmock; `make install` installs both)",
                      checks={"kmock_and_kopf_installed": False})
-    return asyncio.run(_operator_restarted(emulator, restarts=1 if quick else 3))
+    return asyncio.run(_operator_restarted(restarts=1 if quick else 3))
 
 
-async def _operator_restarted(emulator: ModuleType, restarts: int) -> Drill:
+async def _operator_restarted(restarts: int) -> Drill:
     import kmock as km
+    from tide_operator.emulator import ApiServer, Cluster, Engines, running_operator
 
     crashes = _ExceptionCount()
     logging.getLogger("kopf").addHandler(crashes)
@@ -481,10 +481,9 @@ async def _operator_restarted(emulator: ModuleType, restarts: int) -> Drill:
     try:
         with _server() as server:
             client = connect(settings_for(server.url))
-            async with (emulator.ApiServer() as api, km.Server(api),
-                        emulator.running_operator(api, tmp) as operator,
-                        emulator.Engines(client, NS, DEP, OPERATOR_PODS).running()):
-                cluster = emulator.Cluster(api)
+            async with (ApiServer() as api, km.Server(api), running_operator(api, tmp) as operator,
+                        Engines(client, NS, DEP, OPERATOR_PODS).running()):
+                cluster = Cluster(api)
                 recoveries, checks = await _restart_cycles(cluster, operator, client, server.url, restarts)
             created = sum(r.action == km.action.CREATE and r.resource is not None
                           and r.resource.plural == "draftversions" for r in api)
