@@ -1,5 +1,6 @@
 """The fault drills of `tide bench faults` (tide_sglang/bench/faults.py), each a test against real redis-server
-processes (and a TLS one), plus the bench's CLI once. docs/security.md names the drill behind each guarantee."""
+processes (and a TLS one; `operator-restarted`: the real kopf operator against kmock, tide_operator/emulator.py),
+plus the bench's CLI once. docs/security.md names the drill behind each guarantee."""
 
 import json
 import subprocess
@@ -28,3 +29,12 @@ def test_bench_faults_quick_json(tmp_path: Path) -> None:
     assert report["name"] == "faults" and [d["name"] for d in report["figures"]["drills"]] == ["clients-killed"]
     assert {g["name"] for g in report["goals"]} == {"lost", "crashes", "drills_recovered", "max_producer_stall_ms"}
     assert all(g["met"] for g in report["goals"]), report["goals"]
+
+
+def test_operator_drill_says_when_kmock_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kmock is a dev dependency: without it the drill is a failed row that says what to install, not a crash."""
+    monkeypatch.setitem(sys.modules, "kmock", None)  # what an import of an absent package sees
+    monkeypatch.delitem(sys.modules, "tide_operator.emulator", raising=False)
+    drill = DRILLS["operator-restarted"](True)
+    assert not drill.ok and drill.recovery_s is None, drill
+    assert drill.injected.startswith("not run: kmock is missing") and "[dev] extra" in drill.injected, drill

@@ -22,8 +22,9 @@ import pytest
 import redis
 import torch
 from safetensors.torch import load_file, save_file
+from tide_operator.emulator import Cluster, Operator, wait_for
 
-from tests.operator.harness import ApiServer, Cluster, Operator, cluster_fixture, operator_fixture, wait_for  # noqa: F401
+from tests.operator.harness import ApiServer, cluster_fixture, operator_fixture  # noqa: F401
 from tests.s3server import BUCKET, LocalS3
 from tests.specforge import write_specforge_export
 from tide_sglang.draft import DraftRegistry, open_registry

@@ -1,16 +1,14 @@
 """End to end: the real kopf operator (tide_operator.handlers) against kmock and a real redis-server.
 
-Only the Kubernetes API is emulated (kmock, see tests/operator/harness.py for what it lacks: it runs no pods, so
+Only the Kubernetes API is emulated (kmock, see tide_operator/emulator.py for what it lacks: it runs no pods, so
 the tests mark Deployments ready). Redis is a real `redis-server` (LocalRedis); the tests play the trainer
 (events), the engines' stats and the inference pods (`Engines`: each follows the control state and heartbeats),
-all through tide_sglang.rollout, as the real ones do.
+all through tide_sglang.rollout, as the real ones do. The operator restarted mid-rollout is the `operator-restarted`
+drill of `tide bench faults` (tests/test_faults.py).
 """
 
-import asyncio
 import base64
-import contextlib
 import copy
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,19 +17,12 @@ import pytest
 import pytest_asyncio
 import redis
 import yaml
+from tide_operator.emulator import Cluster, Engines, Operator, wait_for
 from tide_operator.generate import rbac_rules
 
 from tests.operator.crdcheck import ROOT
-from tests.operator.harness import ApiServer, Cluster, Operator, cluster_fixture, operator_fixture, wait_for  # noqa: F401
-from tide_sglang.rollout import (
-    ControlState,
-    Heartbeat,
-    Published,
-    StatsReporter,
-    append_event,
-    read_control,
-    write_heartbeat,
-)
+from tests.operator.harness import ApiServer, cluster_fixture, operator_fixture  # noqa: F401
+from tide_sglang.rollout import ControlState, Published, StatsReporter, append_event, read_control
 from tide_sglang.stream.server import LocalRedis
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.kmock(cls=ApiServer)]
@@ -60,40 +51,10 @@ def r(redis_server: LocalRedis) -> redis.Redis:
     client.close()
 
 
-class Engines:
-    """Plays the inference pods: each loads the version the control state gives it and heartbeats it, as the
-    engines do; a pod in `stuck` keeps serving what it has (a swap that never happens)."""
-
-    def __init__(self, client: redis.Redis, pods: tuple[str, ...] = PODS) -> None:
-        self.client, self.pods = client, pods
-        self.loaded = dict.fromkeys(pods, 0)
-        self.stuck: set[str] = set()
-        self.trigger: dict[str, float | bool | str] = {}  # what every pod's training trigger reports
-
-    def tick(self) -> ControlState | None:
-        ctl = read_control(self.client, NS, NAME)
-        for pod in self.pods:
-            if ctl is not None and pod not in self.stuck:
-                self.loaded[pod] = ctl.version_for(pod)
-            role = ctl.role_of(pod) if ctl is not None else "stable"
-            write_heartbeat(self.client, NS, NAME, Heartbeat(pod=pod, role=role, version=self.loaded[pod],
-                                                             trigger=self.trigger, time=time.time()))
-        return ctl
-
-    async def run(self) -> None:
-        while True:
-            self.tick()
-            await asyncio.sleep(0.1)
-
-
 @pytest_asyncio.fixture
 async def engines(r: redis.Redis) -> AsyncIterator[Engines]:
-    fleet = Engines(r)
-    task = asyncio.create_task(fleet.run())
-    yield fleet
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    async with Engines(r, NS, NAME, PODS).running() as fleet:
+        yield fleet
 
 
 def control(r: redis.Redis) -> ControlState | None:
@@ -113,7 +74,7 @@ def report(r: redis.Redis, version: int, tokens: int, accepted: int, swap_failur
 
 
 def phase(cluster: Cluster, version: int) -> str | None:
-    return ((cluster.get("DraftVersion", f"{NAME}-v{version}") or {}).get("status") or {}).get("phase")
+    return cluster.phase(NAME, version)
 
 
 def replicas(cluster: Cluster, name: str) -> int | None:
@@ -293,21 +254,6 @@ async def test_canary_whose_pod_never_swaps_times_out_and_unblocks(
     engines.stuck = set()
     publish(r, 2, 0)  # the next version is not blocked
     await wait_for(lambda: phase(cluster, 2) == "Canary", what="next canary")
-
-
-async def test_restart_mid_rollout_continues(cluster: Cluster, operator: Operator, redis_server: LocalRedis,
-                                             r: redis.Redis, engines: Engines) -> None:
-    await canary_of_v1(cluster, redis_server, r)
-    await operator.stop()
-    report(r, 0, 2_000, 1_000)
-    report(r, 1, 2_000, 1_600)
-    publish(r, 2, 1)  # published while the operator was down
-    await operator.start()
-    await wait_for(lambda: phase(cluster, 1) == "Promoted", what="promotion after restart")
-    await wait_for(lambda: phase(cluster, 2) == "Canary", what="next canary")
-    dv2 = cluster.get("DraftVersion", f"{NAME}-v2")
-    assert dv2["status"]["baseline"]["version"] == 1 and dv2["status"]["baseline"]["tokens"] == 2_000
-    assert len([o for o in cluster.kmock.objects if o[0].plural == "draftversions"]) == 3  # v0, v1, v2 once
 
 
 async def test_retention_deletes_old_versions_but_never_a_named_one(

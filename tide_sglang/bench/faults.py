@@ -5,13 +5,16 @@ that acks what it reads, as the trainer does at its checkpoints) through a priva
 fault, ends it, and measures: the producer's longest `submit()` (its stall), entries that entered the stream and
 never reached the consumer (lost), entries delivered twice (duplicates), exceptions that escaped the stream code
 (crashes), and seconds from the end of the fault until an entry produced after it arrived (recovery). The
-registry drill swaps a reference engine through corrupt versions instead, and the trainer-killed drill SIGKILLs
-a process running the trainer's checkpoint-and-ack protocol mid-write. tests/test_faults.py runs the same drills
-(`DRILLS`) with `quick=True`.
+registry drill swaps a reference engine through corrupt versions instead; the trainer-killed drill SIGKILLs a
+process running the trainer's checkpoint-and-ack protocol mid-write; the operator-restarted drill stops and
+restarts the real operator (kopf against kmock, tide_operator/emulator.py) mid-rollout. tests/test_faults.py runs
+the same drills (`DRILLS`) with `quick=True`.
 """
 
+import asyncio
 import contextlib
 import hashlib
+import logging
 import shutil
 import subprocess
 import sys
@@ -20,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import redis
 import torch
@@ -36,6 +39,8 @@ from tide_sglang.stream import RedisUnavailable, StreamReader, StreamWriter, con
 from tide_sglang.stream.server import LocalRedis, free_port
 
 if TYPE_CHECKING:
+    from tide_operator.emulator import Cluster, Operator
+
     from tide_sglang.draft import DraftConfig
 
 NS, DEP = "default", "faults"
@@ -448,6 +453,115 @@ def drill_registry(quick: bool) -> Drill:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+OPERATOR_PODS = ("faults-pod-a", "faults-pod-b")
+
+
+def drill_operator_restarted(quick: bool) -> Drill:
+    """The real operator (kopf against kmock, an emulated Kubernetes API; the pods are played through Redis as
+    the engines would) is stopped while vN is in canary; vN's better acceptance and a new vN+1 are reported and
+    published meanwhile; restarted, it promotes vN and canaries vN+1 against it, each DraftVersion made once.
+    Lost: published versions with no DraftVersion; duplicates: DraftVersions created twice; crashes: exceptions
+    that escaped the operator's code into kopf."""
+    try:  # the operator imports tide_sglang, never the reverse: only this drill reaches into it, when it runs
+        import tide_operator.emulator  # noqa: F401
+    except ModuleNotFoundError as e:
+        return Drill(name="operator-restarted", injected=f"not run: {e.name} is missing (the [operator] extra "
+                     "brings kopf, the [dev] extra kmock; `make install` installs both)",
+                     checks={"kmock_and_kopf_installed": False})
+    return asyncio.run(_operator_restarted(restarts=1 if quick else 3))
+
+
+async def _operator_restarted(restarts: int) -> Drill:
+    import kmock as km
+    from tide_operator.emulator import ApiServer, Cluster, Engines, running_operator
+
+    crashes = _ExceptionCount()
+    logging.getLogger("kopf").addHandler(crashes)
+    tmp = Path(tempfile.mkdtemp(prefix="tide-operator-"))
+    try:
+        with _server() as server:
+            client = connect(settings_for(server.url))
+            async with (ApiServer() as api, km.Server(api), running_operator(api, tmp) as operator,
+                        Engines(client, NS, DEP, OPERATOR_PODS).running()):
+                cluster = Cluster(api)
+                recoveries, checks = await _restart_cycles(cluster, operator, client, server.url, restarts)
+            created = sum(r.action == km.action.CREATE and r.resource is not None
+                          and r.resource.plural == "draftversions" for r in api)
+            published = 1 + int(client.xlen(keys.events(NS, DEP)))  # v0, the imported draft, is no event
+            made = sum(cluster.get("DraftVersion", f"{DEP}-v{v}") is not None for v in range(published))
+            return Drill(name="operator-restarted", injected="operator stopped while a version is in canary, its "
+                         f"stats and a new version arrive meanwhile, restarted (×{restarts})",
+                         lost=published - made, duplicates=created - made,
+                         crashes=crashes.count + len(operator.errors),
+                         recovery_s=None if None in recoveries else max(recoveries), checks=checks)
+    finally:
+        logging.getLogger("kopf").removeHandler(crashes)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def _restart_cycles(cluster: "Cluster", operator: "Operator", client: redis.Redis, url: str,
+                          restarts: int) -> tuple[list[float | None], dict[str, bool]]:
+    """Deploy and canary v1; then per restart: stop during vN's canary, report vN better than vN-1 and publish
+    vN+1, start. Recovery: seconds from the start until vN is promoted and vN+1 in canary."""
+    from tide_operator.emulator import wait_for
+
+    recoveries: list[float | None] = []
+    checks = dict.fromkeys(("canary_before_the_fault", "promoted_after_restart", "next_canary_against_promoted"),
+                           False)
+    against_promoted = True
+    await cluster.create(_tide_deployment(url))
+    try:
+        await wait_for(lambda: cluster.get("Deployment", DEP), what="children")
+        cluster.mark_ready(DEP)
+        await wait_for(lambda: (c := rollout.read_control(client, NS, DEP)) is not None and c.stable == 0,
+                       what="control state")
+        rollout.append_event(client, NS, DEP, rollout.Published(version=1, parent=0))
+        await wait_for(lambda: cluster.phase(DEP, 1) == "Canary", what="canary of v1")
+    except TimeoutError:
+        return [None], checks
+    checks["canary_before_the_fault"] = True
+    for v in range(1, restarts + 1):
+        await operator.stop()
+        rollout.add_stats(client, NS, DEP, v - 1, tokens=2_000, accepted=1_000, verify_steps=500)
+        rollout.add_stats(client, NS, DEP, v, tokens=2_000, accepted=1_600, verify_steps=500)
+        rollout.append_event(client, NS, DEP, rollout.Published(version=v + 1, parent=v))
+        start = time.monotonic()
+        await operator.start()
+        try:
+            await wait_for(lambda v=v: cluster.phase(DEP, v) == "Promoted" and cluster.phase(DEP, v + 1) == "Canary",
+                           what=f"v{v} promoted and v{v + 1} in canary")
+        except TimeoutError:
+            return [*recoveries, None], checks
+        recoveries.append(round(time.monotonic() - start, 3))
+        baseline = ((cluster.get("DraftVersion", f"{DEP}-v{v + 1}") or {}).get("status") or {}).get("baseline") or {}
+        against_promoted &= baseline.get("version") == v and baseline.get("tokens") == 2_000
+    checks["promoted_after_restart"], checks["next_canary_against_promoted"] = True, against_promoted
+    return recoveries, checks
+
+
+def _tide_deployment(redis_url: str) -> dict[str, Any]:
+    """Two inference pods, an external Redis, a registry PVC; rollout decided after 1,000 tokens each side."""
+    return {"apiVersion": "tide.dev/v1alpha1", "kind": "TideDeployment", "metadata": {"name": DEP, "namespace": NS},
+            "spec": {"model": {"path": "/models/target"}, "draft": {"initialPath": "/models/draft"},
+                     "inference": {"replicas": len(OPERATOR_PODS), "image": "tide-inference",
+                                   "nodeSelector": {"pool": "inference"}},
+                     "training": {"nodeSelector": {"pool": "training"}},
+                     "redis": {"url": redis_url}, "registry": {"claimName": "drafts"},
+                     "rollout": {"minTokens": 1000, "maxTokens": 100_000, "heartbeatInterval": "1s"}}}
+
+
+class _ExceptionCount(logging.Handler):
+    """Counts log records carrying an exception: kopf logs a handler's unexpected exception with its traceback
+    (a `TemporaryError`, the operator's own way to wait, comes without one)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += record.exc_info is not None
+
+
 DRILLS: dict[str, Callable[[bool], Drill]] = {
     "redis-paused": drill_paused,
     "clients-killed": drill_clients_killed,
@@ -457,6 +571,7 @@ DRILLS: dict[str, Callable[[bool], Drill]] = {
     "tls": drill_tls,
     "registry": drill_registry,
     "trainer-killed": drill_trainer_killed,
+    "operator-restarted": drill_operator_restarted,
 }
 
 
