@@ -312,7 +312,7 @@ def test_helper_counts_each_versions_verify_steps_in_redis_and_in_prometheus(set
 
 
 def test_the_stream_writers_own_drops_are_exported_once_each_by_reason() -> None:
-    from tide_sglang.plugin.helper import writer_drops
+    from tide_sglang.plugin.metrics import writer_drops
     from tide_sglang.stream import WriterStats
 
     reported: dict[str, int] = {}

@@ -14,6 +14,7 @@ import datetime
 import itertools
 import json
 import os
+import socket
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -28,6 +29,10 @@ import pytest_asyncio
 
 # kopf fixes a timer's interval when the handler module is imported: make the rollout loop fast here.
 os.environ.setdefault("TIDE_OPERATOR_INTERVAL_S", "0.3")
+# The operator's metrics port, also read at import: a free one, so that test sessions side by side do not collide.
+with socket.socket() as _s:
+    _s.bind(("127.0.0.1", 0))
+    os.environ.setdefault("TIDE_OPERATOR_METRICS_PORT", str(_s.getsockname()[1]))
 
 from tide_operator.crds import KINDS
 from tide_operator.kube import RESOURCES
