@@ -183,7 +183,7 @@ def test_operator_deployment() -> None:
                          "--all-namespaces"]
     env = {e["name"]: e.get("value", e.get("valueFrom")) for e in c["env"]}
     assert env == {"TIDE_OPERATOR_INTERVAL_S": "5", "TIDE_OPERATOR_REDIS_TIMEOUT_S": "3",
-                   "TIDE_OPERATOR_EVENTS_BATCH": "100",
+                   "TIDE_OPERATOR_EVENTS_BATCH": "100", "TIDE_OPERATOR_METRICS_PORT": "9401",
                    "TIDE_OPERATOR_NAMESPACE": {"fieldRef": {"fieldPath": "metadata.namespace"}}}
     assert dep["spec"]["template"]["metadata"]["labels"]["tide.dev/operator"] == "true"
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
