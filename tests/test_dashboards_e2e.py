@@ -111,6 +111,19 @@ def sglang_families(snapshot: Path) -> str:
                    if line.strip() and name(line).startswith("sglang"))
 
 
+def test_only_the_sglang_families_of_a_snapshot_are_served(tmp_path: Path) -> None:
+    snapshot = tmp_path / "sglang-metrics-x.prom"
+    snapshot.write_text("# HELP sglang:gen_throughput Throughput\n# TYPE sglang:gen_throughput gauge\n"
+                        'sglang:gen_throughput{model_name="m"} 880.0\n\n'
+                        "# HELP tide_draft_version Draft version\n# TYPE tide_draft_version gauge\n"
+                        'tide_draft_version{deployment="gpu-run"} 3.0\n'
+                        "# TYPE sglang:generation_tokens_total counter\nsglang:generation_tokens_total 9.0\n")
+    assert sglang_families(snapshot).splitlines() == [
+        "# HELP sglang:gen_throughput Throughput", "# TYPE sglang:gen_throughput gauge",
+        'sglang:gen_throughput{model_name="m"} 880.0', "# TYPE sglang:generation_tokens_total counter",
+        "sglang:generation_tokens_total 9.0"]
+
+
 @pytest.fixture
 def snapshot_server() -> Iterator[int]:
     """Serves the newest snapshot's sglang:* families on loopback, as an SGLang pod's /metrics would."""
