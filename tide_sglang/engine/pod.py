@@ -21,9 +21,9 @@ from tide_sglang.draft.target import heads_of, load_target
 from tide_sglang.engine.engine import FixedSteps, SpecEngine, StepController
 from tide_sglang.engine.serve import ServeOptions, StepRecord, serve
 from tide_sglang.engine.swap import DraftFollower
-from tide_sglang.plugin.metrics import WRITER_DROPS, PluginMetrics, writer_drops
+from tide_sglang.plugin.metrics import WRITER_DROPS, PluginMetrics
 from tide_sglang.settings import TideSettings
-from tide_sglang.stream import StreamWriter, WriterStats, connect
+from tide_sglang.stream import StreamWriter, connect
 from tide_sglang.workloads import parse_schedule, plan_schedule
 
 log = logging.getLogger("tide.engine.pod")
@@ -50,24 +50,14 @@ def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt  # SIGTERM stops between steps, like Ctrl-C
 
 
-class Exporter:
-    """The engine's share of the plugin's tide_* series, updated after every verify step."""
-
-    def __init__(self, metrics: PluginMetrics, writer: StreamWriter) -> None:
-        self.metrics, self.writer = metrics, writer
-        self._writer_drops: dict[str, int] = {}  # writer drops already in tide_capture_drops_total
-
-    def step(self, record: StepRecord) -> None:
-        m, v = self.metrics, record.draft_version
-        m.serving(v, DROP_REASONS)
-        m.steps.labels(**m.labels(v), batch_size=str(record.batch_size)).set(record.draft_steps)
-        if record.draft_steps:
-            m.verified(v, **record.counts())
-        self.drops(v, self.writer.stats)
-
-    def drops(self, version: int, stats: WriterStats) -> None:
-        for reason, n in writer_drops(stats, self._writer_drops).items():
-            self.metrics.drops.labels(**self.metrics.labels(version), reason=reason).inc(n)
+def export_step(metrics: PluginMetrics, writer: StreamWriter, record: StepRecord) -> None:
+    """The engine's share of the plugin's tide_* series, after every verify step."""
+    v = record.draft_version
+    metrics.serving(v, DROP_REASONS)
+    metrics.steps.labels(**metrics.labels(v), batch_size=str(record.batch_size)).set(record.draft_steps)
+    if record.draft_steps:
+        metrics.verified(v, **record.counts())
+    metrics.writer_dropped(v, writer.stats)
 
 
 def _controller(options: PodOptions, settings: TideSettings, registry: CollectorRegistry) -> StepController:
@@ -97,7 +87,6 @@ def run_pod(options: PodOptions, settings: TideSettings) -> int:
     draft = None if options.version is None else registry.load(options.version, heads.embed).to(dtype).eval()
     engine = SpecEngine(target, draft=draft, draft_version=options.version or 0, controller=controller, writer=writer,
                         metrics=metrics)
-    exporter = Exporter(metrics, writer)
     if settings.engine_metrics_port:
         start_http_server(settings.engine_metrics_port, registry=prometheus)
     follower.start_heartbeats(settings.heartbeat_s)
@@ -108,7 +97,8 @@ def run_pod(options: PodOptions, settings: TideSettings) -> int:
             plans = plan_schedule(parse_schedule(options.schedule), seed=options.round_seed(round_))
             steps += len(serve(engine, plans, ServeOptions(batch_size=options.batch_size,
                                                             max_new_tokens=options.max_new_tokens),
-                               follower=follower, reporter=reporter, on_record=exporter.step))
+                               follower=follower, reporter=reporter,
+                               on_record=lambda r: export_step(metrics, writer, r)))
             round_ += 1
     except KeyboardInterrupt:
         log.info("pod %s stopping after %d steps", settings.pod_name, steps)

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tide_sglang import keys
 from tide_sglang.capture import DEFAULT_DOMAIN, CaptureBatch, is_domain_label
 from tide_sglang.plugin import rows, wire
-from tide_sglang.plugin.metrics import WRITER_DROPS, PluginMetrics, writer_drops
+from tide_sglang.plugin.metrics import WRITER_DROPS, PluginMetrics
 from tide_sglang.plugin.slab import FREE, Slab
 from tide_sglang.rollout import StatsReporter
 from tide_sglang.settings import TideSettings
@@ -127,7 +127,6 @@ class Helper:
         client = connect(settings, check=False)
         self.stats = StatsReporter(client, settings.namespace, settings.deployment, interval_s=settings.stats_flush_s)
         self.version = 0
-        self._writer_drops: dict[str, int] = {}  # writer drops already in tide_capture_drops_total
         self.invalid_domains = 0
 
     def handle(self, msg: wire.Message) -> None:
@@ -160,8 +159,7 @@ class Helper:
         self.metrics.scheduler_seconds.labels(**labels).observe(t.scheduler_ns / 1e9)
         if t.drops:
             self.metrics.drops.labels(**labels, reason="scheduler").inc(t.drops)
-        for reason, n in writer_drops(self.writer.stats, self._writer_drops).items():
-            self.metrics.drops.labels(**labels, reason=reason).inc(n)
+        self.metrics.writer_dropped(t.version, self.writer.stats)
 
     def _slot(self, s: wire.SlotReady) -> None:
         labels = self.metrics.labels(s.version)

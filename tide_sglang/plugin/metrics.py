@@ -60,6 +60,7 @@ class PluginMetrics:
         self.steps = Gauge("tide_speculation_steps", "Draft steps TIDE chose, by batch-size slot",
                            (*LABELS, "batch_size"), multiprocess_mode="mostrecent", **r)
         self._serving: set[int] = set()
+        self._writer_drops: dict[str, int] = {}  # the stream writer's drops already counted, by reason
 
     def serving(self, version: int, drop_reasons: tuple[str, ...]) -> None:
         """Create a version's counters at 0 the first time it serves: a panel then plots 0 for what has not
@@ -82,6 +83,11 @@ class PluginMetrics:
             self.captured_bytes.labels(**labels).inc(batch.hidden.numel() * batch.hidden.itemsize)
         else:
             self.drops.labels(**labels, reason="writer_full").inc()
+
+    def writer_dropped(self, version: int, stats: WriterStats) -> None:
+        """Count the drops the stream writer's own thread made since the last call (its stats are running totals)."""
+        for reason, n in writer_drops(stats, self._writer_drops).items():
+            self.drops.labels(**self.labels(version), reason=reason).inc(n)
 
     def verified(self, version: int, tokens: int, accepted: int, verify_steps: int) -> None:
         """The per-version counts the stats hash gets (rollout.StatsReporter.add), as counters."""
