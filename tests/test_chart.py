@@ -183,7 +183,7 @@ def test_operator_deployment() -> None:
                          "--all-namespaces"]
     env = {e["name"]: e.get("value", e.get("valueFrom")) for e in c["env"]}
     assert env == {"TIDE_OPERATOR_INTERVAL_S": "5", "TIDE_OPERATOR_REDIS_TIMEOUT_S": "3",
-                   "TIDE_OPERATOR_EVENTS_BATCH": "100",
+                   "TIDE_OPERATOR_EVENTS_BATCH": "100", "TIDE_OPERATOR_METRICS_PORT": "9401",
                    "TIDE_OPERATOR_NAMESPACE": {"fieldRef": {"fieldPath": "metadata.namespace"}}}
     assert dep["spec"]["template"]["metadata"]["labels"]["tide.dev/operator"] == "true"
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
@@ -283,10 +283,33 @@ def test_monitors_only_when_the_prometheus_operator_api_exists() -> None:
     notes = helm("install", "tide", str(CHART), "--dry-run=client", "--namespace", NAMESPACE,
                  "--set", sets[0]).stdout
     assert "no PodMonitor was created" in notes
-    assert len(by_kind(render(sets=sets, apis=MONITORING_APIS), "PodMonitor")) == 1
+    assert {m["metadata"]["name"] for m in by_kind(render(sets=sets, apis=MONITORING_APIS), "PodMonitor")} == {
+        "tide", "tide-operator"}
     sm = ["monitoring.serviceMonitor.enabled=true"]
     assert not by_kind(render(sets=sm, apis=()), "ServiceMonitor")
     assert len(by_kind(render(sets=sm), "ServiceMonitor")) == 1
+    assert [m["metadata"]["name"] for m in by_kind(render(sets=sm), "PodMonitor")] == ["tide-operator"]
+    assert [m["metadata"]["name"] for m in by_kind(render(sets=[*sets, "operator.metricsPort=0"]), "PodMonitor")] \
+        == ["tide"]
+
+
+def test_operator_pod_monitor_scrapes_the_operators_metrics_port() -> None:
+    """The operator's own series (tide_operator.metrics) are scraped from its `metrics` port, keeping their
+    namespace and deployment labels."""
+    objs = render(sets=["monitoring.podMonitor.enabled=true"])
+    pm = next(m for m in by_kind(objs, "PodMonitor") if m["metadata"]["name"] == "tide-operator")
+    operator = next(d for d in by_kind(objs, "Deployment") if d["metadata"]["name"] == "tide-operator")
+    pod = operator["spec"]["template"]
+    assert _matches(pm["spec"]["selector"], pod["metadata"]["labels"])
+    assert pm["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    (endpoint,) = pm["spec"]["podMetricsEndpoints"]
+    assert endpoint["honorLabels"] and endpoint["port"] == "metrics"
+    container = pod["spec"]["containers"][0]
+    port = next(p["containerPort"] for p in container["ports"] if p["name"] == "metrics")
+    assert {"name": "TIDE_OPERATOR_METRICS_PORT", "value": str(port)} in container["env"]
+    off = next(d for d in by_kind(render(sets=["operator.metricsPort=0"]), "Deployment")
+               if d["metadata"]["name"] == "tide-operator")["spec"]["template"]["spec"]["containers"][0]
+    assert [p["name"] for p in off["ports"]] == ["health"]
 
 
 def _matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
@@ -300,7 +323,7 @@ def _matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
 def test_pod_monitor_scrapes_the_pods_the_operator_builds() -> None:
     """The chart's PodMonitor selects the inference pods of tide_operator.builders and names their metrics port."""
     objs = render([ROOT / "helm/values-kube-prometheus-stack.yaml"])
-    pm = by_kind(objs, "PodMonitor")[0]
+    pm = next(m for m in by_kind(objs, "PodMonitor") if m["metadata"]["name"] == "tide")
     assert pm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     assert pm["spec"]["namespaceSelector"] == {"any": True}
     td = by_kind(render([ROOT / "helm/values-heterogeneous.yaml"]), "TideDeployment")[0]

@@ -12,6 +12,7 @@ import re
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
+from tide_operator.metrics import families
 from tide_operator.status import parse
 
 from tests.chart_tools import CHART, ROOT, by_kind, helm, render
@@ -82,8 +83,9 @@ def test_quickstart_names_the_objects_the_chart_creates() -> None:
                    "ConfigMap `tide-dashboards`"):
         assert needle in QUICKSTART
     upgraded = render([ROOT / "helm/values-kube-prometheus-stack.yaml"], sets=["redis.enabled=true"])
-    assert [p["metadata"]["name"] for p in by_kind(upgraded, "PodMonitor")] == ["tide"]
+    assert [p["metadata"]["name"] for p in by_kind(upgraded, "PodMonitor")] == ["tide", "tide-operator"]
     assert "PodMonitor `tide`" in QUICKSTART and "`podMonitor/serving/tide/0`" in QUICKSTART
+    assert "PodMonitor `tide-operator`" in QUICKSTART
 
 
 def test_quickstart_columns_are_the_crds_printer_columns() -> None:
@@ -154,10 +156,9 @@ def test_metrics_reference_covers_every_metric_the_code_creates() -> None:
     assert created - documented_metrics() == set()
 
 
-def test_metrics_reference_covers_kube_state_metrics_config() -> None:
-    config = yaml.safe_load((ROOT / "helm/kube-prometheus-stack/values.yaml").read_text())
-    resources = config["kube-state-metrics"]["customResourceState"]["config"]["spec"]["resources"]
-    names = {f"{r['metricNamePrefix']}_{m['name']}" for r in resources for m in r["metrics"]}
+def test_metrics_reference_covers_the_operators_metrics() -> None:
+    names = {f.name for f in families([])}
+    assert "tide_draftversion_phase" in names and "tide_tidedeployment_trainer_state" in names
     assert names - documented_metrics() == set()
 
 

@@ -312,7 +312,7 @@ def test_helper_counts_each_versions_verify_steps_in_redis_and_in_prometheus(set
 
 
 def test_the_stream_writers_own_drops_are_exported_once_each_by_reason() -> None:
-    from tide_sglang.plugin.helper import writer_drops
+    from tide_sglang.plugin.metrics import writer_drops
     from tide_sglang.stream import WriterStats
 
     reported: dict[str, int] = {}
@@ -321,6 +321,25 @@ def test_the_stream_writers_own_drops_are_exported_once_each_by_reason() -> None
     assert writer_drops(WriterStats(dropped_redis_error=3, dropped_backlog=5, dropped_oversized=1), reported) == {
         "backlog": 3, "oversized": 1}
     assert writer_drops(WriterStats(dropped_redis_error=3, dropped_backlog=5, dropped_oversized=1), reported) == {}
+
+
+def test_a_served_versions_counters_start_at_zero_once() -> None:
+    """A dashboard plots 0 for a drop or a swap failure that has not happened, not "No data"."""
+    from tide_sglang.plugin.helper import DROP_REASONS
+    from tide_sglang.plugin.metrics import PluginMetrics
+    from tide_sglang.stream import WriterStats
+
+    reg = CollectorRegistry()
+    metrics = PluginMetrics("d", registry=reg)
+    metrics.serving(3, DROP_REASONS)
+    metrics.writer_dropped(3, WriterStats(dropped_backlog=2))
+    metrics.serving(3, DROP_REASONS)  # a second call changes nothing
+    drops = {s.labels["reason"]: s.value for m in reg.collect() if m.name == "tide_capture_drops"
+             for s in m.samples if s.name.endswith("_total")}
+    assert drops == {"scheduler": 0, "writer_full": 0, "redis_error": 0, "backlog": 2, "oversized": 0, "invalid": 0}
+    zero = {m.name for m in reg.collect() for s in m.samples if s.name.endswith("_total") and s.value == 0
+            and s.labels["draft_version"] == "3"}
+    assert {"tide_draft_swap_failures", "tide_draft_tokens", "tide_captured_tokens"} <= zero
 
 
 def test_helper_counts_every_invalid_domain_and_logs_only_the_first(settings, caplog) -> None:

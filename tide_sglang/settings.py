@@ -73,6 +73,9 @@ class TideSettings(BaseSettings):
     swap_allow_vocab_change: bool = Field(
         False, description="accept a version whose d2t differs (hot_token_id is then copied in place)")
     sync_interval_batches: int = Field(16, ge=1, description="batches between TP-rank agreements (swap, steps)")
+    engine_metrics_port: int = Field(
+        0, ge=0, le=65535, description="Prometheus port of `tide engine`, the reference engine as a pod (0: off); "
+        "SGLang pods serve the same tide_* series on SGLang's own /metrics")
 
     # Draft registry and online trainer (tide_sglang/draft, tide_sglang/trainer, docs/trainer.md).
     registry_dir: Path | None = Field(None, description="draft registry directory (a ReadWriteMany volume)")

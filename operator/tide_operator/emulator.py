@@ -16,6 +16,7 @@ import datetime
 import itertools
 import json
 import os
+import socket
 import threading
 import time
 import uuid
@@ -142,6 +143,10 @@ class Operator:
     async def start(self) -> None:
         # kopf fixes a timer's interval when the handler module is imported: make the rollout loop fast.
         os.environ.setdefault("TIDE_OPERATOR_INTERVAL_S", str(self.interval_s))
+        # The operator's metrics port, also read at import: a free one, so that runs side by side do not collide.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ.setdefault("TIDE_OPERATOR_METRICS_PORT", str(s.getsockname()[1]))
         import tide_operator.handlers  # noqa: F401  registers the handlers in kopf's default registry
 
         self.stop_flag, ready = threading.Event(), threading.Event()

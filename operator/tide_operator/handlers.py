@@ -11,7 +11,9 @@ from contextlib import contextmanager
 
 import kopf
 import kubernetes
+from prometheus_client import start_http_server
 
+from tide_operator import metrics
 from tide_operator.config import FINALIZER, OperatorSettings
 from tide_operator.kube import ApiError, Kube
 from tide_operator.models import GROUP, VERSION
@@ -30,7 +32,18 @@ def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: object) -> None
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
     settings.scanning.disabled = True  # no CRD/namespace watching: fewer RBAC rights
     settings.posting.level = logging.WARNING
-    memo.reconciler = Reconciler(Kube(login()), CONFIG)
+    snapshots = metrics.Snapshots(CONFIG.interval_s)
+    memo.reconciler = Reconciler(Kube(login()), CONFIG, snapshots)
+    if CONFIG.metrics_port:
+        memo.metrics_server, _ = start_http_server(CONFIG.metrics_port, registry=metrics.registry(snapshots))
+
+
+@kopf.on.cleanup()
+def stop(memo: kopf.Memo, **_: object) -> None:
+    server = memo.get("metrics_server")
+    if server is not None:  # free the port: an operator started again in this process binds it anew
+        server.shutdown()
+        server.server_close()
 
 
 def login() -> kubernetes.client.ApiClient:

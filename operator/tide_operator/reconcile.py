@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from tide_operator import builders, gate, redis_io, registry_io, rollout, status
 from tide_operator.config import OperatorSettings
 from tide_operator.kube import ApiError, Kube, Obj, merge_patch
+from tide_operator.metrics import Snapshots
 from tide_operator.models import (
     SECRET_LABEL,
     Baseline,
@@ -67,9 +68,11 @@ def _dump(model: Any) -> Obj:
 
 
 class Reconciler:
-    def __init__(self, kube: Kube, config: OperatorSettings) -> None:
+    def __init__(self, kube: Kube, config: OperatorSettings, snapshots: Snapshots | None = None) -> None:
+        """`snapshots`: where each pass records the statuses it wrote, for the operator's metrics."""
         self.kube = kube
         self.config = config
+        self.snapshots = snapshots
         self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
         self._redis: dict[tuple[str, str | None, bool], redis_io.Client] = {}
 
@@ -110,6 +113,8 @@ class Reconciler:
             conditions=status.conditions(generation, problems, pods, route, pending, seen.fleet, spec,
                                          old.conditions, now()))
         self._write_status(td, new)
+        if self.snapshots is not None:
+            self.snapshots.record(ns, name, new, versions)
 
     def _rollout(self, td: Obj, spec: TideDeploymentSpec, versions: Versions, old: TideDeploymentStatus,
                  ready: int, secrets: Secrets) -> "Observed":
@@ -320,6 +325,8 @@ class Reconciler:
                 self._delete_owned(td, kind, child, secrets)
             for v in self._versions(td):
                 self.kube.delete("DraftVersion", namespace, f"{name}-v{v}")
+        if self.snapshots is not None:
+            self.snapshots.forget(namespace, name)
         self._locks.pop((namespace, name), None)
 
 

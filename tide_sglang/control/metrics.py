@@ -100,8 +100,11 @@ class ControlMetrics:
         f.spec_steps.labels(*labels).set(steps)
         f.best_steps.labels(*labels).set(best)
         f.predicted_speedup.labels(*labels).set(predicted)
+        # Counters exist at 0 from the first decision, so a panel plots "none yet" rather than "No data".
+        switches = f.switches.labels(*labels)
+        f.probes.labels(self.deployment, str(version))
         if switched:
-            f.switches.labels(*labels).inc()
+            switches.inc()
 
     def probe(self, version: int) -> None:
         self.family.probes.labels(self.deployment, str(version)).inc()
@@ -115,8 +118,9 @@ class ControlMetrics:
         f.acceptance_window.labels(*labels).set(acceptance)
         f.changepoint_statistic.labels(*labels).set(statistic)
         f.changepoint_threshold.labels(*labels).set(threshold)
+        alarms = f.changepoint.labels(*labels)
         if changepoint:
-            f.changepoint.labels(*labels).inc()
+            alarms.inc()
 
     def trigger(self, version: int, train: bool, collect: bool, short: float, long: float) -> None:
         f, labels = self.family, (self.deployment, str(version))

@@ -26,6 +26,7 @@ from tide_sglang.capture import CaptureBatch
 from tide_sglang.draft import DraftCache, Eagle3Draft
 from tide_sglang.draft.target import Target, aux_from_hidden_states
 from tide_sglang.engine.chain import committed_rows, greedy_accept, truncate_at_eos
+from tide_sglang.plugin.metrics import PluginMetrics
 from tide_sglang.stream import StreamWriter
 
 
@@ -59,6 +60,11 @@ class StepStats(BaseModel):
     draft_version: int
     domain: str | None = None
 
+    def counts(self) -> dict[str, int]:
+        """What the step adds to its version's stats hash (rollout.StatsReporter.add) and counters."""
+        return {"tokens": self.batch_size * self.draft_steps, "accepted": self.accepted,
+                "verify_steps": self.batch_size}
+
 
 @dataclass
 class _Rows:
@@ -88,13 +94,14 @@ class _Wave:
 class SpecEngine:
     def __init__(self, target: Target, *, draft: Eagle3Draft | None = None, draft_version: int = 0,
                  controller: StepController | None = None, writer: StreamWriter | None = None,
-                 capture_prefill: bool = True) -> None:
+                 capture_prefill: bool = True, metrics: PluginMetrics | None = None) -> None:
+        """`metrics`: count captures in the plugin's tide_* series, as an SGLang pod does (`tide engine`)."""
         self.target = target
         self.model = target.model
         self.device = next(self.model.parameters()).device
         self.draft, self.draft_version = draft, draft_version
         self.controller = controller or FixedSteps(0)
-        self.writer = writer
+        self.writer, self.metrics = writer, metrics
         self.collect = True  # the control state's `collect`: off, nothing goes to the stream
         self.capture_prefill = capture_prefill
         eos = target.tokenizer.eos_token_id
@@ -242,4 +249,6 @@ class SpecEngine:
             domains=None if wave.domain is None else [wave.domain] * len(wave.rows),
             acceptance=None if acceptance is None else [float(a) for a in acceptance.tolist()],
         )
-        self.writer.submit(batch)
+        submitted = self.writer.submit(batch)
+        if self.metrics is not None:
+            self.metrics.captured(batch, submitted)

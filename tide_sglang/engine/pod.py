@@ -3,25 +3,31 @@
 It does what an SGLang pod with the TIDE plugin does, through the same protocol (docs/rollout.md): serves a
 workload schedule round after round, captures hidden states to the stream while the control state's `collect`
 is on, adds per-version stats, loads the version the control state names for its pod (`TIDE_POD_NAME`), and
-writes a heartbeat every `TIDE_HEARTBEAT_S`. Tests run several of them as stand-ins for pods.
+writes a heartbeat every `TIDE_HEARTBEAT_S`. With `TIDE_CONTROL_PROFILE` TIDE's controller picks the draft steps
+and votes in the heartbeat, as in the plugin; with `TIDE_ENGINE_METRICS_PORT` it serves the plugin's tide_* series
+and the controller's on /metrics. Tests run several of them as stand-ins for pods.
 """
 
 import logging
 import signal
 
+from prometheus_client import CollectorRegistry, start_http_server
 from pydantic import BaseModel, Field
 
 from tide_sglang import keys, rollout
+from tide_sglang.control import Profile, SpeculationController
 from tide_sglang.draft import open_registry
 from tide_sglang.draft.target import heads_of, load_target
-from tide_sglang.engine.engine import FixedSteps, SpecEngine
-from tide_sglang.engine.serve import ServeOptions, serve
+from tide_sglang.engine.engine import FixedSteps, SpecEngine, StepController
+from tide_sglang.engine.serve import ServeOptions, StepRecord, serve
 from tide_sglang.engine.swap import DraftFollower
+from tide_sglang.plugin.metrics import WRITER_DROPS, PluginMetrics
 from tide_sglang.settings import TideSettings
 from tide_sglang.stream import StreamWriter, connect
 from tide_sglang.workloads import parse_schedule, plan_schedule
 
 log = logging.getLogger("tide.engine.pod")
+DROP_REASONS = ("writer_full", *WRITER_DROPS)  # the drops an engine without a scheduler thread can make
 
 
 class PodOptions(BaseModel):
@@ -29,7 +35,7 @@ class PodOptions(BaseModel):
     target: str = Field(description="target checkpoint directory, or smollm2-135m")
     schedule: str = Field(description="workload:requests,... served each round")
     version: int | None = Field(None, ge=0, description="draft the pod starts with (SGLang: the draft model path)")
-    steps: int = Field(3, ge=1, description="draft steps per verify")
+    steps: int = Field(3, ge=1, description="draft steps per verify (without TIDE_CONTROL_PROFILE)")
     batch_size: int = Field(2, ge=1)
     max_new_tokens: int = Field(32, ge=1)
     rounds: int | None = Field(None, ge=1, description="rounds of the schedule; None: until SIGTERM")
@@ -44,6 +50,23 @@ def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt  # SIGTERM stops between steps, like Ctrl-C
 
 
+def export_step(metrics: PluginMetrics, writer: StreamWriter, record: StepRecord) -> None:
+    """The engine's share of the plugin's tide_* series, after every verify step."""
+    v = record.draft_version
+    metrics.serving(v, DROP_REASONS)
+    metrics.steps.labels(**metrics.labels(v), batch_size=str(record.batch_size)).set(record.draft_steps)
+    if record.draft_steps:
+        metrics.verified(v, **record.counts())
+    metrics.writer_dropped(v, writer.stats)
+
+
+def _controller(options: PodOptions, settings: TideSettings, registry: CollectorRegistry) -> StepController:
+    if settings.control_profile is None:
+        return FixedSteps(options.steps)
+    return SpeculationController(Profile.load(settings.control_profile), settings, version=options.version or 0,
+                                 registry=registry)
+
+
 def run_pod(options: PodOptions, settings: TideSettings) -> int:
     """Serve until `rounds` are done or SIGTERM; returns the verify steps served."""
     previous = signal.signal(signal.SIGTERM, _interrupt)
@@ -54,11 +77,18 @@ def run_pod(options: PodOptions, settings: TideSettings) -> int:
     client = connect(settings)
     writer = StreamWriter.from_settings(settings, keys.hidden_states(settings.namespace, settings.deployment))
     reporter = rollout.StatsReporter(client, settings.namespace, settings.deployment, interval_s=settings.stats_flush_s)
+    prometheus = CollectorRegistry()
+    metrics = PluginMetrics(settings.deployment, registry=prometheus)
+    controller = _controller(options, settings, prometheus)
+    trigger = controller.trigger.report if isinstance(controller, SpeculationController) else None
     follower = DraftFollower(client, registry, settings.namespace, settings.deployment, settings.pod_name, heads.embed,
-                             dtype=dtype, reporter=reporter, poll_s=settings.swap_poll_s, version=options.version)
+                             dtype=dtype, reporter=reporter, poll_s=settings.swap_poll_s, version=options.version,
+                             trigger=trigger, metrics=metrics)
     draft = None if options.version is None else registry.load(options.version, heads.embed).to(dtype).eval()
-    engine = SpecEngine(target, draft=draft, draft_version=options.version or 0,
-                        controller=FixedSteps(options.steps), writer=writer)
+    engine = SpecEngine(target, draft=draft, draft_version=options.version or 0, controller=controller, writer=writer,
+                        metrics=metrics)
+    if settings.engine_metrics_port:
+        start_http_server(settings.engine_metrics_port, registry=prometheus)
     follower.start_heartbeats(settings.heartbeat_s)
     log.info("pod %s serving (draft v%s)", settings.pod_name, options.version)
     steps, round_ = 0, 0
@@ -67,7 +97,8 @@ def run_pod(options: PodOptions, settings: TideSettings) -> int:
             plans = plan_schedule(parse_schedule(options.schedule), seed=options.round_seed(round_))
             steps += len(serve(engine, plans, ServeOptions(batch_size=options.batch_size,
                                                             max_new_tokens=options.max_new_tokens),
-                               follower=follower, reporter=reporter))
+                               follower=follower, reporter=reporter,
+                               on_record=lambda r: export_step(metrics, writer, r)))
             round_ += 1
     except KeyboardInterrupt:
         log.info("pod %s stopping after %d steps", settings.pod_name, steps)

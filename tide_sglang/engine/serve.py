@@ -115,8 +115,7 @@ class Serving:
         record = StepRecord(**stats.model_dump(), t=time.monotonic() - self.start, phase=phase)
         self.records.append(record)
         if self.reporter is not None and stats.draft_steps:
-            self.reporter.add(stats.draft_version, tokens=stats.batch_size * stats.draft_steps,
-                              accepted=stats.accepted, verify_steps=stats.batch_size)
+            self.reporter.add(stats.draft_version, **stats.counts())
         if self.on_record is not None:
             self.on_record(record)
         self._swap()

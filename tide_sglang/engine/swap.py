@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 from tide_sglang import rollout
 from tide_sglang.draft import DraftRegistry, Eagle3Draft
+from tide_sglang.plugin.metrics import PluginMetrics
 from tide_sglang.stream.connection import Client
 
 log = logging.getLogger("tide.engine.swap")
@@ -32,16 +33,19 @@ class SwapTo(BaseModel):
 
 class DraftFollower:
     """`version`: the draft the engine starts with (None: none yet, a cold start). `trigger`: the training
-    trigger's report for the heartbeat."""
+    trigger's report for the heartbeat. `metrics`: swaps in the plugin's tide_draft_* series (`tide engine`)."""
 
     def __init__(self, client: Client, registry: DraftRegistry, namespace: str, deployment: str, pod: str,
                  embed: torch.Tensor, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  reporter: rollout.StatsReporter | None = None, poll_s: float = 0.5, version: int | None = None,
-                 trigger: Callable[[], dict[str, float | bool | str]] | None = None) -> None:
+                 trigger: Callable[[], dict[str, float | bool | str]] | None = None,
+                 metrics: PluginMetrics | None = None) -> None:
         self.client, self.registry, self.pod = client, registry, pod
         self.namespace, self.deployment = namespace, deployment
         self.embed, self.device, self.dtype, self.reporter, self.poll_s = embed, device, dtype, reporter, poll_s
-        self.version, self.trigger = version, trigger
+        self.version, self.trigger, self.metrics = version, trigger, metrics
+        if metrics is not None and version is not None:
+            metrics.version.labels(deployment=deployment).set(version)
         self.role: rollout.Role = "stable"
         self.collect = True  # the control state's `collect`: capture hidden states
         self.refused: dict[int, str] = {}  # version -> why
@@ -81,13 +85,21 @@ class DraftFollower:
         except Exception as e:  # an untrusted version: any failure (parse, I/O, format, shape) refuses it
             self.refused[version] = str(e)
             self.swap_failures += 1
+            if self.metrics is not None:
+                self.metrics.swap_failures.labels(**self.metrics.labels(version)).inc()
             log.error("refusing draft v%d, keeping v%s: %s", version, self.version, e)
             if self.reporter is not None:
                 self.reporter.add(version, swap_failures=1)
                 self.reporter.flush()
             return None
-        log.info("swapped to draft v%d in %.3f s", version, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0  # the serving loop waits for the load: the swap's pause
+        log.info("swapped to draft v%d in %.3f s", version, seconds)
         self.version = version
+        if self.metrics is not None:
+            labels = self.metrics.labels(version)
+            self.metrics.swaps.labels(**labels).inc()
+            self.metrics.swap_seconds.labels(**labels).observe(seconds)
+            self.metrics.version.labels(deployment=self.deployment).set(version)
         return SwapTo(version=version, draft=draft)
 
     # -- heartbeats ---------------------------------------------------------------------------------------

@@ -18,11 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from tide_sglang import keys
 from tide_sglang.capture import DEFAULT_DOMAIN, CaptureBatch, is_domain_label
 from tide_sglang.plugin import rows, wire
-from tide_sglang.plugin.metrics import PluginMetrics
+from tide_sglang.plugin.metrics import WRITER_DROPS, PluginMetrics
 from tide_sglang.plugin.slab import FREE, Slab
 from tide_sglang.rollout import StatsReporter
 from tide_sglang.settings import TideSettings
-from tide_sglang.stream import StreamWriter, WriterStats, connect
+from tide_sglang.stream import StreamWriter, connect
 
 log = logging.getLogger("tide.plugin.helper")
 
@@ -110,20 +110,8 @@ class Assembler:
             acceptance=None if acceptance is None else [float(a) for a in acceptance])
 
 
-# tide_capture_drops_total reasons for the drops the stream writer's own thread makes (docs/metrics.md)
-WRITER_DROPS = {"redis_error": "dropped_redis_error", "backlog": "dropped_backlog", "oversized": "dropped_oversized",
-                "invalid": "dropped_invalid"}
-
-
-def writer_drops(stats: WriterStats, reported: dict[str, int]) -> dict[str, int]:
-    """Drops by reason since `reported` (the counts already exported), which is brought up to date."""
-    out = {}
-    for reason, field in WRITER_DROPS.items():
-        now = getattr(stats, field)
-        if now > reported.get(reason, 0):
-            out[reason] = now - reported.get(reason, 0)
-            reported[reason] = now
-    return out
+# every tide_capture_drops_total reason the plugin counts (docs/metrics.md)
+DROP_REASONS = ("scheduler", "writer_full", *WRITER_DROPS)
 
 
 class Helper:
@@ -139,7 +127,6 @@ class Helper:
         client = connect(settings, check=False)
         self.stats = StatsReporter(client, settings.namespace, settings.deployment, interval_s=settings.stats_flush_s)
         self.version = 0
-        self._writer_drops: dict[str, int] = {}  # writer drops already in tide_capture_drops_total
         self.invalid_domains = 0
 
     def handle(self, msg: wire.Message) -> None:
@@ -165,16 +152,14 @@ class Helper:
     def _tick(self, t: wire.Tick) -> None:
         self.version = t.version
         labels = self.metrics.labels(t.version)
+        self.metrics.serving(t.version, DROP_REASONS)
         if t.verify_steps:
             self.stats.add(t.version, tokens=t.tokens, accepted=t.accepted, verify_steps=t.verify_steps)
-            self.metrics.draft_tokens.labels(**labels).inc(t.tokens)
-            self.metrics.accepted_tokens.labels(**labels).inc(t.accepted)
-            self.metrics.verify_steps.labels(**labels).inc(t.verify_steps)
+            self.metrics.verified(t.version, t.tokens, t.accepted, t.verify_steps)
         self.metrics.scheduler_seconds.labels(**labels).observe(t.scheduler_ns / 1e9)
         if t.drops:
             self.metrics.drops.labels(**labels, reason="scheduler").inc(t.drops)
-        for reason, n in writer_drops(self.writer.stats, self._writer_drops).items():
-            self.metrics.drops.labels(**labels, reason=reason).inc(n)
+        self.metrics.writer_dropped(t.version, self.writer.stats)
 
     def _slot(self, s: wire.SlotReady) -> None:
         labels = self.metrics.labels(s.version)
@@ -189,11 +174,7 @@ class Helper:
             self.slab.flags[s.slot] = FREE  # `batch` holds copies, never views of the slot
         if batch is None:
             return
-        if self.writer.submit(batch):
-            self.metrics.captured_tokens.labels(**labels).inc(batch.num_tokens)
-            self.metrics.captured_bytes.labels(**labels).inc(batch.hidden.numel() * batch.hidden.itemsize)
-        else:
-            self.metrics.drops.labels(**labels, reason="writer_full").inc()
+        self.metrics.captured(batch, self.writer.submit(batch))
 
     def run(self, fd: int) -> None:
         decoder = wire.Decoder()

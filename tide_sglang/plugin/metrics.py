@@ -9,9 +9,26 @@ import logging
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
+from tide_sglang.capture import CaptureBatch
+from tide_sglang.stream import WriterStats
+
 log = logging.getLogger("tide.plugin.metrics")
 
 LABELS = ("deployment", "draft_version")
+# tide_capture_drops_total reasons for the drops the stream writer's own thread makes (docs/metrics.md)
+WRITER_DROPS = {"redis_error": "dropped_redis_error", "backlog": "dropped_backlog", "oversized": "dropped_oversized",
+                "invalid": "dropped_invalid"}
+
+
+def writer_drops(stats: WriterStats, reported: dict[str, int]) -> dict[str, int]:
+    """Drops by reason since `reported` (the counts already exported), which is brought up to date."""
+    out = {}
+    for reason, field in WRITER_DROPS.items():
+        now = getattr(stats, field)
+        if now > reported.get(reason, 0):
+            out[reason] = now - reported.get(reason, 0)
+            reported[reason] = now
+    return out
 
 
 class PluginMetrics:
@@ -42,6 +59,42 @@ class PluginMetrics:
                              multiprocess_mode="mostrecent", **r)
         self.steps = Gauge("tide_speculation_steps", "Draft steps TIDE chose, by batch-size slot",
                            (*LABELS, "batch_size"), multiprocess_mode="mostrecent", **r)
+        self._serving: set[int] = set()
+        self._writer_drops: dict[str, int] = {}  # the stream writer's drops already counted, by reason
+
+    def serving(self, version: int, drop_reasons: tuple[str, ...]) -> None:
+        """Create a version's counters at 0 the first time it serves: a panel then plots 0 for what has not
+        happened yet (no drop, no swap failure) instead of "No data", and rate() has a first sample."""
+        if version in self._serving:
+            return
+        self._serving.add(version)
+        labels = self.labels(version)
+        for counter in (self.captured_tokens, self.captured_bytes, self.invalid_domains, self.swap_failures,
+                        self.draft_tokens, self.accepted_tokens, self.verify_steps):
+            counter.labels(**labels)
+        for reason in drop_reasons:
+            self.drops.labels(**labels, reason=reason)
+
+    def captured(self, batch: CaptureBatch, submitted: bool) -> None:
+        """A capture batch handed to the stream writer, or dropped because its queue was full."""
+        labels = self.labels(batch.draft_version)
+        if submitted:
+            self.captured_tokens.labels(**labels).inc(batch.num_tokens)
+            self.captured_bytes.labels(**labels).inc(batch.hidden.numel() * batch.hidden.itemsize)
+        else:
+            self.drops.labels(**labels, reason="writer_full").inc()
+
+    def writer_dropped(self, version: int, stats: WriterStats) -> None:
+        """Count the drops the stream writer's own thread made since the last call (its stats are running totals)."""
+        for reason, n in writer_drops(stats, self._writer_drops).items():
+            self.drops.labels(**self.labels(version), reason=reason).inc(n)
+
+    def verified(self, version: int, tokens: int, accepted: int, verify_steps: int) -> None:
+        """The per-version counts the stats hash gets (rollout.StatsReporter.add), as counters."""
+        labels = self.labels(version)
+        self.draft_tokens.labels(**labels).inc(tokens)
+        self.accepted_tokens.labels(**labels).inc(accepted)
+        self.verify_steps.labels(**labels).inc(verify_steps)
 
     def labels(self, version: int) -> dict[str, str]:
         return {"deployment": self.deployment, "draft_version": str(version)}
