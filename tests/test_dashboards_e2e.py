@@ -29,10 +29,11 @@ from pathlib import Path
 
 import pytest
 import redis
+from tide_operator.emulator import Cluster, Operator
 
 from tests.chart_tools import ROOT
 from tests.helpers import wait_for
-from tests.operator.harness import ApiServer, Cluster, Operator, cluster_fixture, operator_fixture  # noqa: F401
+from tests.operator.harness import ApiServer, cluster_fixture, operator_fixture  # noqa: F401
 from tests.prometheus import DASHBOARDS, Prometheus, Query, Target, concrete, dashboard_queries, free_port
 from tests.test_loop_e2e import (
     HEARTBEAT_S,

@@ -412,6 +412,8 @@ def phase_capture(name: str, out: Path, args: list[str], env: dict[str, str], to
                 f"{rows[-1].get('steady_s', 0):.0f} s steady")
             on_row()
         m = server.metrics() if plugin else {}
+        if plugin:  # what the dashboards' sglang:* expressions are checked against (tests/test_dashboards_e2e.py)
+            (out / "sglang-metrics.prom").write_text(server.metrics_text())
     finally:
         server.stop()
     return {"server": name, "plugin": plugin, "env": extra, "startup_s": startup, "rows": rows,
@@ -458,7 +460,7 @@ def phase_collect(out: Path, args: list[str], env: dict[str, str], tok: Any, red
         startup = server.wait_ready()
         results, wall = run_many(server, [chat_ids(tok, t) for t in texts], 256, 128, ignore_eos=False)
         m = server.metrics()
-        # The dashboards' sglang:* expressions are checked against this snapshot (tests/test_dashboard_data.py).
+        # The dashboards' sglang:* expressions are checked against this snapshot (tests/test_dashboards_e2e.py).
         (out / "sglang-metrics.prom").write_text(server.metrics_text())
     finally:
         server.stop()
