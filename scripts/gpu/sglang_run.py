@@ -21,7 +21,9 @@ each server's log to OUT/server-<name>.log. A phase that fails is recorded and t
   decode, read from SGLang's own log; TIDE's scheduler-thread time per batch from tide_plugin_scheduler_seconds.
 - collect: a static draft from SGLang's own captures: a plugin-on server serves --collect-requests "train"
   prompts of bench.static, then `bench.static train --stream-url` trains on what the plugin captured and writes
-  OUT/static (the static phase then serves it without --static-dir).
+  $GPU_RUN_HOME/static (the static phase then serves it without --static-dir). Not under OUT: a call's OUT is
+  gone at the next call, and collect and static together outlast one call's 10 minutes, so the static phase can
+  run in the next call (`--phases static --static-dir $GPU_RUN_HOME/static`) while the machine stays warm.
 - static: the static draft of `python -m tide_sglang.bench.static train` served by SGLang itself at 3 pinned steps
   on the evaluation prompts (MT-Bench writing "eval" side): its accept length (issue: a draft worth serving).
 - throughput: decode tokens/s with the plugin (capture on) and without it (TIDE_ENABLED unset), same
@@ -448,8 +450,8 @@ def phase_collect(out: Path, args: list[str], env: dict[str, str], tok: Any, red
     """A static draft from SGLang's own captures (`bench.static train --stream-url`): a server with the plugin
     capturing is sent bench.static's "train" prompts (natural ends or 256 new tokens, 128 at a time), stops (its
     capture helper flushes), and the trainer reads the stream, trains, scores on the "eval" prompts and publishes
-    into OUT/static-reg, writing OUT/static (what the static phase serves). SGLang generates in seconds what
-    transformers' `generate` needs minutes for."""
+    into $GPU_RUN_HOME/static-reg, writing $GPU_RUN_HOME/static (what the static phase serves). SGLang generates
+    in seconds what transformers' `generate` needs minutes for."""
     from tide_sglang.bench import static
 
     texts = [p.text for p in static.train_prompts(requests)]
@@ -471,7 +473,7 @@ def phase_collect(out: Path, args: list[str], env: dict[str, str], tok: Any, red
               "capture_drops": metric(m, "tide_capture_drops_total")}
     log(f"collect: {json.dumps(served)}")
     plan = static.StaticPlan(requests=requests, steps=steps, seconds=seconds)
-    trained = static.train_static(out / "static-reg", out / "static", "cuda", plan, DEFAULT_TARGET,
+    trained = static.train_static(HOME / "static-reg", HOME / "static", "cuda", plan, DEFAULT_TARGET,
                                   stream=(redis_url, DEPLOYMENT))
     return {"served": served, "trained": trained}
 
@@ -588,7 +590,7 @@ def main() -> None:
         rollout.delete_control(client, NAMESPACE, DEPLOYMENT)
         run_phase("collect", lambda: phase_collect(a.out, args, env, tok, redis.url, a.collect_requests,
                                                    a.collect_steps, a.collect_seconds))
-        a.static_dir = a.static_dir or a.out / "static"
+        a.static_dir = a.static_dir or HOME / "static"
     if "static" in phases:
         if a.static_dir is None:
             ap.error("the static phase needs --static-dir (or the collect phase before it)")
