@@ -281,5 +281,27 @@ def test_the_results_copy_done_covers_the_copies_capture_queues_in_the_verify() 
     assert "self.copy_stream.wait_stream(self.forward_stream)" in inspect.getsource(scheduler)
     copy = inspect.getsource(GenerationBatchResult.copy_to_cpu).rstrip()
     assert copy.endswith("self.copy_done.record()"), copy[-200:]
+    # ... and brings the next ids and accept lengths to the host itself: capture reads them there.
+    assert "self.next_token_ids = _async_d2h(self.next_token_ids)" in copy
+    assert "self.accept_lens = _async_d2h(self.accept_lens)" in copy
     decode = inspect.getsource(SchedulerBatchResultProcessor.process_batch_result_decode)
     assert "result.copy_done.synchronize()" in decode
+
+
+def test_a_result_whose_ids_stayed_on_the_device_is_dropped_and_counted(tide_env, monkeypatch) -> None:
+    """Capture reads the next ids from SGLang's host copy; a result without one (no path of SGLang's speculative
+    decoding) gives its slot back and counts a drop instead of reading what a later replay may have rewritten.
+    The `meta` device stands in for the GPU (a device tensor that is not on the host)."""
+    worker = eagle_worker()
+    batch = ScheduleBatch(reqs=admitted(1, worker), seq_lens=torch.tensor([5]), forward_mode=ForwardMode.DECODE)
+    result = verify_result([2])
+    verify(worker, batch, result, monkeypatch)
+    capturer = hooks._runtime.capturer
+    result.next_token_ids = torch.empty(ND, dtype=torch.int32, device="meta")
+    hooks.before_commit(None, batch, result)
+    assert capturer.dropped == 1 and settled(capturer)
+    hooks.after_commit(None, None, batch, result)  # its counts still go to the helper, the drop with them
+    assert capturer.dropped == 0
+    client = redis.Redis.from_url(tide_env.url)
+    wait_for(lambda: int(client.hget(keys.stats("default", "test", 0), "verify_steps") or 0) == 1, what="stats")
+    assert client.xlen(keys.hidden_states("default", "test")) == 0

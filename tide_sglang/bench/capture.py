@@ -117,9 +117,12 @@ def _result(fields: dict[str, Any]) -> Any:
 
 
 def _copy_to_cpu(result: Any) -> None:
-    """SGLang's part after the verify, on a GPU, with or without TIDE: `copy_done` recorded (behind TIDE's
-    copies, when it captures)."""
+    """SGLang's part after the verify, on a GPU, with or without TIDE: the next ids and accept lengths copied to
+    pinned host memory, then `copy_done` recorded (behind TIDE's copies, when it captures)."""
     if result.next_token_ids.is_cuda:
+        for name in ("next_token_ids", "accept_lens"):
+            t = getattr(result, name)
+            setattr(result, name, torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True))
         result.copy_done = torch.cuda.Event()
         result.copy_done.record()
 

@@ -1,17 +1,16 @@
 """Capture on the scheduler thread: O(1) Python per batch, everything else in the helper process.
 
 Per decode batch (docs/sglang.md, "Capture cost"):
-- `on_verify`: the verify output's rows (hidden states, next tokens) and the batch's accept and sequence lengths
-  are copied device-to-host, on the forward stream (so before the next replay reuses CUDA-graph buffers), each
-  straight into a typed view of a slot of the shared, page-locked slab: four asynchronous copies, no packing
-  kernel, no side stream, no event. The requests' tags go to the slot's side region (a C-level map over the
-  batch, no Python loop).
+- `on_verify`: the verify output's hidden states and the batch's sequence lengths are copied device-to-host, on
+  the forward stream (so before the next replay reuses CUDA-graph buffers), each straight into a typed view of a
+  slot of the shared, page-locked slab: two asynchronous copies, no packing kernel, no side stream, no event. The
+  requests' tags go to the slot's side region (a C-level map over the batch, no Python loop).
 - `on_commit`, before SGLang processes the result: which requests commit it (under overlap scheduling a request
-  that finished or was retracted ran once more; SGLang skips those rows, so does TIDE).
-- `on_committed`, after: SGLang has waited for the result's `copy_done`, recorded after the verify returned, so
-  TIDE's copies are complete and the slot is posted; the per-version counts go to the helper in a tick (so a
-  full slab drops hidden states, never the counts a canary is judged on), and requests that finished go as FIN
-  frames.
+  that finished or was retracted ran once more; SGLang skips those rows, so does TIDE), and, once the result's
+  `copy_done` (recorded after the verify returned, so behind TIDE's copies) is done, the next ids and accept
+  lengths from the host copies SGLang made of them.
+- `on_committed`, after: the slot is posted; the per-version counts go to the helper in a tick (so a full slab
+  drops hidden states, never the counts a canary is judged on), and requests that finished go as FIN frames.
 Requests are registered once, at admission (`on_admit`): a tag on SGLang's `Req`, and a REG frame with its rid and
 the domain the client set in `custom_params["tide_domain"]` (docs/sglang.md, "Domains"); the helper validates it.
 """
@@ -111,18 +110,18 @@ class Capturer:
         slot = self._acquire()
         if slot is None:
             return
-        views = self._decode_views(slot, hidden, ids, accept, seq)
-        if views is None or n > views[0].shape[0] or bs * 9 > SIDE_BYTES:
+        views = self._decode_views(slot, hidden, seq)
+        if (views is None or n > views[0].shape[0]
+                or wire.decode_side(bs, n, ids.element_size(), accept.element_size())[2] > SIDE_BYTES):
             self.slab.flags[slot] = FREE
             self.dropped += 1
             return
         # Queued on the forward stream, behind the verify and before the next replay reuses graph buffers. The
         # result's `copy_done`, which SGLang records after the verify returns and waits for before processing
-        # the result, covers these copies: no side stream and no event of TIDE's own (docs/sglang.md).
-        dst_hidden, dst_ids, dst_accept, dst_seq = views
+        # the result, covers these copies: no side stream and no event of TIDE's own (docs/sglang.md). The next
+        # ids and accept lengths SGLang copies to the host itself; `on_commit` takes them from there.
+        dst_hidden, dst_seq = views
         dst_hidden[:n].copy_(hidden[:n], non_blocking=True)
-        dst_ids[:n].copy_(ids[:n], non_blocking=True)
-        dst_accept[:bs].copy_(accept[:bs], non_blocking=True)
         dst_seq[:bs].copy_(seq[:bs], non_blocking=True)
         layout = wire.SlotReady(slot, "decode", self.version, bs, nd, n, hidden.shape[1], hidden.dtype,
                                 ids.element_size(), accept.element_size(), seq.element_size())
@@ -130,29 +129,22 @@ class Capturer:
         setattr(result, ATTR, (slot, layout))
         self._filling[slot] = time.monotonic()
 
-    def _decode_views(self, slot: int, hidden: torch.Tensor, ids: torch.Tensor, accept: torch.Tensor,
-                      seq: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    def _decode_views(self, slot: int, hidden: torch.Tensor, seq: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         """The slot's typed destinations at `wire.decode_regions`' offsets, made once per slot and shape; None
         when not one row fits."""
-        key = (hidden.shape[1], hidden.dtype, ids.dtype, accept.dtype, seq.dtype)
+        key = (hidden.shape[1], hidden.dtype, seq.dtype)
         views = self._views.get(key)
         if views is None:
             views = self._views[key] = [None] * self.slab.slots
         if views[slot] is None:
             width = hidden.shape[1]
-            capacity, at_ids, at_accept, at_seq = wire.decode_regions(
-                self.slab.slot_bytes, width, hidden.element_size(), ids.element_size(), accept.element_size(),
-                seq.element_size())
+            capacity, at_seq = wire.decode_regions(self.slab.slot_bytes, width, hidden.element_size(),
+                                                   seq.element_size())
             if capacity < 1:
                 return None
             data = self.slab.data(slot)
-
-            def typed(at: int, dtype: torch.dtype, count: int) -> torch.Tensor:
-                return torch.frombuffer(data, dtype=dtype, count=count, offset=at)
-
-            views[slot] = (typed(0, hidden.dtype, capacity * width).view(capacity, width),
-                           typed(at_ids, ids.dtype, capacity), typed(at_accept, accept.dtype, capacity),
-                           typed(at_seq, seq.dtype, capacity))
+            views[slot] = (torch.frombuffer(data, dtype=hidden.dtype, count=capacity * width).view(capacity, width),
+                           torch.frombuffer(data, dtype=seq.dtype, count=capacity, offset=at_seq))
         return views[slot]
 
     def on_prefill(self, batch: Any, hidden: torch.Tensor, next_token_ids: torch.Tensor) -> None:
@@ -187,20 +179,31 @@ class Capturer:
             self._awaiting.append((self.events[slot], layout))
 
     def on_commit(self, result: Any, committed: bytes) -> None:
-        """Before SGLang processes a decode result: its slot learns which requests commit it. SGLang waits for the
-        result's `copy_done` before processing it, so the slot is complete when `on_committed` posts it; a result
-        without one (not a path of SGLang's speculative decoding) gets an event of TIDE's own."""
+        """Before SGLang processes a decode result: its slot learns which requests commit it, and takes the next
+        ids and accept lengths from SGLang's own host copies. Waiting for the result's `copy_done` here costs
+        nothing: SGLang waits for the same event first thing when it processes the result, and it covers TIDE's
+        copies too, so the slot is complete. A result whose ids stayed on the device (no path of SGLang's
+        speculative decoding) is dropped and counted."""
         pending = result.__dict__.pop(ATTR, None)
-        if pending is not None:
-            slot, layout = pending
-            if self._filling.pop(slot, None) is None:  # reclaimed as never committed: the slot is no longer its
-                return
-            self._sides[slot][8 * layout.reqs: 9 * layout.reqs] = committed
-            event = None
-            if getattr(result, "copy_done", None) is None and self.events[slot] is not None:
-                event = self.events[slot]
-                event.record()
-            self._awaiting.append((event, layout))
+        if pending is None:
+            return
+        slot, layout = pending
+        if self._filling.pop(slot, None) is None:  # reclaimed as never committed: the slot is no longer its
+            return
+        done = getattr(result, "copy_done", None)
+        if done is not None:
+            done.synchronize()
+        ids, accept = result.next_token_ids, result.accept_lens
+        if ids.device.type != "cpu" or accept.device.type != "cpu":
+            self.slab.flags[slot] = FREE
+            self.dropped += 1
+            return
+        side, reqs = self._sides[slot], layout.reqs
+        at_ids, at_accept, end = wire.decode_side(reqs, layout.rows, layout.id_size, layout.accept_size)
+        side[8 * reqs: 9 * reqs] = committed
+        side[at_ids:at_accept] = memoryview(ids.numpy()[: layout.rows]).cast("B")
+        side[at_accept:end] = memoryview(accept.numpy()[:reqs]).cast("B")
+        self._awaiting.append((None, layout))
 
     def on_committed(self, reqs: list[Any], fin: bytes, committed: bytes, correct: list[int] | None,
                      nd: int) -> None:

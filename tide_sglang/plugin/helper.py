@@ -69,11 +69,11 @@ class Assembler:
 
     def decode(self, data: memoryview, side: memoryview, s: wire.SlotReady) -> CaptureBatch | None:
         hidden = torch.frombuffer(data, dtype=s.dtype, count=s.rows * s.width).view(s.rows, s.width)
-        _, at_ids, at_accept, at_seq = wire.decode_regions(len(data), s.width, hidden.element_size(), s.id_size,
-                                                           s.accept_size, s.seq_size)
-        ids = np.frombuffer(data, _INTS[s.id_size], s.rows, at_ids)
-        accept = np.frombuffer(data, _INTS[s.accept_size], s.reqs, at_accept).astype(np.int64)
+        _, at_seq = wire.decode_regions(len(data), s.width, hidden.element_size(), s.seq_size)
         seq = np.frombuffer(data, _INTS[s.seq_size], s.reqs, at_seq).astype(np.int64)
+        at_ids, at_accept, _ = wire.decode_side(s.reqs, s.rows, s.id_size, s.accept_size)
+        ids = np.frombuffer(side, _INTS[s.id_size], s.rows, at_ids)
+        accept = np.frombuffer(side, _INTS[s.accept_size], s.reqs, at_accept).astype(np.int64)
         tags = np.frombuffer(side, np.int64, s.reqs)
         committed = np.frombuffer(side, np.uint8, s.reqs, 8 * s.reqs).astype(bool)
         ok, info = self._known(tags)

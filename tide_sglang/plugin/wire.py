@@ -56,9 +56,9 @@ class Tick:
 
 @dataclass(frozen=True, slots=True)
 class SlotReady:
-    """Decode: the data region holds hidden [rows, width], next ids, accept lens [reqs] and seq lens [reqs] at the
-    fixed offsets `decode_regions` gives (item sizes given), the side region tags int64 [reqs] | committed uint8
-    [reqs]; rows = reqs * nd.
+    """Decode: the data region holds hidden [rows, width] and seq lens [reqs] (at `decode_regions`' offset), the
+    side region tags int64 [reqs] | committed uint8 [reqs] | next ids [rows] | accept lens [reqs] (at
+    `decode_side`'s offsets); item sizes given, rows = reqs * nd.
     Prefill: the data region holds hidden [rows, width] | token ids [rows]; the side region tags int64 [reqs] |
     req_index int32 [rows] | positions int32 [rows]."""
 
@@ -75,15 +75,20 @@ class SlotReady:
     seq_size: int = 8
 
 
-def decode_regions(slot_bytes: int, width: int, hidden_size: int, id_size: int, accept_size: int,
-                   seq_size: int) -> tuple[int, int, int, int]:
-    """(row capacity, byte offsets of next ids, accept lens, seq lens) in a decode slot. Fixed for a shape, so
-    the scheduler copies each part straight into a view it made once per slot (no packing on the GPU, no
-    per-batch offsets); capacity is a multiple of 8, so every region stays aligned for its item size."""
-    capacity = slot_bytes // (width * hidden_size + id_size + accept_size + seq_size) // 8 * 8
-    ids = capacity * width * hidden_size
-    accept = ids + capacity * id_size
-    return capacity, ids, accept, accept + capacity * accept_size
+def decode_regions(slot_bytes: int, width: int, hidden_size: int, seq_size: int) -> tuple[int, int]:
+    """(row capacity, byte offset of the seq lens) in a decode slot's data region, after the hidden states.
+    Fixed for a shape, so the scheduler copies each part straight into a view it made once per slot (no packing
+    on the GPU, no per-batch offsets); capacity is a multiple of 8, so the seq lens stay aligned."""
+    capacity = slot_bytes // (width * hidden_size + seq_size) // 8 * 8
+    return capacity, capacity * width * hidden_size
+
+
+def decode_side(reqs: int, rows: int, id_size: int, accept_size: int) -> tuple[int, int, int]:
+    """(byte offsets of the next ids and the accept lens, end) in a decode slot's side region, after the tags
+    (int64 [reqs]) and the committed flags (uint8 [reqs]); the ids start 8-aligned."""
+    ids = -(-9 * reqs // 8) * 8
+    accept = ids + rows * id_size
+    return ids, accept, accept + reqs * accept_size
 
 
 def _frame(kind: int, body: bytes) -> bytes:
