@@ -363,7 +363,7 @@ def test_default_resources_probes_and_checkpoint_volume() -> None:
     time (Recreate)."""
     kids = by_name(builders.children("a", "ns", example("tidedeployment-minimal.yaml")))
     inf = kids["Deployment", "a"]["spec"]["template"]["spec"]["containers"][0]
-    assert inf["resources"] == {"requests": {"cpu": 4, "memory": "32Gi"}, "limits": {"memory": "64Gi",
+    assert inf["resources"] == {"requests": {"cpu": 5, "memory": "32Gi"}, "limits": {"memory": "64Gi",
                                                                                      "nvidia.com/gpu": 1}}
     assert {"startupProbe", "readinessProbe", "livenessProbe"} <= set(inf)
     assert inf["livenessProbe"]["httpGet"] == {"path": "/health", "port": "http"}

@@ -128,10 +128,12 @@ class DraftSpec(_Model):
 class InferenceSpec(Placement):
     """The SGLang serving pool: one Deployment behind one Service; canary pods are named among its pods."""
 
-    # SGLang's tokenizer, detokenizer and scheduler processes each hold a core; host memory holds the weights while
-    # they load and the pinned capture ring buffer. No CPU limit: throttling the scheduler stalls the GPU.
+    # SGLang's tokenizer, detokenizer and scheduler processes each hold a core, and so does TIDE's capture helper
+    # process (it assembles, encodes and writes the rows: 1.1-1.7 ms of CPU per decode batch on the H200 machine,
+    # docs/results/capture-bench-gpu-20261202.json); host memory holds the weights while they load, the pinned
+    # capture slab (slots x slot size) and the helper. No CPU limit: throttling the scheduler stalls the GPU.
     resources: Resources = Field(
-        default_factory=lambda: Resources(requests={"cpu": 4, "memory": "32Gi"}, limits={"memory": "64Gi"}),
+        default_factory=lambda: Resources(requests={"cpu": 5, "memory": "32Gi"}, limits={"memory": "64Gi"}),
         description="CPU/memory requests and limits (the default, as a whole, when unset)")
 
     replicas: int | None = Field(1, ge=1, le=1000,
