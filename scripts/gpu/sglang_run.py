@@ -67,10 +67,26 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+class OutOfTime(RuntimeError):
+    """Starting this step would outlast --budget-s: skipped, so what ran is saved before the call's limit."""
+
+
+DEADLINE = float("inf")  # time.monotonic() by which the run must have saved and exited (--budget-s)
+SERVER_START_S = 150.0  # a server's start on the H200 (60-145 s seen) before it serves anything
+
+
+def need(seconds: float, what: str) -> None:
+    """Raise OutOfTime unless `seconds` are left before the deadline."""
+    left = DEADLINE - time.monotonic()
+    if left < seconds:
+        raise OutOfTime(f"{what} skipped: {left:.0f} s left of --budget-s, it needs about {seconds:.0f} s")
+
+
 class Server:
     """`tide serve` (or plain SGLang with `plugin=False`) in its own process group, log to OUT."""
 
     def __init__(self, name: str, out: Path, args: list[str], env: dict[str, str], plugin: bool = True):
+        need(SERVER_START_S, f"server {name}")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = out / f"server-{name}.log"
@@ -397,6 +413,12 @@ def phase_capture(name: str, out: Path, args: list[str], env: dict[str, str], to
     try:
         startup = server.wait_ready()
         for i, b in enumerate(batches):
+            try:
+                need(seconds + 20, f"capture {name} batch {b}")
+            except OutOfTime as e:
+                log(str(e))
+                partial["skipped"] = str(e)
+                break
             before = server.metrics() if plugin else {}
             rows.append(capture_wave(server, tok, b, seconds, 1000 + 200 * i, sizes))
             if plugin:  # TIDE's scheduler-thread time per decode batch, during this wave only
@@ -472,6 +494,8 @@ def phase_collect(out: Path, args: list[str], env: dict[str, str], tok: Any, red
               "captured_tokens": metric(m, "tide_captured_tokens_total"),
               "capture_drops": metric(m, "tide_capture_drops_total")}
     log(f"collect: {json.dumps(served)}")
+    # Leave the static phase a server start and its serving; never less than a minute of training.
+    seconds = max(60.0, min(seconds, DEADLINE - time.monotonic() - SERVER_START_S - 120))
     plan = static.StaticPlan(requests=requests, steps=steps, seconds=seconds)
     trained = static.train_static(HOME / "static-reg", HOME / "static", "cuda", plan, DEFAULT_TARGET,
                                   stream=(redis_url, DEPLOYMENT))
@@ -499,7 +523,14 @@ def main() -> None:
     ap.add_argument("--static-dir", type=Path, default=None,
                     help="static phase: the OUT of `python -m tide_sglang.bench.static train` (static-draft.json, "
                          "eval-prompts.json)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="seconds this run may take (the call's limit less a margin): a server start, a capture "
+                         "batch or the collect phase's training that would outlast it is skipped or shortened, "
+                         "and what ran is saved")
     a = ap.parse_args()
+    if a.budget_s is not None:
+        global DEADLINE
+        DEADLINE = time.monotonic() + a.budget_s
     a.out.mkdir(parents=True, exist_ok=True)
     phases = a.phases.split(",")
     model = resolve(DEFAULT_TARGET)
@@ -541,7 +572,12 @@ def main() -> None:
 
     if "truth" in phases or "swap" in phases:
         rollout.delete_control(client, NAMESPACE, DEPLOYMENT)
-        server = Server("main", a.out, [*args, "--enable-return-hidden-states", "--disable-radix-cache"], env)
+        try:
+            server = Server("main", a.out, [*args, "--enable-return-hidden-states", "--disable-radix-cache"], env)
+        except OutOfTime as e:
+            report["phases"]["main_server"] = {"error": str(e)}
+            phases = [p for p in phases if p not in ("truth", "swap")]
+    if "truth" in phases or "swap" in phases:
         try:
             report["startup_s"] = server.wait_ready()
             log(f"server ready in {report['startup_s']:.0f} s")
@@ -558,7 +594,12 @@ def main() -> None:
     if "control" in phases:
         rollout.delete_control(client, NAMESPACE, DEPLOYMENT)
         profile = a.control_profile or HOME / "profile.json"
-        server = Server("control", a.out, args, {**env, "TIDE_CONTROL_PROFILE": str(profile)})
+        try:
+            server = Server("control", a.out, args, {**env, "TIDE_CONTROL_PROFILE": str(profile)})
+        except OutOfTime as e:
+            report["phases"]["control"] = {"error": str(e)}
+            phases = [p for p in phases if p != "control"]
+    if "control" in phases:
         try:
             server.wait_ready()
             run_phase("control", lambda: phase_control(server, tok))
@@ -608,7 +649,11 @@ def main() -> None:
         for rep in range(a.repeats):
             for plugin in (True, False):
                 name = f"tput-{'on' if plugin else 'off'}-{rep}"
-                server = Server(name, a.out, [*args, *a.throughput_arg], env, plugin=plugin)
+                try:
+                    server = Server(name, a.out, [*args, *a.throughput_arg], env, plugin=plugin)
+                except OutOfTime as e:
+                    rows.append({"plugin": plugin, "repeat": rep, "error": str(e)})
+                    continue
                 try:
                     server.wait_ready()
                     for c in (int(x) for x in a.concurrency.split(",")):
