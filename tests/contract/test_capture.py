@@ -305,3 +305,56 @@ def test_a_result_whose_ids_stayed_on_the_device_is_dropped_and_counted(tide_env
     client = redis.Redis.from_url(tide_env.url)
     wait_for(lambda: int(client.hget(keys.stats("default", "test", 0), "verify_steps") or 0) == 1, what="stats")
     assert client.xlen(keys.hidden_states("default", "test")) == 0
+
+
+def test_a_request_finishing_in_a_batch_keeps_that_batchs_rows(tide_env, monkeypatch) -> None:
+    """The FIN of a request that finishes while SGLang processes a result goes to the helper after that result's
+    slot: sent first, the helper would forget the request before reading its last rows (its EOS among them)."""
+    worker = eagle_worker()
+    batch = ScheduleBatch(reqs=admitted(2, worker), seq_lens=torch.tensor([7, 9]), forward_mode=ForwardMode.DECODE)
+    result = verify_result([2, 1])
+    verify(worker, batch, result, monkeypatch)
+    hooks.before_commit(None, batch, result)
+    batch.reqs[0].finished_reason = FINISH_LENGTH(64)  # SGLang's processing of this result finishes r0
+    hooks.after_commit(None, None, batch, result)
+    [got] = read_all(tide_env, 1)
+    assert got.rids == ["r0", "r1"] and got.positions.tolist() == [7, 8, 9]
+
+
+def test_hook_timing_samples_each_hook_on_its_own(monkeypatch) -> None:
+    """One call in TIME_EVERY of each hook is timed and scaled: the estimate equals the true cost when hooks run
+    a fixed number of times per batch (a counter shared by all hooks would time the same hook every batch). The
+    clock is a fake one each hook advances by its cost, so the sums are exact."""
+    clock = [0]
+    monkeypatch.setattr(hooks, "_thread_ns", lambda: clock[0])
+    capturer = types.SimpleNamespace(ns=0)
+    monkeypatch.setattr(hooks, "_runtime", types.SimpleNamespace(capturer=capturer))
+
+    def costing(ns: int):
+        def hook() -> None:
+            clock[0] += ns
+        return hooks._timed(hook)
+
+    batch = [costing(ns) for ns in (5_000, 200_000, 20_000, 40_000)]
+    batches = 64 * hooks.TIME_EVERY
+    for _ in range(batches):
+        for hook in batch:
+            hook()
+    assert capturer.ns == batches * 265_000
+
+
+def test_a_failed_copy_gives_the_slot_back(tide_env, monkeypatch) -> None:
+    """An error while a committed slot is completed (here SGLang's copy event raising, as 0.5.23's host-copy
+    worker does for a failed copy) frees the slot and counts the drop; the batch goes on."""
+    worker = eagle_worker()
+    batch = ScheduleBatch(reqs=admitted(1, worker), seq_lens=torch.tensor([5]), forward_mode=ForwardMode.DECODE)
+    result = verify_result([2])
+    verify(worker, batch, result, monkeypatch)
+    capturer = hooks._runtime.capturer
+
+    def failed() -> None:
+        raise RuntimeError("device-to-host copy failed")
+
+    result.copy_done = types.SimpleNamespace(synchronize=failed)
+    hooks.before_commit(None, batch, result)
+    assert settled(capturer) and capturer.dropped == 1

@@ -81,8 +81,13 @@ class Capturer:
         self.ns = 0  # scheduler-thread nanoseconds in TIDE code not yet reported in a tick
         self.batches = 0
         self._tag = itertools.count()
-        self._awaiting: deque[tuple[Any, wire.SlotReady]] = deque()  # committed slots whose copy may be running
-        self._filling: dict[int, float] = {}  # decode slot -> verify time, until its result is committed
+        # Committed slots whose copy may be running, and FIN frames: a FIN goes out only after every slot queued
+        # before it, or the helper would forget the request before it reads that request's last rows.
+        self._awaiting: deque[tuple[Any, wire.SlotReady | bytes]] = deque()
+        # decode slot -> (verify time, generation), until its result is committed; the generation tells a late
+        # commit of a reclaimed slot from the commit of the verify that holds the slot now
+        self._filling: dict[int, tuple[float, int]] = {}
+        self._generation = itertools.count()
         self._sides = [slab.side(i) for i in range(slab.slots)]
         self._views: dict[tuple, list[tuple[torch.Tensor, ...] | None]] = {}  # decode destinations per shape
 
@@ -92,7 +97,7 @@ class Capturer:
         """A new or retracted request enters the waiting queue: a retracted one restarts under a new tag."""
         old = _tags(req)
         if old >= 0:
-            self.link.send(wire.fin(old))
+            self._awaiting.append((None, wire.fin(old)))
         tag = next(self._tag)
         setattr(req, TAG, tag)
         self.link.send(wire.reg(tag, req.rid, request_domain(req)))
@@ -126,8 +131,9 @@ class Capturer:
         layout = wire.SlotReady(slot, "decode", self.version, bs, nd, n, hidden.shape[1], hidden.dtype,
                                 ids.element_size(), accept.element_size(), seq.element_size())
         self._sides[slot][: 8 * bs] = memoryview(array("q", map(_tags, reqs))).cast("B")
-        setattr(result, ATTR, (slot, layout))
-        self._filling[slot] = time.monotonic()
+        generation = next(self._generation)
+        setattr(result, ATTR, (slot, generation, layout))
+        self._filling[slot] = (time.monotonic(), generation)
 
     def _decode_views(self, slot: int, hidden: torch.Tensor, seq: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         """The slot's typed destinations at `wire.decode_regions`' offsets, made once per slot and shape; None
@@ -187,22 +193,27 @@ class Capturer:
         pending = result.__dict__.pop(ATTR, None)
         if pending is None:
             return
-        slot, layout = pending
-        if self._filling.pop(slot, None) is None:  # reclaimed as never committed: the slot is no longer its
+        slot, generation, layout = pending
+        if self._filling.get(slot, (0.0, -1))[1] != generation:  # reclaimed as never committed: no longer its
             return
-        done = getattr(result, "copy_done", None)
-        if done is not None:
-            done.synchronize()
-        ids, accept = result.next_token_ids, result.accept_lens
-        if ids.device.type != "cpu" or accept.device.type != "cpu":
+        del self._filling[slot]
+        try:
+            done = getattr(result, "copy_done", None)
+            if done is not None:
+                done.synchronize()
+            ids, accept = result.next_token_ids, result.accept_lens
+            if ids.device.type != "cpu" or accept.device.type != "cpu":
+                self.slab.flags[slot] = FREE
+                self.dropped += 1
+                return
+            side, reqs = self._sides[slot], layout.reqs
+            at_ids, at_accept, end = wire.decode_side(reqs, layout.rows, layout.id_size, layout.accept_size)
+            side[8 * reqs: 9 * reqs] = committed
+            side[at_ids:at_accept] = memoryview(ids.numpy()[: layout.rows]).cast("B")
+            side[at_accept:end] = memoryview(accept.numpy()[:reqs]).cast("B")
+        except BaseException:  # the slot is no longer in _filling: free it here, or it is lost for good
             self.slab.flags[slot] = FREE
-            self.dropped += 1
-            return
-        side, reqs = self._sides[slot], layout.reqs
-        at_ids, at_accept, end = wire.decode_side(reqs, layout.rows, layout.id_size, layout.accept_size)
-        side[8 * reqs: 9 * reqs] = committed
-        side[at_ids:at_accept] = memoryview(ids.numpy()[: layout.rows]).cast("B")
-        side[at_accept:end] = memoryview(accept.numpy()[:reqs]).cast("B")
+            raise
         self._awaiting.append((None, layout))
 
     def on_committed(self, reqs: list[Any], fin: bytes, committed: bytes, correct: list[int] | None,
@@ -222,10 +233,11 @@ class Capturer:
             self.ns = self.dropped = self.link.lost = 0
 
     def _finish(self, reqs: list[Any], newly: bytes) -> None:
-        """FIN for the requests that finished in this result (a Python step per finished request only)."""
+        """FIN for the requests that finished in this result (a Python step per finished request only), queued
+        behind this result's slot."""
         i = newly.find(1)
         while i >= 0:
-            self.link.send(wire.fin(_tags(reqs[i])))
+            self._awaiting.append((None, wire.fin(_tags(reqs[i]))))
             i = newly.find(1, i + 1)
 
     def _acquire(self) -> int | None:
@@ -263,22 +275,26 @@ class Capturer:
         """Free the slots of verify results SGLang never committed (a dropped result would hold its slot forever),
         each counted as a drop; then try again."""
         stale = time.monotonic() - STALE_S
-        for slot in [s for s, since in self._filling.items() if since < stale]:
+        for slot in [s for s, (since, _) in self._filling.items() if since < stale]:
             del self._filling[slot]
             self.slab.flags[slot] = FREE
             self.dropped += 1
         return self.slab.acquire()
 
     def post_ready(self) -> None:
-        """Post, in order, every slot whose device-to-host copy finished (`query` never waits)."""
+        """Post, in order, every slot whose device-to-host copy finished (`query` never waits), and the FIN frames
+        queued behind them."""
         while self._awaiting:
-            event, layout = self._awaiting[0]
+            event, item = self._awaiting[0]
             if event is not None and not event.query():
                 return
             self._awaiting.popleft()
-            self.slab.flags[layout.slot] = POSTED
-            if not self.link.send(wire.slot_ready(layout)):
-                self.slab.flags[layout.slot] = FREE
+            if isinstance(item, bytes):
+                self.link.send(item)
+                continue
+            self.slab.flags[item.slot] = POSTED
+            if not self.link.send(wire.slot_ready(item)):
+                self.slab.flags[item.slot] = FREE
 
     def close(self) -> None:
         if self.stream is not None:

@@ -9,6 +9,7 @@ at its first batch instead of serving without the controller.
 import functools
 import logging
 import pkgutil
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -83,6 +84,20 @@ def _is_publisher() -> bool:
     return parallel.attn_tp_rank == 0 and parallel.pp_group.is_last_rank
 
 
+def _pipelined() -> bool:
+    """Pipeline parallelism: SGLang processes a result rebuilt from tensors relayed between stages, not the one
+    the verify returned, so a decode capture never learns its commit; capture is off (logged), the rest works."""
+    if not dist.is_initialized():
+        return False
+    from sglang.srt.runtime_context import get_parallel
+
+    if get_parallel().pp_size <= 1:
+        return False
+    log.warning("TIDE capture is off: SGLang runs with pipeline parallelism (--pp-size > 1), which it does not "
+                "support; hot swap and speculation control still run")
+    return True
+
+
 def _all_reduce_min(vector: torch.Tensor) -> None:
     if not dist.is_initialized():
         return
@@ -99,7 +114,7 @@ def build_runtime(settings: TideSettings, draft_worker: Any) -> Runtime:
                                                                        PluginMetrics(settings.deployment))
     client = connect(settings, check=False)  # lazy: connects on first command, from the swapper's thread
     publisher = draft_worker is not None and _is_publisher()
-    capturer = _capturer(settings, draft_worker) if publisher else None
+    capturer = _capturer(settings, draft_worker) if publisher and not _pipelined() else None
     # Swap failures are rare: the publishing rank adds each at once, from the swapper's thread.
     stats = (StatsReporter(lambda: client, settings.namespace, settings.deployment, interval_s=0.0)
              if publisher else None)
@@ -177,19 +192,20 @@ def _trigger_report() -> dict[str, float | bool | str]:
     return controller.trigger.report() if controller is not None else {}
 
 
-TIME_EVERY = 16  # hook calls per timed one: reading a thread's CPU clock is a system call, not a vDSO read
-_calls = 0
+TIME_EVERY = 16  # calls of a hook per timed one: reading a thread's CPU clock is a system call, not a vDSO read
 
 
 def _timed(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Adds the scheduler thread's CPU time in `fn` to what the next tick reports (tide_plugin_scheduler_seconds):
-    one call in TIME_EVERY is timed and counts TIME_EVERY times, so measuring costs a sixteenth of the clock
-    reads it would (the estimate is unbiased over the many calls of a tick interval)."""
+    one call in TIME_EVERY of each hook is timed and counts TIME_EVERY times. Each hook has its own counter, from
+    a random phase: with one counter shared by hooks that run a fixed number of times per batch, the same hook
+    would be the timed one batch after batch."""
+    calls = [random.randrange(TIME_EVERY)]
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        global _calls
-        _calls += 1
-        if _calls % TIME_EVERY:
+        calls[0] += 1
+        if calls[0] % TIME_EVERY:
             return fn(*args, **kwargs)
         t0 = _thread_ns()
         try:
