@@ -28,8 +28,14 @@ def test_quick_bench_trains_three_ways_on_the_same_sequences() -> None:
 
 
 def test_device_option_reaches_only_benchmarks_that_take_it() -> None:
+    result = CliRunner().invoke(main, ["bench", "stream", "--device", "cuda"])
+    assert result.exit_code == 2 and "stream has no parameter device" in result.output
+
+
+def test_a_cuda_device_without_cuda_is_a_usage_error() -> None:
+    """On this CPU-only machine (torch's CPU build) `--device cuda` is refused before any benchmark starts."""
     result = CliRunner().invoke(main, ["bench", "capture", "--device", "cuda"])
-    assert result.exit_code != 0 and "capture has no parameter device" in result.output
+    assert result.exit_code == 2 and "this machine has no CUDA device" in result.output
 
 
 def test_a_trainer_reads_everything_a_serving_engine_left_in_its_stream(redis_server, tmp_path) -> None:

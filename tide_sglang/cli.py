@@ -54,6 +54,12 @@ def bench(name: str, quick: bool, as_json: bool, out: Path, check: bool, params:
     if unknown:
         raise click.BadParameter(f"{name} has no parameter {', '.join(unknown)} (it takes: "
                                  f"{', '.join(accepted) or 'none'})", param_hint="--param")
+    if str(overrides.get("device", "cpu")).startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise click.BadParameter(f"{overrides['device']}: this machine has no CUDA device (or torch was built "
+                                     "without CUDA)", param_hint="--device")
     report: BenchReport = module.run(quick=quick, console=console, **overrides)
     path = report.write(out)
     if as_json:
