@@ -123,6 +123,10 @@ class TideSettings(BaseSettings):
     control_probe_interval: int = Field(
         512, ge=0, description="while off for low acceptance, speculate once every N decisions (0: never)"
     )
+    control_step_time_alpha: float = Field(
+        0.02, ge=0, le=1, description="weight of one measured decode-step time in the cost model's online "
+        "correction, per batch-size bucket and step count (0: the profile as measured)"
+    )
     control_window_steps: int = Field(
         512, gt=0, description="request verify steps per sample fed to the training trigger and detector"
     )
