@@ -259,7 +259,7 @@ def test_without_adaptive_slots_the_controller_stays_off() -> None:
                  lambda t: None, lambda c: pytest.fail("built without candidates"))
     rt.sync(None)
     rt.observe([1], [True], draft_steps=3)
-    assert rt.controller is None and rt.steps is None and rt.make_controller is None
+    assert rt.controller is None and rt.steps.decider is None and rt.make_controller is None
 
 
 def test_the_control_states_collect_switches_row_copies_at_the_sync_point() -> None:
@@ -267,7 +267,7 @@ def test_the_control_states_collect_switches_row_copies_at_the_sync_point() -> N
     (stand-ins: Runtime only reads these attributes of its capturer and swapper)."""
     import types
 
-    swapper = types.SimpleNamespace(collect=False, local_version=lambda: 3, apply_agreed=lambda v: False,
+    swapper = types.SimpleNamespace(collect=False, forced=None, local_version=lambda: 3, apply_agreed=lambda v: False,
                                     current=3)
     capturer = types.SimpleNamespace(sampling=True, collect=True, version=3)
     rt = Runtime(TideSettings(sync_interval_batches=1), PluginMetrics("unit", registry=CollectorRegistry()),

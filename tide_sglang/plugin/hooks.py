@@ -106,7 +106,7 @@ def build_runtime(settings: TideSettings, draft_worker: Any) -> Runtime:
     swapper = _swapper(settings, draft_worker, metrics, stats, client)
     if swapper is not None and capturer is not None:
         capturer.version = swapper.current
-    steps = StepTable(_decider) if _decider is not None else None
+    steps = StepTable(_decider)
     return Runtime(settings, metrics, capturer, swapper, steps, _all_reduce_min, _controller(settings))
 
 
@@ -229,7 +229,10 @@ def before_admit(scheduler: Any, req: Any, *args: Any, **kwargs: Any) -> None:
 
 @_guarded
 def after_idle(_: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
-    """Idle: post the slots of the last batches (their copies finish after the last commit hook ran)."""
+    """Idle: post the slots of the last batches (their copies finish after the last commit hook ran); the next
+    decode result follows idle time, which is no batch's."""
+    if _runtime is not None:
+        _runtime.idle()
     if _runtime is not None and _runtime.capturer is not None:
         _runtime.capturer.post_ready()
 
@@ -300,7 +303,7 @@ def _slots(params: Any) -> dict[int, list[int]]:
 @_timed
 def _agreed_steps(params: Any, batch_size: int) -> int | None:
     """TIDE's agreed steps for the slot SGLang routes `batch_size` to; None before an agreement."""
-    if _runtime is None or _runtime.steps is None:
+    if _runtime is None:
         return None
     slot = params._route(batch_size)
     key = next((bs for bs, s in params._slots.items() if s is slot), None)
