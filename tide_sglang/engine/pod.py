@@ -55,6 +55,7 @@ def export_step(metrics: PluginMetrics, writer: StreamWriter, record: StepRecord
     v = record.draft_version
     metrics.serving(v, DROP_REASONS)
     metrics.steps.labels(**metrics.labels(v), batch_size=str(record.batch_size)).set(record.draft_steps)
+    metrics.decode_step(v, record.batch_size, record.draft_steps, record.seconds)
     if record.draft_steps:
         metrics.verified(v, **record.counts())
     metrics.writer_dropped(v, writer.stats)

@@ -110,6 +110,7 @@ class Serving:
         if (swap_to := self.follower.poll()) is not None:
             self.engine.set_draft(swap_to.draft, swap_to.version)
         self.engine.collect = self.follower.collect
+        self.engine.forced_steps = self.follower.forced
 
     def _on_step(self, stats: StepStats, phase: str) -> None:
         record = StepRecord(**stats.model_dump(), t=time.monotonic() - self.start, phase=phase)
