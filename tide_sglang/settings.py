@@ -109,6 +109,9 @@ class TideSettings(BaseSettings):
     control_profile: Path | None = Field(
         None, description="JSON cost profile (control.Profile); when set, `tide serve` runs TIDE's controller for "
         "the speculation steps")
+    control_profile_pending: bool = Field(
+        False, description="the profile is being measured (`tide serve`'s start-up profile): until the file exists "
+        "the controller is off, then it starts")
     control_max_steps: int = Field(5, ge=1, le=16, description="k: the policy picks draft steps in 0..k")
     control_prior_acceptance: float = Field(
         0.7, ge=0, le=1, description="per-token acceptance assumed for a version not yet measured"

@@ -176,7 +176,7 @@ def test_forced_steps_from_the_control_state_run_in_every_slot_and_decode_steps_
     config.write_text(json.dumps(adaptive_config([1, 3])))
     params = AdaptiveSpeculativeParams(initial_steps=3, cfg_path=str(config))
     slots = hooks._slots(params)
-    capturer = types.SimpleNamespace(sampling=True, collect=True, version=1)
+    capturer = types.SimpleNamespace(sampling=True, collect=True, version=1, ns=0)
     registry = CollectorRegistry()
     rt = Runtime(settings, PluginMetrics("test", registry=registry), capturer, swapper, None, lambda t: None)
 

@@ -83,8 +83,11 @@ class Profile(BaseModel):
         return _interpolate(points, batch) if points else None
 
     def save(self, path: Path) -> Path:
+        """Written aside and renamed: an engine waiting for the file (TIDE_CONTROL_PROFILE_PENDING) reads it whole."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.model_dump_json(indent=2) + "\n")
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(self.model_dump_json(indent=2) + "\n")
+        tmp.replace(path)
         return path
 
     @classmethod

@@ -125,13 +125,20 @@ def _capturer(settings: TideSettings, draft_worker: Any) -> Capturer:
 
 def _controller(settings: TideSettings) -> ControllerFactory | None:
     """TIDE's controller when TIDE_CONTROL_PROFILE is set and no decider was installed; the profile is read now,
-    so a bad file fails here. registry=None: SGLang's scheduler runs Prometheus in multiprocess mode."""
+    so a bad file fails here (a pending one when it appears). registry=None: SGLang's scheduler runs Prometheus in
+    multiprocess mode."""
     if settings.control_profile is None:
         return None
     if _decider is not None:
         log.warning("a step decider was installed with set_step_decider: TIDE_CONTROL_PROFILE is ignored")
         return None
-    profile = load_profile(settings.control_profile)
+    path = settings.control_profile
+    if settings.control_profile_pending and not path.exists():
+        # `tide serve`'s start-up profile is measuring this server; its file appears (whole: written aside and
+        # renamed) when it is done, and the controller starts at the next sync point after that
+        return lambda candidates: (SpeculationController(load_profile(path), settings, candidates=candidates,
+                                                         registry=None) if path.exists() else None)
+    profile = load_profile(path)
     return lambda candidates: SpeculationController(profile, settings, candidates=candidates, registry=None)
 
 

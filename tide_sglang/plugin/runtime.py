@@ -17,7 +17,8 @@ from tide_sglang.settings import TideSettings
 log = logging.getLogger("tide.plugin")
 
 AllReduceMin = Callable[[torch.Tensor], None]
-ControllerFactory = Callable[[list[int]], SpeculationController]  # candidate steps -> controller
+# candidate steps -> controller; None while its profile is being measured (tried again at the next sync point)
+ControllerFactory = Callable[[list[int]], SpeculationController | None]
 
 
 class Runtime:
@@ -46,9 +47,10 @@ class Runtime:
         """Called before every batch on every rank of the group; every `sync_interval_batches` batches the ranks
         exchange [version, -version, step proposals...] in one all-reduce MIN and act on the result."""
         self.batches += 1
-        if self.make_controller is not None:
+        at_sync = not self.batches % self.settings.sync_interval_batches
+        if self.make_controller is not None and (self.batches == 1 or at_sync):
             self._start_controller(slots)
-        if self.batches % self.settings.sync_interval_batches or (self.swapper is None and self.steps.decider is None):
+        if not at_sync or (self.swapper is None and self.steps.decider is None):
             return
         if self.capturer is not None and self.swapper is not None:
             self.capturer.collect = self.capturer.sampling and self.swapper.collect
@@ -68,12 +70,17 @@ class Runtime:
                 self.metrics.steps.labels(**self.metrics.labels(version), batch_size=str(bs)).set(steps)
 
     def _start_controller(self, slots: dict[int, list[int]] | None) -> None:
-        make, self.make_controller = self.make_controller, None
+        make = self.make_controller
+        assert make is not None
         if not slots:
+            self.make_controller = None
             log.warning("TIDE_CONTROL_PROFILE is set, but SGLang runs without adaptive speculation "
                         "(--speculative-adaptive): TIDE's controller is off, the draft steps stay fixed")
             return
-        self.controller = make(candidate_steps(slots))
+        controller = make(candidate_steps(slots))
+        if controller is None:
+            return  # its profile is still being measured (TIDE_CONTROL_PROFILE_PENDING): again at the next sync
+        self.make_controller, self.controller = None, controller
         self.steps = StepTable(self.controller.steps_for_batch)
         log.info("TIDE's speculation controller chooses among %s draft steps", self.controller.policy.candidates)
 

@@ -33,6 +33,8 @@ def _ints(text: str) -> list[int]:
               help="Longest wait for one batch size and step count (what was timed by then is kept).")
 @click.option("--max-new-tokens", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--prompt", default="Write a long story about a lighthouse keeper.", show_default=True)
+@click.option("--wait-s", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="Wait this long for the server's /metrics to answer first (a server still starting).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=Path("tide-profile.json"),
               show_default=True, help="Where the profile goes (what TIDE_CONTROL_PROFILE reads).")
 @click.option("--store", is_flag=True, help="Also store it in the draft registry under --target, --gpu and "
@@ -41,13 +43,13 @@ def _ints(text: str) -> list[int]:
 @click.option("--gpu", default="", help="The GPU's name as torch.cuda.get_device_name() gives it, for --store.")
 @click.option("--sglang-version", default="", help="The server's SGLang version, for --store.")
 def profile(metrics_url: str, url: str | None, pod: str | None, steps: str, batches: str, min_samples: int,
-            point_timeout_s: float, max_new_tokens: int, prompt: str, out: Path, store: bool, target: str | None,
-            gpu: str, sglang_version: str) -> None:
+            point_timeout_s: float, max_new_tokens: int, prompt: str, wait_s: float, out: Path, store: bool,
+            target: str | None, gpu: str, sglang_version: str) -> None:
     """Time a live server's decode steps at every candidate step count, forced one after another through the
     control state (Redis, deployment and namespace from the TIDE_* variables), and write the cost profile."""
     from tide_sglang.draft.registry import ProfileKey, open_registry
     from tide_sglang.profiler.measure import Plan
-    from tide_sglang.profiler.server import GenerateLoad
+    from tide_sglang.profiler.server import GenerateLoad, wait_until_up
     from tide_sglang.profiler.startup import profile_server
     from tide_sglang.settings import TideSettings
 
@@ -58,6 +60,8 @@ def profile(metrics_url: str, url: str | None, pod: str | None, steps: str, batc
             raise click.UsageError("--store needs a registry (TIDE_REGISTRY_DIR or TIDE_REGISTRY_URL), --target, "
                                    "--gpu and --sglang-version")
         registry = open_registry(settings.registry)
+    if not wait_until_up(metrics_url, wait_s):
+        raise click.ClickException(f"{metrics_url} did not answer within {wait_s:g} s")
     plan = Plan(steps=_ints(steps), batches=_ints(batches) if url else None, min_samples=min_samples)
     load = GenerateLoad(url, prompt, max_new_tokens) if url else None
     run = profile_server(settings, plan, metrics_url=metrics_url, pod=pod or settings.pod_name, load=load,

@@ -58,6 +58,19 @@ def scrape(url: str, timeout_s: float = 10.0) -> str:
         return response.read().decode()
 
 
+def wait_until_up(url: str, wait_s: float, poll_s: float = 2.0) -> bool:
+    """Whether `url` answers within `wait_s` (tried at least once)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            scrape(url)
+            return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(poll_s)
+
+
 class Server:
     """`force` and `run` (measure.py) for one pod of a deployment."""
 
