@@ -1,7 +1,7 @@
 """`tide profile` against the real reference engine as a black box: `tide engine --http-port` in its own process,
-driven through /generate at 1 and 4 concurrent requests, its steps forced through the control state on a real
-redis-server, its decode steps timed from its own /metrics; the profile stored beside the draft and found there
-by the next pod."""
+driven by `tide profile` through /generate at 1 and 4 concurrent requests, its steps forced through the control
+state on a real redis-server, its decode steps timed from its own /metrics; the profile stored beside the draft
+and found there by the next pod."""
 
 import json
 import os
@@ -14,14 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 from tests.prometheus import free_port
+from tide_sglang.cli import main
 from tide_sglang.control import Profile
-from tide_sglang.draft import DirectoryRegistry, DraftConfig, ProfileKey, init_draft, select_vocab
+from tide_sglang.draft import DirectoryRegistry, DraftConfig, init_draft, select_vocab
 from tide_sglang.draft.target import heads_of, load_target
-from tide_sglang.profiler.measure import Plan, ProfileRun
-from tide_sglang.profiler.server import STEP_METRIC, GenerateLoad, delta, scrape, step_totals
-from tide_sglang.profiler.startup import profile_server, stored_or_measured
+from tide_sglang.profiler.server import STEP_METRIC, delta, scrape, step_totals
+from tide_sglang.profiler.startup import startup_profile
 from tide_sglang.rollout import read_control
 from tide_sglang.settings import TideSettings
 from tide_sglang.stream import connect
@@ -86,32 +87,31 @@ def engine(settings: TideSettings, tmp_path: Path) -> Iterator[tuple[str, str]]:
         proc.wait(timeout=30)
 
 
-def test_profile_of_a_live_engine_forced_through_the_control_state(engine, settings: TideSettings,
-                                                                   tmp_path: Path) -> None:
+def test_profile_of_a_live_engine_forced_through_the_control_state(engine, settings: TideSettings, tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    """`tide profile --store`, the command `tide serve` runs beside a starting server, against `tide engine`."""
     url, metrics_url = engine
-    load = GenerateLoad(url, "Write a short poem about the sea.", max_new_tokens=8)
-    plan = Plan(steps=[3], batches=[1, 4], min_samples=3)
-    run = profile_server(settings, plan, metrics_url=metrics_url, pod=POD, load=load, point_timeout_s=60,
-                         device="cpu")
-    assert load.errors == 0
-    points = {f"b={b},g={g}" for b in (1, 4) for g in (0, 3)}
-    assert set(run.samples) >= points and all(run.samples[p] >= 3 for p in points), run.samples
-    profile = Profile.load(run.profile.save(tmp_path / "profile.json"))  # what TIDE_CONTROL_PROFILE reads
-    timed = {(t.batch, t.steps): t.seconds for t in profile.steps}
-    assert set(timed) >= {(1, 0), (1, 3), (4, 0), (4, 3)}  # times themselves: a shared 2-core CPU is too noisy
-    assert [p.n for p in profile.target] == sorted({b for b, g in timed if g == 0})
-    assert read_control(connect(settings), settings.namespace, settings.deployment) is None  # released
-    # the engine runs 2 steps by itself: 3 ran only while forced, and the profile never timed 2
-    ran = step_totals(scrape(metrics_url), settings.deployment)
-    assert sum(n for (_, g), (_, n) in ran.items() if g == 3) >= 12 and all(g != 2 for _, g in timed)
-
-    # `tide serve`'s start: the first pod measures and stores, the next one (a restart) finds it
     registry = DirectoryRegistry(tmp_path / "profiles", create=True)
-    key = ProfileKey(target="smollm2-135m", gpu="cpu", sglang="none")
-    first, added = stored_or_measured(registry, key, lambda: run)
-    assert first == run.profile and added == run.seconds > 0
+    for name, value in {"TIDE_REDIS_URL": settings.redis_url, "TIDE_NAMESPACE": settings.namespace,
+                        "TIDE_DEPLOYMENT": settings.deployment, "TIDE_REGISTRY_DIR": str(registry.root)}.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "profile.json"
+    result = CliRunner().invoke(main, [
+        "profile", "--url", url, "--metrics-url", metrics_url, "--pod", POD, "--steps", "3", "--batches", "1,4",
+        "--min-samples", "3", "--point-timeout-s", "60", "--max-new-tokens", "8", "--prompt", "A poem on the sea.",
+        "--out", str(out), "--store", "--target", "smollm2-135m", "--gpu", "cpu", "--sglang-version", "none"])
+    assert result.exit_code == 0, result.output
+    assert "4 points in" in result.output  # and how long it took: what `tide serve` reports it added
+    profile = Profile.load(out)  # what TIDE_CONTROL_PROFILE reads
+    timed = {(t.batch, t.steps): t.seconds for t in profile.steps}
+    assert set(timed) == {(1, 0), (1, 3), (4, 0), (4, 3)}  # times themselves: a shared 2-core CPU is too noisy
+    assert [p.n for p in profile.target] == [1, 4]
+    assert read_control(connect(settings), settings.namespace, settings.deployment) is None  # released
+    # the engine runs 2 steps by itself: 3 ran only while forced
+    ran = step_totals(scrape(metrics_url), settings.deployment)
+    assert sum(n for (_, g), (_, n) in ran.items() if g == 3) >= 6
 
-    def again() -> ProfileRun:
-        raise AssertionError("a stored profile is not measured again")
-
-    assert stored_or_measured(DirectoryRegistry(tmp_path / "profiles"), key, again) == (run.profile, None)
+    # the next pod of this target, GPU and SGLang version (a restart) starts with it and measures nothing
+    started = startup_profile(["--model-path", "smollm2-135m"], settings, DirectoryRegistry(registry.root),
+                              gpu="cpu", sglang="none", path=tmp_path / "next.json", steps=[3])
+    assert started.child is None and Profile.load(tmp_path / "next.json") == profile

@@ -66,6 +66,8 @@ def profile(metrics_url: str, url: str | None, pod: str | None, steps: str, batc
     load = GenerateLoad(url, prompt, max_new_tokens) if url else None
     run = profile_server(settings, plan, metrics_url=metrics_url, pod=pod or settings.pod_name, load=load,
                          point_timeout_s=point_timeout_s, device=gpu)
+    if load is not None and load.errors:
+        click.echo(f"tide profile: {load.errors} /generate requests failed (retried)", err=True)
     run.profile.save(out)
     if registry is not None:
         registry.put_profile(ProfileKey(target=target, gpu=gpu, sglang=sglang_version),
