@@ -29,7 +29,7 @@ from tide_sglang.draft import (
     VocabMismatch,
     open_registry,
 )
-from tide_sglang.draft.registry import CONFIG, MANIFEST, WEIGHTS, Manifest
+from tide_sglang.draft.registry import CONFIG, MANIFEST, WEIGHTS, Manifest, ProfileKey
 from tide_sglang.draft.s3 import CLAIM, RegistryUnavailable, S3Registry
 from tide_sglang.settings import TideSettings
 
@@ -179,6 +179,24 @@ def test_delete_refuses_versions_in_use_and_stale_debris_goes(store: Store) -> N
     assert len(debris) == 1 and registry.remove_stale_tmp() == []  # fresh: a publish may still be writing it
     assert registry.remove_stale_tmp(stale_s=0) == debris and store.debris() == []
     assert registry.publish(tiny_draft()).version == 4  # numbers never go back
+
+
+def test_cost_profiles_live_beside_the_versions_by_target_gpu_and_sglang(store: Store) -> None:
+    """`tide profile` stores what it measured where every pod finds it; other keys, versions and the stale-debris
+    sweep leave it alone; a second profile of the same key replaces the first."""
+    registry = store.open()
+    registry.publish(tiny_draft())
+    h100 = ProfileKey(target="Qwen/Qwen3-8B", gpu="NVIDIA H100 80GB HBM3", sglang="0.5.17")
+    assert h100.file_name() == "Qwen-Qwen3-8B__NVIDIA-H100-80GB-HBM3__sglang-0.5.17.json"
+    assert registry.get_profile(h100) is None
+    registry.put_profile(h100, '{"v": 1}')
+    registry.put_profile(h100, '{"v": 2}')
+    again = store.open()  # another pod, after a restart
+    assert again.get_profile(h100) == '{"v": 2}'
+    assert again.get_profile(h100.model_copy(update={"sglang": "0.5.23"})) is None
+    assert again.get_profile(h100.model_copy(update={"gpu": "NVIDIA H200"})) is None
+    assert again.versions() == [1] and again.remove_stale_tmp(stale_s=0) == [] and store.debris() == []
+    assert again.get_profile(h100) == '{"v": 2}'
 
 
 def test_a_registry_that_is_not_there_is_a_clear_error(tmp_path: Path, s3_location: str) -> None:

@@ -209,6 +209,61 @@ def test_tide_serve_without_sglang_says_so(monkeypatch) -> None:
     assert result.exit_code == 1 and "0.5.30 is not supported" in result.output
 
 
+def test_tide_serve_starts_with_the_registrys_profile_or_measures_one(tmp_path: Path, monkeypatch) -> None:
+    """Without TIDE_CONTROL_PROFILE: the registry's profile for this target, GPU and SGLang version; none stored,
+    a pending profile and the `tide profile` command that measures the starting server once and stores it
+    (the command itself is tested against `tide engine` in tests/test_profiler.py)."""
+    from tide_sglang.draft import DirectoryRegistry, ProfileKey
+
+    registry = DirectoryRegistry(tmp_path / "registry", create=True)
+    monkeypatch.setattr("tide_sglang.plugin.versions.installed", lambda: "0.5.17")
+    monkeypatch.setattr("tide_sglang.plugin.cli.gpu_name", lambda: "NVIDIA H200")
+    monkeypatch.setenv("TIDE_REGISTRY_DIR", str(registry.root))
+    monkeypatch.setenv("TIDE_POD_NAME", "pod-a")
+    argv = ["serve", "--tide-dry-run", "--tide-candidate-steps", "1,3", "--model-path", "org/m", "--host", "0.0.0.0",
+            "--port", "31000"]
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 0, result.output
+    _, env, child = result.output.strip().splitlines()
+    assert "TIDE_CONTROL_PROFILE_PENDING=1" in env.split()
+    path = Path(dict(kv.split("=", 1) for kv in env.split())["TIDE_CONTROL_PROFILE"])
+    assert child.split()[1:] == [
+        "-m", "tide_sglang.cli", "profile", "--url", "http://127.0.0.1:31000", "--metrics-url",
+        "http://127.0.0.1:31000/metrics", "--pod", "pod-a", "--steps", "1,3", "--out", str(path), "--store",
+        "--target", "org/m", "--gpu", "NVIDIA", "H200", "--sglang-version", "0.5.17", "--wait-s", "1800"]
+    stored = Profile.roofline(0.01, 1e-4, 0.001)
+    registry.put_profile(ProfileKey(target="org/m", gpu="NVIDIA H200", sglang="0.5.17"), stored.model_dump_json())
+    result = CliRunner().invoke(main, argv)
+    _, env = result.output.strip().splitlines()  # no command: nothing to measure
+    path = Path(env.removeprefix("TIDE_CONTROL_PROFILE="))
+    assert Profile.load(path) == stored
+    monkeypatch.setattr("tide_sglang.plugin.versions.installed", lambda: "0.5.23")  # another key: measured
+    assert "PENDING" in CliRunner().invoke(main, argv).output
+
+
+def test_a_pending_profile_starts_the_controller_once_it_exists(tmp_path: Path) -> None:
+    """TIDE_CONTROL_PROFILE_PENDING: the factory has no controller until the file appears; the runtime asks again
+    at each sync point, and SGLang's own steps stand meanwhile."""
+    path = tmp_path / "profile.json"
+    settings = TideSettings(sync_interval_batches=4, control_prior_acceptance=0.95)
+
+    def make(candidates: list[int]) -> SpeculationController | None:
+        return SpeculationController(Profile.load(path), settings, candidates=candidates,
+                                     registry=CollectorRegistry()) if path.exists() else None
+
+    rt = Runtime(settings, PluginMetrics("unit", registry=CollectorRegistry()), None, None, None, lambda t: None, make)
+    slots = {1: [0, 1, 3], 128: [0, 1, 3]}
+    for _ in range(8):
+        rt.sync(slots)
+    assert rt.controller is None and rt.steps.table is None
+    EXPENSIVE_DRAFT.save(path)
+    for _ in range(3):
+        rt.sync(slots)
+    assert rt.controller is None  # between sync points the file is not looked at
+    rt.sync(slots)
+    assert rt.controller is not None and rt.steps.table == {1: 3, 128: 0}
+
+
 def test_controller_candidates_and_acceptance_of_committed_requests() -> None:
     assert candidate_steps({1: [1, 3], 64: [0, 1], 128: [0]}) == [0, 1, 3]  # every slot's steps, and 0
     # correct drafts per request (accept_len - 1); the third request finished in the previous batch
@@ -259,7 +314,7 @@ def test_without_adaptive_slots_the_controller_stays_off() -> None:
                  lambda t: None, lambda c: pytest.fail("built without candidates"))
     rt.sync(None)
     rt.observe([1], [True], draft_steps=3)
-    assert rt.controller is None and rt.steps is None and rt.make_controller is None
+    assert rt.controller is None and rt.steps.decider is None and rt.make_controller is None
 
 
 def test_the_control_states_collect_switches_row_copies_at_the_sync_point() -> None:
@@ -267,7 +322,7 @@ def test_the_control_states_collect_switches_row_copies_at_the_sync_point() -> N
     (stand-ins: Runtime only reads these attributes of its capturer and swapper)."""
     import types
 
-    swapper = types.SimpleNamespace(collect=False, local_version=lambda: 3, apply_agreed=lambda v: False,
+    swapper = types.SimpleNamespace(collect=False, forced=None, local_version=lambda: 3, apply_agreed=lambda v: False,
                                     current=3)
     capturer = types.SimpleNamespace(sampling=True, collect=True, version=3)
     rt = Runtime(TideSettings(sync_interval_batches=1), PluginMetrics("unit", registry=CollectorRegistry()),

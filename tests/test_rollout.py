@@ -23,6 +23,7 @@ from tide_sglang.rollout import (
     read_heartbeats,
     read_stats,
     write_control,
+    write_forced_steps,
     write_heartbeat,
 )
 from tide_sglang.stream.server import LocalRedis
@@ -59,12 +60,32 @@ def test_control_round_trip_and_whole_hash_replaced(client: redis.Redis) -> None
     assert read_control(client, "default", DEP) is None  # another namespace, another key
 
 
+def test_forced_steps_per_pod_survive_the_routing_writer(client: redis.Redis) -> None:
+    """`tide profile` forces one pod while the operator keeps rewriting the routing: neither undoes the other."""
+    write_forced_steps(client, NS, DEP, "p-1", 3)  # before any routing exists: the defaults route
+    assert read_control(client, NS, DEP) == ControlState(force_steps={"p-1": 3})
+    write_control(client, NS, DEP, ControlState(stable=2, canary=3, canary_pods=("p-2",)))
+    write_forced_steps(client, NS, DEP, "p-2", 0)
+    state = read_control(client, NS, DEP)
+    assert state is not None and state.stable == 2 and state.force_steps == {"p-1": 3, "p-2": 0}
+    assert (state.forced_steps("p-1"), state.forced_steps("p-2"), state.forced_steps("p-3")) == (3, 0, None)
+    write_control(client, NS, DEP, ControlState(stable=4))  # the operator's reconcile
+    assert read_control(client, NS, DEP) == ControlState(stable=4, force_steps={"p-1": 3, "p-2": 0})
+    write_forced_steps(client, NS, DEP, "p-1", None)
+    write_forced_steps(client, NS, DEP, "p-2", None)
+    assert read_control(client, NS, DEP) == ControlState(stable=4)
+    with pytest.raises(ValueError, match=">= 0"):
+        write_forced_steps(client, NS, DEP, "p-1", -1)
+
+
 @pytest.mark.parametrize(("fields", "problem"), [
     ({"stable": "x"}, "stable"),
     ({"stable": "-1"}, "stable"),
     ({"stable": "1", "canary_pods": "p-1,p-2"}, "canary_pods"),
     ({"stable": "1", "train": "yes"}, "train must be 0 or 1"),
     ({"stable": "1", "role": "canary"}, "role"),  # unknown field: a writer that drifted from the protocol
+    ({"stable": "1", "force:p-1": "x"}, "force:p-1"),
+    ({"stable": "1", "force:p-1": "-2"}, "forced draft steps"),
 ])
 def test_malformed_control_raises_with_what_is_wrong(client: redis.Redis, fields: dict, problem: str) -> None:
     client.hset(keys.control(NS, DEP), mapping=fields)

@@ -123,6 +123,7 @@ main.add_command(importlib.import_module("tide_sglang.trainer.cli").train)
 main.add_command(importlib.import_module("tide_sglang.draft.cli").import_)
 main.add_command(importlib.import_module("tide_sglang.engine.cli").engine)
 main.add_command(importlib.import_module("tide_sglang.plugin.cli").serve)
+main.add_command(importlib.import_module("tide_sglang.profiler.cli").profile)
 
 if __name__ == "__main__":
     main()

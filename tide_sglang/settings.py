@@ -109,6 +109,9 @@ class TideSettings(BaseSettings):
     control_profile: Path | None = Field(
         None, description="JSON cost profile (control.Profile); when set, `tide serve` runs TIDE's controller for "
         "the speculation steps")
+    control_profile_pending: bool = Field(
+        False, description="the profile is being measured (`tide serve`'s start-up profile): until the file exists "
+        "the controller is off, then it starts")
     control_max_steps: int = Field(5, ge=1, le=16, description="k: the policy picks draft steps in 0..k")
     control_prior_acceptance: float = Field(
         0.7, ge=0, le=1, description="per-token acceptance assumed for a version not yet measured"
@@ -122,6 +125,10 @@ class TideSettings(BaseSettings):
     control_switch_patience: int = Field(8, ge=1, description="...for this many consecutive decisions")
     control_probe_interval: int = Field(
         512, ge=0, description="while off for low acceptance, speculate once every N decisions (0: never)"
+    )
+    control_step_time_alpha: float = Field(
+        0.02, ge=0, le=1, description="weight of one measured decode-step time in the cost model's online "
+        "correction, per batch-size bucket and step count (0: the profile as measured)"
     )
     control_window_steps: int = Field(
         512, gt=0, description="request verify steps per sample fed to the training trigger and detector"

@@ -122,6 +122,26 @@ def test_a_bad_profile_stops_the_engine_at_its_first_batch(params: AdaptiveSpecu
         hooks.before_forward(worker, None)  # unguarded: the scheduler stops instead of serving without control
 
 
+def test_a_pending_profile_leaves_sglangs_steps_until_it_is_written(params: AdaptiveSpeculativeParams,
+                                                                    controlled: Path, monkeypatch) -> None:
+    """`tide serve`'s start-up profile: TIDE_CONTROL_PROFILE names a file `tide profile` has not written yet. The
+    engine serves with SGLang's own steps; once the file exists, the next sync point starts the controller."""
+    profile = Profile.load(controlled)
+    controlled.unlink()
+    monkeypatch.setenv("TIDE_CONTROL_PROFILE_PENDING", "1")
+    monkeypatch.setattr(hooks, "_is_publisher", lambda: False)
+    worker = types.SimpleNamespace(draft_worker=types.SimpleNamespace(),
+                                   adaptive_controller=types.SimpleNamespace(params=params))
+    for _ in range(3):
+        hooks.before_forward(worker, None)
+    assert hooks.get_runtime(None).controller is None
+    assert [params.get_steps_for_batch(bs) for bs in (1, 128)] == [3, 3]  # SGLang's own (initial_steps=3)
+    profile.save(controlled)
+    hooks.before_forward(worker, None)
+    assert hooks.get_runtime(None).controller is not None
+    assert [params.get_steps_for_batch(bs) for bs in (1, 128)] == [3, 0]
+
+
 def test_sglang_ema_does_not_switch_a_slot_tide_decides(params: AdaptiveSpeculativeParams) -> None:
     """Seen on the H100: SGLang's own EMA switched steps after each verify and TIDE's table switched them back
     before the next batch. Once TIDE decides a slot, SGLang's update leaves it alone; other slots keep theirs."""

@@ -2,7 +2,9 @@
 old weights stay; a good version is copied in place (same storage, so CUDA graphs stay valid) only when every
 rank agrees. Ranks are simulated by the all-reduce function (there is one process here)."""
 
+import json
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,9 @@ import torch
 from prometheus_client import CollectorRegistry
 from safetensors.torch import load_file
 from sglang.srt.server_args import prepare_server_args
+from sglang.srt.speculative.adaptive_spec_params import AdaptiveSpeculativeParams
 
+import tide_sglang.plugin
 from tests.contract.drafts import CONFIG, draft, registry_with, sglang_eagle3
 from tests.helpers import wait_for
 from tests.specforge import write_specforge_export
@@ -20,11 +24,13 @@ from tide_sglang.bench.faults import tamper
 from tide_sglang.draft import DirectoryRegistry, DraftVocab, Eagle3Draft
 from tide_sglang.draft.importer import import_draft
 from tide_sglang.draft.registry import WEIGHTS
+from tide_sglang.plugin import hooks
+from tide_sglang.plugin.cli import adaptive_config
 from tide_sglang.plugin.metrics import PluginMetrics
 from tide_sglang.plugin.runtime import Runtime
 from tide_sglang.plugin.swap import baseline_from_dir, never_loaded
 from tide_sglang.plugin.swapper import DraftHandle, Swapper
-from tide_sglang.rollout import ControlState, StatsReporter, read_heartbeats, write_control
+from tide_sglang.rollout import ControlState, StatsReporter, read_heartbeats, write_control, write_forced_steps
 from tide_sglang.settings import TideSettings
 
 
@@ -157,3 +163,49 @@ def test_the_stager_never_dies_and_counts_every_failure_in_the_heartbeat(setup) 
     finally:
         swapper.stop()
         thread.join(5)
+
+
+def test_forced_steps_from_the_control_state_run_in_every_slot_and_decode_steps_are_timed(setup, tmp_path) -> None:
+    """`tide profile` forces this pod's steps through the control state: the swapper's poll reads them, every slot of
+    SGLang's real adaptive params runs them (rounded down to its candidates), and SGLang's own choice is back once
+    released. Decode batches are timed into tide_decode_step_seconds by bucket and steps (the capturer stand-in
+    only marks the publishing rank)."""
+    _, _, swapper, settings, _, client = setup
+    tide_sglang.plugin.register()
+    config = tmp_path / "adaptive.json"
+    config.write_text(json.dumps(adaptive_config([1, 3])))
+    params = AdaptiveSpeculativeParams(initial_steps=3, cfg_path=str(config))
+    slots = hooks._slots(params)
+    capturer = types.SimpleNamespace(sampling=True, collect=True, version=1, ns=0)
+    registry = CollectorRegistry()
+    rt = Runtime(settings, PluginMetrics("test", registry=registry), capturer, swapper, None, lambda t: None)
+
+    def steps() -> list[int]:
+        return [params.get_steps_for_batch(bs) for bs in (1, 8, 200)]
+
+    def sample(name: str) -> float | None:
+        return registry.get_sample_value(name, {"deployment": "test", "draft_version": "1", "batch_size": "8",
+                                                "draft_steps": "1"})
+
+    try:
+        hooks.use_runtime(rt)
+        write_forced_steps(client, "default", "test", "pod-a", 2)
+        swapper.follow()
+        rt.sync(slots)
+        assert steps() == [1, 1, 1]  # 2 is no candidate: rounded down to 1 in every slot
+        rt.observe([0] * 7, [True] * 7, draft_steps=1, now=10.0)  # the first result: nothing to compare with
+        rt.sync(slots)
+        rt.observe([0] * 7, [True] * 7, draft_steps=1, now=10.25)  # one batch launched since: 0.25 s
+        rt.sync(slots)
+        rt.sync(slots)  # two batches launched (a prefill in between): not one batch's time
+        rt.observe([0] * 7, [True] * 7, draft_steps=1, now=11.0)
+        rt.idle()
+        rt.sync(slots)
+        rt.observe([0] * 7, [True] * 7, draft_steps=1, now=20.0)  # after an idle scheduler: dropped too
+        assert (sample("tide_decode_step_seconds_count"), sample("tide_decode_step_seconds_sum")) == (1.0, 0.25)
+        write_forced_steps(client, "default", "test", "pod-a", None)
+        swapper.follow()
+        rt.sync(slots)
+        assert rt.steps.table == {} and steps() == [3, 3, 3]  # SGLang's own choice (initial_steps=3)
+    finally:
+        hooks.use_runtime(None)

@@ -22,8 +22,9 @@ from tide_sglang.draft import DirectoryRegistry
 from tide_sglang.draft.target import heads_of, load_target
 from tide_sglang.engine import FixedSteps, SpecEngine
 from tide_sglang.engine.online import CPU_TRAINER_ENV
-from tide_sglang.engine.profile import profile_engine
+from tide_sglang.engine.profile import profile_by_forcing
 from tide_sglang.engine.serve import ServeOptions, chat_ids
+from tide_sglang.profiler.measure import Plan
 from tide_sglang.settings import TideSettings
 from tide_sglang.workloads import Prompt, load_workload
 
@@ -80,9 +81,16 @@ def run(quick: bool, console: Console) -> BenchReport:
             train_offline_draft(target, offline, size, Path(tmp), device)
         draft = DirectoryRegistry(tmp).load(1, heads_of(target.model).embed, str(param.device)).to(param.dtype).eval()
     settings = TideSettings(control_max_steps=4, control_probe_interval=16)
-    profile = profile_engine(target, draft, max(size.batches), settings.control_max_steps)
     opts = ServeOptions(max_new_tokens=size.max_new_tokens)
     prompts = [chat_ids(target.tokenizer, p.text, opts.max_prompt_tokens) for p in eval_prompts()]
+    # quick: g = 0 and the static g timed (the others from the fitted T and D0), short waves, few samples
+    plan = Plan(steps=[0, STATIC] if quick else list(range(settings.control_max_steps + 1)), batches=size.batches,
+                min_samples=3 if quick else 16)
+    with console.status("cost profile: each step count forced in turn"):
+        profiled = profile_by_forcing(SpecEngine(target, draft=draft, draft_version=1), prompts, plan,
+                                      8 if quick else size.max_new_tokens)
+    profile = profiled.profile
+    console.print(f"cost profile: {len(profiled.samples)} points in {profiled.seconds:.0f} s")
     rows = []
     for b in size.batches:
         row: dict[str, float] = {"batch": b}
@@ -102,7 +110,8 @@ def run(quick: bool, console: Console) -> BenchReport:
     errors = [abs(r["static_predicted_speedup"] / r["static_measured_speedup"] - 1) for r in rows]
     return BenchReport(
         name="control", quick=quick,
-        figures={"label": label, "static_steps": STATIC, "profile": profile.model_dump(), "rows": rows,
+        figures={"label": label, "static_steps": STATIC, "profile": profile.model_dump(),
+                 "profile_seconds": profiled.seconds, "profile_samples": profiled.samples, "rows": rows,
                  "trainer_env": {k: v for k, v in CPU_TRAINER_ENV.items() if k.startswith("TIDE_")}},
         goals=[goal("policy_vs_best_min", min(r["policy_vs_best"] for r in rows), "x", ">=", 0.98),
                goal("prediction_error_max", max(errors), "fraction", "<=", 0.10)],

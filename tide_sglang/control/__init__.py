@@ -9,6 +9,7 @@ from later stages.
 from tide_sglang.control.acceptance import AcceptanceEstimator, accepted_per_step
 from tide_sglang.control.changepoint import DropDetector, average_run_length, cusum_threshold
 from tide_sglang.control.controller import SpeculationController
+from tide_sglang.control.correction import StepTimeCorrection
 from tide_sglang.control.ewma import Ewma
 from tide_sglang.control.metrics import ControlMetrics
 from tide_sglang.control.model import (
@@ -20,9 +21,19 @@ from tide_sglang.control.model import (
     speedup,
     speedups,
     step_cost,
+    step_seconds,
 )
 from tide_sglang.control.policy import BinarySwitch, Decision, StepPolicy, bucket
-from tide_sglang.control.profile import Point, Profile, batch_grid, measure_profile, time_call, token_grid
+from tide_sglang.control.profile import (
+    Point,
+    Profile,
+    StepTime,
+    batch_grid,
+    fit_profile,
+    measure_profile,
+    time_call,
+    token_grid,
+)
 from tide_sglang.control.trigger import TrainingTrigger, TriggerState
 
 __all__ = [
@@ -36,6 +47,8 @@ __all__ = [
     "Profile",
     "SpeculationController",
     "StepPolicy",
+    "StepTime",
+    "StepTimeCorrection",
     "TrainingTrigger",
     "TriggerState",
     "acceptance_from_accepted",
@@ -48,10 +61,12 @@ __all__ = [
     "bucket",
     "cusum_threshold",
     "expected_tokens",
+    "fit_profile",
     "measure_profile",
     "speedup",
     "speedups",
     "step_cost",
+    "step_seconds",
     "time_call",
     "token_grid",
 ]

@@ -3,6 +3,7 @@
     ctl = SpeculationController(profile, settings)
     g = ctl.steps_for_batch(batch_size)                 # before drafting: 0 means plain decode
     ctl.observe(version, accepted_tokens, steps, g)     # after verify: draft tokens accepted (no bonus)
+    ctl.observe_step_time(batch_size, g, seconds)       # a decode step's measured time: corrects the cost model
     ctl.trigger.train, ctl.trigger.collect              # for the trainer and the capture hook
 
 Not thread-safe: call it from the scheduler loop that runs the batches (one per engine process).
@@ -15,6 +16,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from tide_sglang.control.acceptance import AcceptanceEstimator
 from tide_sglang.control.changepoint import DropDetector
+from tide_sglang.control.correction import StepTimeCorrection
 from tide_sglang.control.metrics import ControlMetrics
 from tide_sglang.control.model import best_steps
 from tide_sglang.control.policy import BinarySwitch, Decision, StepPolicy
@@ -39,10 +41,13 @@ class SpeculationController:
         instead of StepPolicy (the benchmark's baseline). `registry=None` for prometheus multiprocess mode."""
         self.settings = settings
         self.profile = profile
+        alpha = settings.control_step_time_alpha
+        self.correction = StepTimeCorrection(profile, alpha) if alpha > 0 else None
         steps = candidates if candidates is not None else range(settings.control_max_steps + 1)
         self.policy: StepPolicy | BinarySwitch = (
             BinarySwitch(profile, binary_steps) if binary_steps is not None
-            else StepPolicy(profile, list(steps), settings.control_switch_margin, settings.control_switch_patience)
+            else StepPolicy(profile, list(steps), settings.control_switch_margin, settings.control_switch_patience,
+                            None if self.correction is None else self.correction.factor)
         )
         self.trigger = TrainingTrigger.from_settings(settings)
         self.detector = DropDetector(settings.changepoint_min_drop, settings.changepoint_false_alarm_rate,
@@ -52,6 +57,7 @@ class SpeculationController:
         self._acceptance: dict[int, AcceptanceEstimator] = {}
         self._last_steps = 0
         self._off_decisions = 0  # consecutive decisions at 0 steps, for probing
+        self._on_decisions = 0  # consecutive decisions above 0 steps, for timing a plain step
         self._window = AcceptanceEstimator()  # pooled over one window, for the trigger and the detector
         self.last_decision: Decision | None = None
 
@@ -68,9 +74,12 @@ class SpeculationController:
         self.metrics.decision(self.version, d.bucket, d.steps, d.best, d.predicted_speedup, d.switched)
         steps = d.steps
         self._off_decisions = self._off_decisions + 1 if steps == 0 else 0
+        self._on_decisions = self._on_decisions + 1 if steps > 0 else 0
         if steps == 0 and self._should_probe(batch_size):
             steps = max(self.policy.candidates)
             self.metrics.probe(self.version)
+        elif steps > 0 and self._should_time_plain(batch_size):
+            steps = 0
         if steps == 0:
             # Unmeasured time still ages the estimate, so the next probe is not drowned by stale history.
             self._estimator(self.version).elapse(batch_size)
@@ -85,6 +94,14 @@ class SpeculationController:
             return False
         k = max(self.policy.candidates)
         return best_steps(self.profile, 1.0, batch_size, k) > 0
+
+    def _should_time_plain(self, batch_size: int) -> bool:
+        """The online correction compares speculative steps with plain ones: while a bucket that speculates has
+        no plain step timed, run one now and then (every probe interval), else its cost stays the profile's."""
+        interval = self.settings.control_probe_interval
+        if self.correction is None or interval == 0 or self._on_decisions % interval != 0:
+            return False
+        return not self.correction.measured(batch_size, 0)
 
     def observe(self, version: int, accepted_tokens: float, steps: float, draft_steps: int | None = None) -> None:
         """Record a verify: `accepted_tokens` draft tokens accepted over `steps` request verify steps (one per
@@ -103,6 +120,12 @@ class SpeculationController:
         self._window.add(accepted_tokens, steps, g)
         if self._window.steps >= self.settings.control_window_steps:
             self._close_window()
+
+    def observe_step_time(self, batch_size: int, draft_steps: int, seconds: float) -> None:
+        """A decode step of `batch_size` requests at `draft_steps` took `seconds` (for SGLang: the interval between
+        consecutive decode batches); the policy's cost model follows what steps really take."""
+        if self.correction is not None and batch_size > 0 and seconds > 0:
+            self.correction.add(batch_size, draft_steps, seconds)
 
     def _estimator(self, version: int) -> AcceptanceEstimator:
         est = self._acceptance.get(version)

@@ -18,11 +18,21 @@ def expected_tokens(a: float, g: int) -> float:
 
 
 def step_cost(profile: Profile, g: int, batch: int) -> float:
-    """c(b)·g + beta(b): one speculative step's time over one plain decode step's, T(b)."""
+    """c(b)·g + beta(b): one speculative step's time over one plain decode step's, T(b); t(b, g) / t(b, 0) where
+    the profile timed whole decode steps at g and at 0 (what the formula approximates, measured)."""
+    timed, plain = profile.step_seconds(g, batch), profile.step_seconds(0, batch)
+    if timed is not None and plain is not None:
+        return timed / plain
     t = profile.target_seconds(batch)
     c = profile.draft_seconds(batch) / t
     beta = profile.target_seconds(batch * (g + 1)) / t
     return c * g + beta
+
+
+def step_seconds(profile: Profile, g: int, batch: int) -> float:
+    """Predicted seconds of one decode step of `batch` requests at g draft steps: T(b)·step_cost."""
+    plain = profile.step_seconds(0, batch)
+    return (profile.target_seconds(batch) if plain is None else plain) * step_cost(profile, g, batch)
 
 
 def speedup(profile: Profile, a: float, g: int, batch: int) -> float:

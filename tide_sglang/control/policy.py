@@ -14,7 +14,7 @@ Turning speculation on from 0 therefore needs S(g*) > 1 + margin, and turning it
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tide_sglang.control.model import binary_switch, speedup
@@ -42,20 +42,28 @@ class _Hold:
     count: int = 0
 
 
-class StepPolicy:
-    """argmax_g S(a, g, b) over the candidate step counts, with per-bucket hysteresis."""
+CostFactor = Callable[[int, int], float]  # (batch size, g) -> measured over predicted step cost (correction.py)
 
-    def __init__(self, profile: Profile, candidates: Sequence[int], margin: float, patience: int):
+
+class StepPolicy:
+    """argmax_g S(a, g, b) over the candidate step counts, with per-bucket hysteresis. `cost_factor`: divides
+    S(a, g, b), the online correction from measured step times (StepTimeCorrection.factor)."""
+
+    def __init__(self, profile: Profile, candidates: Sequence[int], margin: float, patience: int,
+                 cost_factor: CostFactor | None = None):
         if 0 not in candidates:
             candidates = [0, *candidates]  # "off" must always be reachable
         self.profile = profile
         self.candidates = sorted(set(candidates))
         self.margin = margin
         self.patience = patience
+        self.cost_factor = cost_factor
         self._holds: dict[int, _Hold] = {}
 
     def decide(self, acceptance: float, batch_size: int) -> Decision:
         s = {g: speedup(self.profile, acceptance, g, batch_size) for g in self.candidates}
+        if self.cost_factor is not None:
+            s = {g: v / self.cost_factor(batch_size, g) for g, v in s.items()}
         best = max(self.candidates, key=lambda g: (s[g], -g))  # ties: fewer steps
         key = bucket(batch_size)
         hold = self._holds.get(key)

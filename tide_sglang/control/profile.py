@@ -3,6 +3,11 @@
 The speedup model (model.py) needs T at b and at b·(g+1) tokens and D0 at batch b; both are measured on a
 small grid and interpolated linearly between points (forward time is close to piecewise linear in tokens:
 flat while memory-bound, then linear once compute-bound).
+
+A profile measured from outside (`tide profile`, tide_sglang/profiler.py) times whole decode steps instead:
+t(b, g), the time between consecutive decode batches of b requests at g draft steps, with the engine's own
+overheads and step shapes. `fit_profile` keeps those times (`steps`), which the model then uses directly, and
+derives T and D0 from them for the step counts it did not time.
 """
 
 import itertools
@@ -35,6 +40,16 @@ def _interpolate(points: list[Point], x: float) -> float:
     return max(hi.seconds, hi.seconds + (hi.seconds - lo.seconds) * (x - hi.n) / (hi.n - lo.n))
 
 
+class StepTime(BaseModel):
+    """One whole decode step as the engine runs it: b requests, g draft steps (0: plain decode)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    batch: int = Field(gt=0)
+    steps: int = Field(ge=0)
+    seconds: float = Field(gt=0)
+
+
 class Profile(BaseModel):
     """Measured target and draft step times; saved as JSON next to the engine's logs."""
 
@@ -43,6 +58,8 @@ class Profile(BaseModel):
     device: str = Field("", description="where it was measured, e.g. 'NVIDIA H100 80GB HBM3' or 'cpu'")
     target: list[Point] = Field(min_length=1, description="T(n): one target forward over n tokens")
     draft: list[Point] = Field(min_length=1, description="D0(b): one draft step for a batch of b")
+    steps: list[StepTime] = Field(default_factory=list, description="t(b, g): whole decode steps timed in the "
+                                  "engine (`tide profile`); the model prefers them to T and D0 where they exist")
 
     @field_validator("target", "draft")
     @classmethod
@@ -59,9 +76,18 @@ class Profile(BaseModel):
             return self.draft[0].seconds  # D0 measured at one batch size: treat it as batch-independent
         return _interpolate(self.draft, batch)
 
+    def step_seconds(self, steps: int, batch: float) -> float | None:
+        """t(b, g) interpolated over b between timed batch sizes (extended as T is), or None when g was not timed."""
+        points = [Point(n=t.batch, seconds=t.seconds) for t in sorted(self.steps, key=lambda t: t.batch)
+                  if t.steps == steps]
+        return _interpolate(points, batch) if points else None
+
     def save(self, path: Path) -> Path:
+        """Written aside and renamed: an engine waiting for the file (TIDE_CONTROL_PROFILE_PENDING) reads it whole."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.model_dump_json(indent=2) + "\n")
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(self.model_dump_json(indent=2) + "\n")
+        tmp.replace(path)
         return path
 
     @classmethod
@@ -132,3 +158,33 @@ def measure_profile(
         for b in sorted(set(batches))
     ]
     return Profile(device=device, target=target, draft=draft)
+
+
+def fit_profile(times: dict[tuple[int, int], float], device: str = "") -> Profile:
+    """A Profile from whole decode-step times {(batch, steps): seconds}, which must include steps = 0 at some batch.
+
+    A plain decode step of b requests is one target forward over b tokens, so T(b) = t(b, 0). A speculative step
+    is g draft steps and a verify of b·(g+1) tokens, so each timed g gives D0(b) = (t(b, g) - T(b·(g+1))) / g; the
+    median over g is kept (g whose b·(g+1) lies beyond the plain batches timed only when no other was; floored at
+    1 % of T(b): the engine may verify g+1 tokens of one request more cheaply
+    than it decodes g+1 requests, which would make the difference negative). The times themselves go to `steps`.
+    """
+    plain = sorted((b, s) for (b, g), s in times.items() if g == 0)
+    if not plain:
+        raise ValueError("a profile needs plain decode steps (0 draft steps) at one batch size at least")
+    target = [Point(n=b, seconds=s) for b, s in plain]
+    probe = Profile(device=device, target=target, draft=[Point(n=1, seconds=target[0].seconds)])
+    draft, largest = [], target[-1].n
+    for b in sorted({b for b, _ in times}):
+        floor = 0.01 * probe.target_seconds(b)
+        timed = [(g, s) for (bb, g), s in times.items() if bb == b and g]
+        # T(b·(g+1)) is measured up to the largest plain batch; beyond it, an extrapolation: used only when no
+        # timed g stays within the measured range.
+        timed = [(g, s) for g, s in timed if b * (g + 1) <= largest] or timed
+        per_step = [(s - probe.target_seconds(b * (g + 1))) / g for g, s in timed]
+        if per_step:
+            draft.append(Point(n=b, seconds=max(floor, statistics.median(per_step))))
+    if not draft:
+        raise ValueError("a profile needs speculative steps (draft steps > 0) at one batch size at least")
+    steps = [StepTime(batch=b, steps=g, seconds=s) for (b, g), s in sorted(times.items())]
+    return Profile(device=device, target=target, draft=draft, steps=steps)

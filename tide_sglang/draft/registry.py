@@ -5,6 +5,11 @@
                   /manifest.json        version, parent, created, sha256 of every file, tensor shapes and dtypes,
                                         draft vocab hash, metrics (held-out acceptance of this and its parent)
 
+    <root>/profiles/<target>__<gpu>__sglang-<version>.json
+                                        cost profiles of the speculation controller (`tide profile`), one per target,
+                                        GPU name and SGLang version: the same for every version of the draft lineage
+                                        to first order (a draft step's cost is its shape, not its weights)
+
 `<root>` is a directory (`DirectoryRegistry`: a ReadWriteMany volume) or a prefix of an S3-compatible bucket
 (`S3Registry`, draft/s3.py); `open_registry` resolves a location (a path, `file://`, `s3://bucket/prefix`) to one.
 Both keep the same promises: a version is visible only once complete (the directory renames a finished temporary
@@ -40,6 +45,7 @@ from tide_sglang.draft.model import Eagle3Draft, checkpoint_dtype, checkpoint_sh
 from tide_sglang.draft.vocab import DraftVocab
 
 FORMAT = 1
+PROFILES = "profiles"  # cost profiles beside the versions (ProfileKey)
 WEIGHTS, CONFIG, MANIFEST = "model.safetensors", "config.json", "manifest.json"
 _VERSION_DIR = re.compile(r"^v(\d{6,})$")
 _DTYPE_NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int64: "I64",
@@ -115,6 +121,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class ProfileKey(BaseModel):
+    """What a cost profile depends on: the target model, the GPU (its name, as torch or nvidia-smi reports it) and
+    the SGLang version; the draft's shape follows from the target."""
+
+    model_config = ConfigDict(frozen=True)
+
+    target: str
+    gpu: str
+    sglang: str
+
+    def file_name(self) -> str:
+        """A file / object name: each part with every run of characters outside [A-Za-z0-9._-] as one '-'."""
+        def slug(text: str) -> str:
+            return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "unknown"
+
+        return f"{slug(self.target)}__{slug(self.gpu)}__sglang-{slug(self.sglang)}.json"
+
+
 class DraftRegistry(ABC):
     """The interface every store implements; publishing, verifying and loading are shared, the store supplies
     listing, reading a manifest, committing a finished version, staging one onto local disk, and deleting."""
@@ -152,6 +176,26 @@ class DraftRegistry(ABC):
     @abstractmethod
     def remove_stale_tmp(self, stale_s: float = 3600.0) -> list[str]:
         """Remove what publishers or deletes killed half way left behind, older than `stale_s`; their names."""
+
+    @abstractmethod
+    def _read_profile(self, name: str) -> bytes:
+        """The bytes of profiles/<name>; FileNotFoundError when absent."""
+
+    @abstractmethod
+    def _write_profile(self, name: str, body: bytes) -> None:
+        """Replace profiles/<name> atomically (a reader sees the old file or the new one, never a part)."""
+
+    # -- cost profiles ---------------------------------------------------------------------------------------
+
+    def get_profile(self, key: "ProfileKey") -> str | None:
+        """The stored profile JSON for this target, GPU and SGLang version; None when none was stored."""
+        try:
+            return self._read_profile(key.file_name()).decode()
+        except FileNotFoundError:
+            return None
+
+    def put_profile(self, key: "ProfileKey", text: str) -> None:
+        self._write_profile(key.file_name(), text.encode())
 
     # -- reading -------------------------------------------------------------------------------------------
 
@@ -362,6 +406,26 @@ class DirectoryRegistry(DraftRegistry):
         for tmp in stale:
             shutil.rmtree(tmp, ignore_errors=True)
         return [tmp.name for tmp in stale]
+
+
+    def _read_profile(self, name: str) -> bytes:
+        return (self.root / PROFILES / name).read_bytes()
+
+    def _write_profile(self, name: str, body: bytes) -> None:
+        """A temporary file in the same directory, fsynced, renamed over the old one."""
+        directory = self.root / PROFILES
+        directory.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, directory / name)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(directory)
 
 
 def open_registry(location: str | Path, *, create: bool = False) -> DraftRegistry:

@@ -36,7 +36,7 @@ from boto3.exceptions import Boto3Error
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from tide_sglang.draft.registry import CONFIG, MANIFEST, WEIGHTS, DraftRegistry, DraftVerificationError
+from tide_sglang.draft.registry import CONFIG, MANIFEST, PROFILES, WEIGHTS, DraftRegistry, DraftVerificationError
 
 CLAIM = ".claim"
 _VERSION_KEY = re.compile(r"^v(\d{6,})/(.+)$")
@@ -130,6 +130,25 @@ class S3Registry(DraftRegistry):
             raise self._error(f"read v{version} manifest", e) from None
         except (BotoCoreError, Boto3Error) as e:
             raise self._error(f"read v{version} manifest", e) from None
+
+    def _read_profile(self, name: str) -> bytes:
+        key = f"{self.prefix}/{PROFILES}/{name}".lstrip("/")
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except ClientError as e:
+            if _code(e) in _MISSING or _status(e) == "404":
+                raise FileNotFoundError(key) from None
+            raise self._error(f"read {key}", e) from None
+        except (BotoCoreError, Boto3Error) as e:
+            raise self._error(f"read {key}", e) from None
+
+    def _write_profile(self, name: str, body: bytes) -> None:
+        """One PUT: S3 replaces an object atomically."""
+        key = f"{self.prefix}/{PROFILES}/{name}".lstrip("/")
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=body)
+        except (ClientError, BotoCoreError, Boto3Error) as e:
+            raise self._error(f"write {key}", e) from None
 
     # -- publishing ----------------------------------------------------------------------------------------
 

@@ -16,6 +16,8 @@ import click
 @click.option("--max-new-tokens", type=click.IntRange(1, 1024), default=32, show_default=True)
 @click.option("--rounds", type=click.IntRange(1), help="Rounds of the schedule (default: until SIGTERM).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--http-port", type=click.IntRange(0, 65535), help="Serve SGLang's native /generate on this port "
+              "(waves of up to --batch-size requests) instead of the schedule.")
 @click.option("--repeat", is_flag=True, help="Serve the same prompts every round (greedy: the same completions), "
               "traffic a draft learns fast; each round draws new ones otherwise.")
 def engine(registry: str | None, **options: object) -> None:

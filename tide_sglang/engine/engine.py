@@ -2,7 +2,7 @@
 
 One wave of requests runs together (static batching; finished requests leave the batch). Each step:
 
-    g      = controller.steps_for_batch(B)                    # 0: plain decode
+    g      = controller.steps_for_batch(B)                    # 0: plain decode; the control state may force g
     extend : draft reads the rows committed since it last ran  # [B, T, K*H] aux + the tokens emitted after them
     chain  : d1..dg from the draft, fed its own hidden state   # [B, g]
     verify : target runs [bonus, d1..dg] at positions n..n+g   # one forward, [B, g+1] argmax
@@ -35,6 +35,8 @@ class StepController(Protocol):
 
     def observe(self, version: int, accepted_tokens: float, steps: float, draft_steps: int | None = None) -> None: ...
 
+    def observe_step_time(self, batch_size: int, draft_steps: int, seconds: float) -> None: ...
+
 
 class FixedSteps:
     """A fixed number of draft steps (0 = no speculation): the static baselines."""
@@ -46,6 +48,9 @@ class FixedSteps:
         return self.steps
 
     def observe(self, version: int, accepted_tokens: float, steps: float, draft_steps: int | None = None) -> None:
+        pass
+
+    def observe_step_time(self, batch_size: int, draft_steps: int, seconds: float) -> None:
         pass
 
 
@@ -103,6 +108,7 @@ class SpecEngine:
         self.controller = controller or FixedSteps(0)
         self.writer, self.metrics = writer, metrics
         self.collect = True  # the control state's `collect`: off, nothing goes to the stream
+        self.forced_steps: int | None = None  # the control state's forced steps (`tide profile`): wins over controller
         self.capture_prefill = capture_prefill
         eos = target.tokenizer.eos_token_id
         self.eos = {eos} if isinstance(eos, int) else set(eos or [])
@@ -156,7 +162,8 @@ class SpecEngine:
     def _step(self, wave: _Wave) -> StepStats:
         t0 = time.perf_counter()
         b = len(wave.rows)
-        g = self.controller.steps_for_batch(b) if self.draft is not None else 0
+        g = 0 if self.draft is None else self.forced_steps if self.forced_steps is not None \
+            else self.controller.steps_for_batch(b)
         drafts = self._draft_chain(wave, g) if g else torch.zeros(b, 0, dtype=torch.int64, device=self.device)
         ids = torch.cat([wave.bonus[:, None], drafts], dim=1)  # [B, g+1]
         positions = wave.next_pos[:, None] + torch.arange(g + 1, device=self.device)  # [B, g+1]
@@ -173,8 +180,10 @@ class SpecEngine:
         acc = int(accepted.sum())
         self.controller.observe(self.draft_version, acc, b, g)
         self._finish_rows(wave)
+        seconds = time.perf_counter() - t0
+        self.controller.observe_step_time(b, g, seconds)  # the online correction of the controller's cost model
         return StepStats(batch_size=b, draft_steps=g, emitted=int(kept.sum()), accepted=acc,
-                         seconds=time.perf_counter() - t0, draft_version=self.draft_version, domain=wave.domain)
+                         seconds=seconds, draft_version=self.draft_version, domain=wave.domain)
 
     def _draft_chain(self, wave: _Wave, g: int) -> torch.Tensor:
         """Extend the draft over pending rows, then draft g tokens: [B, g] target ids."""

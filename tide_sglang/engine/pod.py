@@ -10,16 +10,19 @@ and the controller's on /metrics. Tests run several of them as stand-ins for pod
 
 import logging
 import signal
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, start_http_server
 from pydantic import BaseModel, Field
 
 from tide_sglang import keys, rollout
+from tide_sglang.capture import DEFAULT_DOMAIN
 from tide_sglang.control import Profile, SpeculationController
 from tide_sglang.draft import open_registry
 from tide_sglang.draft.target import heads_of, load_target
 from tide_sglang.engine.engine import FixedSteps, SpecEngine, StepController
-from tide_sglang.engine.serve import ServeOptions, StepRecord, serve
+from tide_sglang.engine.http import GenerateServer
+from tide_sglang.engine.serve import ServeOptions, Serving, StepRecord, Wave, chat_ids, serve
 from tide_sglang.engine.swap import DraftFollower
 from tide_sglang.plugin.metrics import WRITER_DROPS, PluginMetrics
 from tide_sglang.settings import TideSettings
@@ -41,6 +44,8 @@ class PodOptions(BaseModel):
     rounds: int | None = Field(None, ge=1, description="rounds of the schedule; None: until SIGTERM")
     seed: int = 0
     repeat: bool = Field(False, description="serve the same prompts every round (else each round draws anew)")
+    http_port: int | None = Field(None, ge=0, le=65535, description="serve SGLang's /generate on this port instead "
+                                  "of the schedule (0: any free port)")
 
     def round_seed(self, round_: int) -> int:
         return self.seed if self.repeat else self.seed + round_
@@ -55,6 +60,7 @@ def export_step(metrics: PluginMetrics, writer: StreamWriter, record: StepRecord
     v = record.draft_version
     metrics.serving(v, DROP_REASONS)
     metrics.steps.labels(**metrics.labels(v), batch_size=str(record.batch_size)).set(record.draft_steps)
+    metrics.decode_step(v, record.batch_size, record.draft_steps, record.seconds)
     if record.draft_steps:
         metrics.verified(v, **record.counts())
     metrics.writer_dropped(v, writer.stats)
@@ -92,8 +98,12 @@ def run_pod(options: PodOptions, settings: TideSettings) -> int:
     follower.start_heartbeats(settings.heartbeat_s)
     log.info("pod %s serving (draft v%s)", settings.pod_name, options.version)
     steps, round_ = 0, 0
+    http = GenerateServer(options.http_port) if options.http_port is not None else None
     try:
-        while options.rounds is None or round_ < options.rounds:
+        if http is not None:
+            log.info("pod %s serving /generate on port %d", settings.pod_name, http.port)
+            steps = _serve_http(http, engine, options, follower, reporter, lambda r: export_step(metrics, writer, r))
+        while http is None and (options.rounds is None or round_ < options.rounds):
             plans = plan_schedule(parse_schedule(options.schedule), seed=options.round_seed(round_))
             steps += len(serve(engine, plans, ServeOptions(batch_size=options.batch_size,
                                                             max_new_tokens=options.max_new_tokens),
@@ -104,7 +114,32 @@ def run_pod(options: PodOptions, settings: TideSettings) -> int:
         log.info("pod %s stopping after %d steps", settings.pod_name, steps)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if http is not None:
+            http.close()
         follower.close()
         reporter.flush()
         writer.close()
     return steps
+
+
+def _serve_http(http: GenerateServer, engine: SpecEngine, options: PodOptions, follower: DraftFollower,
+                reporter: rollout.StatsReporter, on_record: Callable[[StepRecord], None]) -> int:
+    """Waves of up to `batch_size` HTTP requests, each at the smallest of its max_new_tokens and the pod's, until
+    SIGTERM (a wave in progress finishes first)."""
+    serving = Serving(engine, ServeOptions(batch_size=options.batch_size, max_new_tokens=options.max_new_tokens),
+                      follower=follower, reporter=reporter, on_record=on_record)
+    tokenizer = engine.target.tokenizer
+    index = 0
+    while True:
+        pending = http.next_wave(options.batch_size, timeout_s=0.5)
+        if not pending:
+            serving.follow()  # idle: still follow the control state
+            continue
+        max_new = min(options.max_new_tokens, max(p.max_new_tokens for p in pending))
+        serving.options = serving.options.model_copy(update={"max_new_tokens": max_new})
+        ids = [chat_ids(tokenizer, p.text, serving.options.max_prompt_tokens) for p in pending]
+        outs = serving.serve(Wave(phase="http", domain=DEFAULT_DOMAIN, index=index, ids=ids))
+        for p, out in zip(pending, outs, strict=True):
+            p.completion, p.output = out, tokenizer.decode(out, skip_special_tokens=True)
+            p.done.set()
+        index += 1

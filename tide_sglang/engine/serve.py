@@ -102,14 +102,16 @@ class Serving:
         self.on_record = on_record
         self.start = time.monotonic() if start is None else start
         self.records: list[StepRecord] = []
-        self._swap()
+        self.follow()
 
-    def _swap(self) -> None:
+    def follow(self) -> None:
+        """Take what the control state says now: a new draft version, `collect`, the forced steps."""
         if self.follower is None:
             return
         if (swap_to := self.follower.poll()) is not None:
             self.engine.set_draft(swap_to.draft, swap_to.version)
         self.engine.collect = self.follower.collect
+        self.engine.forced_steps = self.follower.forced
 
     def _on_step(self, stats: StepStats, phase: str) -> None:
         record = StepRecord(**stats.model_dump(), t=time.monotonic() - self.start, phase=phase)
@@ -118,7 +120,7 @@ class Serving:
             self.reporter.add(stats.draft_version, **stats.counts())
         if self.on_record is not None:
             self.on_record(record)
-        self._swap()
+        self.follow()
 
     def serve(self, wave: Wave) -> list[list[int]]:
         """Generate one wave; returns the completions. Ctrl-C propagates after the current step."""

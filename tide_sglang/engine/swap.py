@@ -48,6 +48,7 @@ class DraftFollower:
             metrics.version.labels(deployment=deployment).set(version)
         self.role: rollout.Role = "stable"
         self.collect = True  # the control state's `collect`: capture hidden states
+        self.forced: int | None = None  # the control state's forced steps for this pod (`tide profile`)
         self.refused: dict[int, str] = {}  # version -> why
         self.bad_control: set[str] = set()  # malformed control states seen (each counted once)
         self.swap_failures = 0
@@ -70,6 +71,7 @@ class DraftFollower:
         except rollout.UNAVAILABLE as e:
             log.warning("cannot read the control state, keeping draft v%s: %s", self.version, e)
             return None
+        self.forced = None if ctl is None else ctl.forced_steps(self.pod)
         if ctl is None:
             return None  # no operator yet: keep what we serve
         self.role, self.collect = ctl.role_of(self.pod), ctl.collect

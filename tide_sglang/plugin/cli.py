@@ -1,12 +1,15 @@
 """`tide serve`: SGLang's server with the TIDE plugin and TIDE's settings; SGLang's arguments pass unchanged.
 
 TIDE adds only what is absent: EAGLE-3 with topk 1, adaptive speculation whose candidate steps include 0 (so the
-controller can switch speculation off), metrics, and the registry's newest draft when no draft path is given.
+controller can switch speculation off), metrics, the registry's newest draft when no draft path is given, and,
+without TIDE_CONTROL_PROFILE, the registry's cost profile for this target, GPU and SGLang version, or a `tide
+profile` of the starting server that stores one (profiler/startup.py).
 TIDE's own settings come from TIDE_* variables (TideSettings), never from SGLang's flags.
 """
 
 import json
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -75,24 +78,48 @@ def serve(tide_candidate_steps: str, tide_dry_run: bool, sglang_args: tuple[str,
         except ProfileError as e:
             raise click.ClickException(str(e)) from None
     argv = list(sglang_args)
-    draft = None
-    if settings.registry is not None and not _has(argv, "--speculative-draft-model-path"):
+    candidates = _steps(tide_candidate_steps)
+    draft, registry, started = None, None, None
+    if settings.registry is not None:
         from tide_sglang.draft.registry import DraftVerificationError, open_registry
+        from tide_sglang.profiler.startup import startup_profile
 
         try:  # verified, and on local disk (an S3 registry stages it): SGLang reads it from there
             registry = open_registry(settings.registry)
             latest = registry.latest()
-            draft = registry.verify(latest).path if latest is not None else None
+            if not _has(argv, "--speculative-draft-model-path") and latest is not None:
+                draft = registry.verify(latest).path
+            if settings.control_profile is None:  # the registry's profile for this GPU, or one measured now
+                started = startup_profile(argv, settings, registry, gpu=gpu_name(), sglang=versions.installed() or "",
+                                          path=Path(tempfile.gettempdir()) / f"tide-profile-{os.getpid()}.json",
+                                          steps=candidates)
         except (DraftVerificationError, OSError, ValueError) as e:
             raise click.ClickException(f"draft registry {settings.registry}: {e}") from None
     config = Path(tempfile.gettempdir()) / f"tide-adaptive-{os.getpid()}.json"
     command = [sys.executable, "-m", "sglang.launch_server",
-               *serve_argv(argv, candidates=_steps(tide_candidate_steps), config_path=config, draft_path=draft)]
+               *serve_argv(argv, candidates=candidates, config_path=config, draft_path=draft)]
     plugins = os.environ.get("SGLANG_PLUGINS")
     if plugins and "tide" not in plugins.split(","):
         os.environ["SGLANG_PLUGINS"] = plugins + ",tide"  # a whitelist without TIDE would skip the plugin
     if tide_dry_run:
         click.echo(" ".join(command))
+        if started is not None:
+            click.echo(" ".join(f"{k}={v}" for k, v in sorted(started.env.items())))
+            if started.child is not None:
+                click.echo(" ".join(started.child))
         return
+    if started is not None:
+        os.environ.update(started.env)
+        if started.child is not None:
+            # A process of its own, which outlives the exec below: it waits for the server SGLang becomes,
+            # profiles it, stores the profile in the registry and says how long that took.
+            subprocess.Popen(started.child, start_new_session=True)
     os.environ[ENABLED] = "1"  # the entry point patches SGLang only when asked (installing TIDE changes nothing)
     os.execv(sys.executable, command)
+
+
+def gpu_name() -> str:
+    """The GPU a cost profile is keyed by (the first visible one; `cpu` without CUDA)."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"

@@ -121,7 +121,7 @@ def build_runtime(settings: TideSettings, draft_worker: Any) -> Runtime:
     swapper = _swapper(settings, draft_worker, metrics, stats, client)
     if swapper is not None and capturer is not None:
         capturer.version = swapper.current
-    steps = StepTable(_decider) if _decider is not None else None
+    steps = StepTable(_decider)
     return Runtime(settings, metrics, capturer, swapper, steps, _all_reduce_min, _controller(settings))
 
 
@@ -140,13 +140,20 @@ def _capturer(settings: TideSettings, draft_worker: Any) -> Capturer:
 
 def _controller(settings: TideSettings) -> ControllerFactory | None:
     """TIDE's controller when TIDE_CONTROL_PROFILE is set and no decider was installed; the profile is read now,
-    so a bad file fails here. registry=None: SGLang's scheduler runs Prometheus in multiprocess mode."""
+    so a bad file fails here (a pending one when it appears). registry=None: SGLang's scheduler runs Prometheus in
+    multiprocess mode."""
     if settings.control_profile is None:
         return None
     if _decider is not None:
         log.warning("a step decider was installed with set_step_decider: TIDE_CONTROL_PROFILE is ignored")
         return None
-    profile = load_profile(settings.control_profile)
+    path = settings.control_profile
+    if settings.control_profile_pending and not path.exists():
+        # `tide serve`'s start-up profile is measuring this server; its file appears (whole: written aside and
+        # renamed) when it is done, and the controller starts at the next sync point after that
+        return lambda candidates: (SpeculationController(load_profile(path), settings, candidates=candidates,
+                                                         registry=None) if path.exists() else None)
+    profile = load_profile(path)
     return lambda candidates: SpeculationController(profile, settings, candidates=candidates, registry=None)
 
 
@@ -245,7 +252,10 @@ def before_admit(scheduler: Any, req: Any, *args: Any, **kwargs: Any) -> None:
 
 @_guarded
 def after_idle(_: Any, scheduler: Any, *args: Any, **kwargs: Any) -> None:
-    """Idle: post the slots of the last batches (their copies finish after the last commit hook ran)."""
+    """Idle: post the slots of the last batches (their copies finish after the last commit hook ran); the next
+    decode result follows idle time, which is no batch's."""
+    if _runtime is not None:
+        _runtime.idle()
     if _runtime is not None and _runtime.capturer is not None:
         _runtime.capturer.post_ready()
 
@@ -316,7 +326,7 @@ def _slots(params: Any) -> dict[int, list[int]]:
 @_timed
 def _agreed_steps(params: Any, batch_size: int) -> int | None:
     """TIDE's agreed steps for the slot SGLang routes `batch_size` to; None before an agreement."""
-    if _runtime is None or _runtime.steps is None:
+    if _runtime is None:
         return None
     slot = params._route(batch_size)
     key = next((bs for bs, s in params._slots.items() if s is slot), None)

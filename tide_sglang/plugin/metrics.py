@@ -10,6 +10,7 @@ import logging
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from tide_sglang.capture import CaptureBatch
+from tide_sglang.control.policy import bucket
 from tide_sglang.stream import WriterStats
 
 log = logging.getLogger("tide.plugin.metrics")
@@ -59,6 +60,11 @@ class PluginMetrics:
                              multiprocess_mode="mostrecent", **r)
         self.steps = Gauge("tide_speculation_steps", "Draft steps TIDE chose, by batch-size slot",
                            (*LABELS, "batch_size"), multiprocess_mode="mostrecent", **r)
+        # Whole decode steps by batch-size bucket and draft steps: what `tide profile` times, and what the
+        # controller's online correction reads (docs/controller.md).
+        self.step_seconds = Histogram("tide_decode_step_seconds", "Time of one decode batch (the interval between "
+                                      "consecutive decode results)", (*LABELS, "batch_size", "draft_steps"), **r,
+                                      buckets=(0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56))
         self._serving: set[int] = set()
         self._writer_drops: dict[str, int] = {}  # the stream writer's drops already counted, by reason
 
@@ -95,6 +101,12 @@ class PluginMetrics:
         self.draft_tokens.labels(**labels).inc(tokens)
         self.accepted_tokens.labels(**labels).inc(accepted)
         self.verify_steps.labels(**labels).inc(verify_steps)
+
+    def decode_step(self, version: int, batch_size: int, draft_steps: int, seconds: float) -> None:
+        """One decode batch of `batch_size` requests at `draft_steps`, in its batch-size bucket (a power of two, as
+        SGLang's adaptive slots and the controller's buckets)."""
+        self.step_seconds.labels(**self.labels(version), batch_size=str(bucket(batch_size)),
+                                 draft_steps=str(draft_steps)).observe(seconds)
 
     def labels(self, version: int) -> dict[str, str]:
         return {"deployment": self.deployment, "draft_version": str(version)}

@@ -6,7 +6,12 @@ element-wise MIN, so all of them run the same steps for the same batch. Between 
 
 The decider is either installed by an embedding (`hooks.set_step_decider`) or TIDE's `SpeculationController`,
 built from the cost profile `TIDE_CONTROL_PROFILE` once the slots are known, and fed the acceptance of every
-committed decode verify on every rank (the same data on every rank, so the ranks propose the same table).
+committed decode verify on every rank (the same data on every rank, so the ranks propose the same table). While the
+control state forces this pod's steps (`tide profile`), every slot runs them, decider or not.
+
+Step times: the interval between two consecutive decode results, when exactly one batch was launched in between
+(under overlap scheduling the next batch is launched before a result is processed, so an interval is one batch's
+time; a prefill in between, or an idle scheduler, makes it something else and it is dropped).
 """
 
 import itertools
@@ -41,6 +46,24 @@ def candidate_steps(slots: dict[int, list[int]]) -> list[int]:
     return sorted({0, *(g for steps in slots.values() for g in steps)})
 
 
+class StepClock:
+    """The time of each decode batch: the interval since the previous decode result, per batch size and steps."""
+
+    def __init__(self) -> None:
+        self._last: tuple[float, int] | None = None  # (time, batches launched) at the previous decode result
+
+    def reset(self) -> None:
+        """The scheduler idled: the next interval would hold the idle time."""
+        self._last = None
+
+    def tick(self, now: float, launched: int) -> float | None:
+        """A decode result processed at `now` after `launched` batches in all; its batch's seconds, or None."""
+        last, self._last = self._last, (now, launched)
+        if last is None or launched - last[1] != 1:
+            return None
+        return now - last[0]
+
+
 def acceptance_sample(correct_drafts: Sequence[int], committed: bytes | Sequence[bool]) -> tuple[int, int]:
     """(accepted draft tokens, request verify steps) of one verify's committed requests (C-level, no Python loop
     over the batch). `correct_drafts` per request is accept_len - 1: the bonus token is not a draft token
@@ -50,17 +73,27 @@ def acceptance_sample(correct_drafts: Sequence[int], committed: bytes | Sequence
     return sum(itertools.compress(correct_drafts, committed)), sum(committed)
 
 
+NO_DECISION = -1  # a rank's proposal for a slot it leaves to SGLang; the MIN keeps the slot undecided if any rank does
+
+
 class StepTable:
-    def __init__(self, decider: StepDecider) -> None:
+    """The agreed steps per slot. A rank proposes, per slot: the forced steps while `tide profile` forces this pod
+    (the control state's `force:<pod>`), else its decider's choice, else NO_DECISION (SGLang's own choice)."""
+
+    def __init__(self, decider: StepDecider | None) -> None:
         self.decider = decider
         self.table: dict[int, int] | None = None  # slot batch size -> agreed steps
 
-    def proposals(self, slots: dict[int, list[int]]) -> list[int]:
+    def proposals(self, slots: dict[int, list[int]], forced: int | None = None) -> list[int]:
         """This rank's choice per slot (slot batch size -> its candidate steps), in sorted slot order."""
+        if forced is not None:
+            return [choose_steps(forced, slots[bs]) for bs in sorted(slots)]
+        if self.decider is None:
+            return [NO_DECISION] * len(slots)
         return [choose_steps(self.decider(bs), slots[bs]) for bs in sorted(slots)]
 
     def agree(self, slots: dict[int, list[int]], agreed: list[int]) -> dict[int, int]:
-        self.table = dict(zip(sorted(slots), agreed, strict=True))
+        self.table = {bs: g for bs, g in zip(sorted(slots), agreed, strict=True) if g != NO_DECISION}
         return self.table
 
     def steps(self, slot_bs: int) -> int | None:

@@ -40,6 +40,7 @@ class Swapper:
         self.trigger = trigger
         self.role: rollout.Role = "stable"
         self.collect = True  # the control state's `collect`: whether this deployment's engines capture now
+        self.forced: int | None = None  # the control state's forced steps for this pod (`tide profile`)
         self.swap_failures = 0
         self.pod, self.namespace, self.deployment, self._client = pod, namespace, deployment, client
         self.metrics, self.stats = metrics, stats
@@ -92,6 +93,7 @@ class Swapper:
             return
         if ctl is not None:
             self.role, self.collect = ctl.role_of(self.pod), ctl.collect
+        self.forced = None if ctl is None else ctl.forced_steps(self.pod)
         wanted = desired_version(ctl, self.pod)
         if wanted is not None:
             self.stage(wanted)

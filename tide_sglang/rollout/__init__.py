@@ -5,7 +5,14 @@ docs/rollout.md describes the protocol."""
 
 from tide_sglang import keys
 from tide_sglang.rollout.common import UNAVAILABLE, RolloutError
-from tide_sglang.rollout.control import ControlState, Role, delete_control, read_control, write_control
+from tide_sglang.rollout.control import (
+    ControlState,
+    Role,
+    delete_control,
+    read_control,
+    write_control,
+    write_forced_steps,
+)
 from tide_sglang.rollout.events import Published, append_event, read_event_page, read_events
 from tide_sglang.rollout.heartbeat import Heartbeat, read_heartbeats, write_heartbeat
 from tide_sglang.rollout.stats import COUNTS, Stats, StatsReporter, add_stats, read_stats
@@ -24,5 +31,6 @@ def delete_deployment_keys(client: Client, namespace: str, deployment: str) -> N
 __all__ = [
     "COUNTS", "UNAVAILABLE", "ControlState", "Heartbeat", "Published", "Role", "RolloutError", "Stats",
     "StatsReporter", "add_stats", "append_event", "delete_control", "delete_deployment_keys", "read_control",
-    "read_event_page", "read_events", "read_heartbeats", "read_stats", "write_control", "write_heartbeat",
+    "read_event_page", "read_events", "read_heartbeats", "read_stats", "write_control", "write_forced_steps",
+    "write_heartbeat",
 ]
