@@ -5,10 +5,13 @@ too short for the trigger's windows to settle (docs/benchmarks.md has the full r
 import itertools
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from tide_sglang.bench import train_gate
 from tide_sglang.cli import main
+
+pytestmark = pytest.mark.slow
 
 
 def test_quick_bench_serves_the_schedule_with_both_gates(tmp_path) -> None:

@@ -59,6 +59,9 @@ ROLES = ("stable", "shift", "stable", "recurring")
 STEPS = 3  # draft steps while serving and at each phase-end evaluation
 DEPLOYMENT, POD = "bench", "engine-0"
 SERVED_SEED, EVAL_SEED = 0, 7
+# Entries stay pending until a checkpoint acks them, and a reader claims any entry pending for claim_idle_ms (30 s,
+# its own included): checkpoint well within that, or the trainer re-reads its own entries and dead-letters them.
+CHECKPOINT_S = 10.0
 
 
 class Size(BaseModel):
@@ -87,9 +90,9 @@ class Size(BaseModel):
 SIZES = {
     "quick": Size(requests=[6, 2, 6, 4], batch=2, max_new_tokens=12, eval_requests=2, train_steps=4,
                   offline_requests=8, offline_steps=20, window_steps=8, hold_for="2s", idle_after="4s", min_up="4s"),
-    "full": Size(requests=[32, 8, 32, 16], batch=4, max_new_tokens=32, eval_requests=8, train_steps=10,
-                 offline_requests=48, offline_steps=300, window_steps=16, hold_for="10s", idle_after="20s",
-                 min_up="20s"),
+    "full": Size(requests=[40, 8, 24, 16], batch=4, max_new_tokens=24, eval_requests=4, train_steps=24,
+                 offline_requests=48, offline_steps=300, window_steps=16, hold_for="5s", idle_after="10s",
+                 min_up="10s"),
 }
 # The trigger's thresholds (the CRD's training.trigger) and its window counts (engine settings), sized so that a
 # phase of the runs above holds tens of windows; the operator's defaults assume minutes of GPU traffic per phase.
@@ -143,6 +146,7 @@ class TrainerPod:
         self.settings, self.registry, self.heads = settings, registry, heads
         self.trainer: DraftTrainer | None = None
         self.starts = self.scale_downs = 0
+        self._next_checkpoint = 0.0
 
     def tick(self, replicas: int, steps: int) -> int:
         """Follow the replica count, read the stream, and train up to `steps` steps if the gate allows; returns
@@ -154,16 +158,22 @@ class TrainerPod:
             return 0
         if self.trainer is None:
             self.trainer, self.starts = self._start(), self.starts + 1
+            self._next_checkpoint = time.monotonic() + self.settings.train_checkpoint_interval_s
         trainer = self.trainer
         while trainer.poll():
             pass
         trainer.publisher.announce()
         if trainer.learner is not None:
             trainer.follow_rollbacks()
-        if not trainer.ready:
+        taken = 0
+        if trainer.ready:
+            taken = trainer.train_slice(lambda n: n < steps)
+        else:
             trainer.park()
-            return 0
-        return trainer.train_slice(lambda n: n < steps)
+        if time.monotonic() >= self._next_checkpoint:  # as the service loop: a checkpoint acks what it holds
+            trainer.checkpoint()
+            self._next_checkpoint = time.monotonic() + self.settings.train_checkpoint_interval_s
+        return taken
 
     def _start(self) -> DraftTrainer:
         s = self.settings
@@ -247,7 +257,7 @@ def arm_settings(url: str, spec: TrainingSpec, size: Size, workdir: Path, device
                         trigger_short_alpha=trig.short_alpha, trigger_long_alpha=trig.long_alpha,
                         trigger_epsilon=trig.epsilon, control_window_steps=size.window_steps, control_max_steps=STEPS,
                         **WINDOWS,
-                        **cpu_trainer_settings())
+                        **{**cpu_trainer_settings(), "train_checkpoint_interval_s": CHECKPOINT_S})
 
 
 def end_accept_length(target: Target, engine: SpecEngine, plan: PhasePlan, size: Size) -> float:
