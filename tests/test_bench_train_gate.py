@@ -42,6 +42,9 @@ def test_quick_bench_serves_the_schedule_with_both_gates(tmp_path) -> None:
         assert report["figures"]["captured_bytes"][name] == sum(p["captured_bytes"] for p in arm["phases"]) > 0
     always, trigger = arms["always"], arms["trigger"]
     assert all(t["gate"] == "Training" and t["collect"] and t["trained_steps"] for t in always["ticks"])
+    assert all(t["captured_bytes"] > 0 for t in always["ticks"])
+    # `collect` off: the engine captures nothing at all in the next wave (the pass runs between waves)
+    assert all(t["captured_bytes"] == 0 for prev, t in itertools.pairwise(trigger["ticks"]) if not prev["collect"])
     assert always["trainer_starts"] == 1 and always["trainer_scale_downs"] == 0
     # the gate gated: the trigger arm spent ticks not training; its trainer pod followed the replicas
     assert {t["gate"] for t in trigger["ticks"]} - {"Training"}

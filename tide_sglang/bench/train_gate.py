@@ -11,15 +11,16 @@ one) and runs, on its own private redis-server:
     trainer  : the real DraftTrainer; scaled to zero it checkpoints and stops, scaled up again it resumes from
                that checkpoint, as the trainer pod does
 
-in lockstep, one tick per wave: the engine serves a wave of "train" prompts, beats, the operator decides, and the
-trainer (when up) reads the stream and takes `train_steps` optimizer steps if the control state's `train` allows.
-The gate's clock is the serving clock (the engine's step seconds): the trainer's steps run beside serving, as on
-its own node, and do not advance it. Trainer-active seconds are the serving seconds of the ticks in which the
-control state told the (scaled-up) trainer to train, the time it holds a training GPU busy; captured bytes are
-what the engine's writer sent. Speculation stays at `STEPS` draft steps so
-that every verify feeds the trigger (at these acceptance levels TIDE's policy would switch it off on the CPU;
-`tide bench control` measures the policy). At the end of each phase the draft the engine then serves runs "eval"
-prompts of the phase's domain, at `STEPS` steps with no capture: prompts never served, captured or trained on.
+in lockstep, one tick per wave: the engine serves a wave of "train" prompts, beats, the operator decides (the engine
+follows that control state from the next wave's prefill on), and the trainer (when up) reads the stream and takes
+`train_steps` optimizer steps if the control state's `train` allows. The gate's clock is the serving clock (the
+engine's step seconds): the trainer's steps run beside serving, as on its own node, and do not advance it.
+Trainer-active seconds are the serving seconds of the ticks in which the control state told the (scaled-up) trainer
+to train, the time it holds a training GPU busy; captured bytes are what the engine's writer sent. Speculation stays
+at `STEPS` draft steps so that every verify feeds the trigger (at these acceptance levels TIDE's policy would switch
+it off on the CPU; `tide bench control` measures the policy). At the end of each phase the draft the engine then
+serves runs "eval" prompts of the phase's domain, at `STEPS` steps with no capture: prompts never served, captured
+or trained on.
 """
 
 import datetime
@@ -88,7 +89,7 @@ class Size(BaseModel):
 
 
 SIZES = {
-    "quick": Size(requests=[6, 2, 6, 4], batch=2, max_new_tokens=12, eval_requests=2, train_steps=4,
+    "quick": Size(requests=[4, 2, 4, 2], batch=2, max_new_tokens=12, eval_requests=2, train_steps=4,
                   offline_requests=8, offline_steps=20, window_steps=8, hold_for="2s", idle_after="4s", min_up="4s"),
     "full": Size(requests=[40, 8, 24, 16], batch=4, max_new_tokens=24, eval_requests=4, train_steps=24,
                  offline_requests=48, offline_steps=300, window_steps=16, hold_for="5s", idle_after="10s",
@@ -195,6 +196,7 @@ class Tick(BaseModel):
     request_steps: int
     version: int  # draft served at the wave's end
     trigger: str  # the engine's trigger state after the wave
+    trigger_reason: str
     gate: str  # TrainerState after the operator's pass
     reason: str
     train: bool
@@ -279,7 +281,7 @@ def run_arm(gate_name: str, target: Target, static: Path, size: Size, workdir: P
     with LocalRedis() as server:
         settings = arm_settings(server.url, spec, size, workdir, device)
         operator = GateOperator(settings, spec, stable=1)
-        status = operator.reconcile(0.0)  # before any engine: the first control state
+        operator.reconcile(0.0)  # before any engine: the first control state
         parts = online_engine(target, settings, registry, max_batch=size.batch,
                               draft_vocab_size=int(CPU_TRAINER_ENV["TIDE_TRAIN_DRAFT_VOCAB_SIZE"]))
         parts.engine.controller = SteadySteps(STEPS, parts.controller)
@@ -294,6 +296,7 @@ def run_arm(gate_name: str, target: Target, static: Path, size: Size, workdir: P
             for wave in waves(plans, options, target.tokenizer):
                 if ticks and wave.phase != ticks[-1].phase:
                     ends[ticks[-1].phase] = _end(target, parts.engine, evals, ticks[-1].phase, plans, size)
+                serving.sync()  # the operator's last pass: its `collect` applies from this wave's prefill on
                 first = len(serving.records)
                 serving.serve(wave)
                 records = serving.records[first:]
@@ -311,6 +314,7 @@ def run_arm(gate_name: str, target: Target, static: Path, size: Size, workdir: P
                     accept_length=round(sum(r.emitted for r in records) / sum(r.batch_size for r in records), 3),
                     request_steps=sum(r.batch_size for r in records),
                     version=parts.engine.draft_version, trigger=parts.controller.trigger.state.value,
+                    trigger_reason=parts.controller.trigger.reason,
                     gate=status.state.value, reason=status.reason, train=operator.control.train,
                     collect=operator.control.collect,
                     trainer_up=gate.replicas(status) == 1, trained_steps=trained, captured_bytes=now_sent - sent))

@@ -102,9 +102,11 @@ class Serving:
         self.on_record = on_record
         self.start = time.monotonic() if start is None else start
         self.records: list[StepRecord] = []
-        self._swap()
+        self.sync()
 
-    def _swap(self) -> None:
+    def sync(self) -> None:
+        """Follow the control state now: load the version it names, capture or not. Called between steps; a
+        driver that changes the control state between waves (`tide bench train-gate`) calls it before the next."""
         if self.follower is None:
             return
         if (swap_to := self.follower.poll()) is not None:
@@ -119,7 +121,7 @@ class Serving:
                               accepted=stats.accepted, verify_steps=stats.batch_size)
         if self.on_record is not None:
             self.on_record(record)
-        self._swap()
+        self.sync()
 
     def serve(self, wave: Wave) -> list[list[int]]:
         """Generate one wave; returns the completions. Ctrl-C propagates after the current step."""
