@@ -163,3 +163,13 @@ def test_detector_alarm_resets_to_the_new_level():
     assert not d.ready and d.alarms == 1
     assert not any(d.update(float(x)) for x in 0.5 + rng.normal(0, 0.02, 300))
     assert d.baseline == pytest.approx(0.5, abs=0.01)
+
+
+def test_detector_over_windows_that_accept_nothing_watches_nothing_and_learns_on():
+    """A draft that accepts nothing (a far domain) gives windows of exactly 0: no drop is possible, and the
+    detector neither alarms nor divides by a zero spread; its baseline still follows a recovery."""
+    d = DropDetector(min_drop=0.05, false_alarm_rate=1e-4, warmup=5)
+    assert not any(d.update(0.0) for _ in range(20))
+    assert d.ready and d.baseline == 0.0 and d.alarms == 0
+    assert not any(d.update(0.3) for _ in range(20))
+    assert 0 < d.baseline < 0.3

@@ -1,14 +1,15 @@
 """Disjoint data: no draft is graded on prompts it trained on, in any bench, the demo or the GPU static draft.
 
 Workloads are split by a stable hash of the prompt text (`split_of`): static drafts train on the "train" side
-and are served "eval" prompts. Online training (the demo, `tide bench train`, the TIDE arms) holds out whole
+and are served "eval" prompts; `tide bench train-gate` serves (captures, trains on) "train" prompts and measures
+each phase end on "eval" ones. Online training (the demo, `tide bench train`, the TIDE arms) holds out whole
 prompts by a hash of their tokens in the trainer (tests/test_trainer.py checks that requests sending the same
 prompt stay on one side).
 """
 
 import pytest
 
-from tide_sglang.bench import adapt, control, static
+from tide_sglang.bench import adapt, control, static, train_gate
 from tide_sglang.demo import run as demo
 from tide_sglang.workloads import DEFAULT_SPEC, WORKLOADS, Prompt, WorkloadUnavailable, load_workload, split_of
 
@@ -55,6 +56,16 @@ def test_bench_control_serves_no_prompt_its_static_draft_trained_on(size: str) -
     s, _ = control.SIZES[size]
     trained = _texts(p for plan in adapt.static_plans(s) for p in plan.prompts)
     assert trained and not trained & _texts(control.eval_prompts())
+
+
+@pytest.mark.parametrize("size", sorted(train_gate.SIZES))
+def test_bench_train_gate_measures_phase_ends_on_prompts_never_served_or_trained_on(size: str) -> None:
+    s = train_gate.SIZES[size]
+    trained = _texts(p for plan in [*adapt.static_plans(s.static()), *train_gate.served_plans(s)] for p in plan.prompts)
+    evals = train_gate.eval_plans(s)
+    assert set(evals) == {"writing", "code"}
+    measured = _texts(p for plan in evals.values() for p in plan.prompts)
+    assert trained and measured and not trained & measured
 
 
 @pytest.mark.parametrize("schedule", [DEFAULT_SPEC, "writing:24"])  # `make demo`'s and tests/test_e2e_demo.py's

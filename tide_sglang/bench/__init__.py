@@ -68,4 +68,5 @@ BENCHMARKS = {
     "control": "tide_sglang.bench.control",
     "capture": "tide_sglang.bench.capture",
     "faults": "tide_sglang.bench.faults",
+    "train-gate": "tide_sglang.bench.train_gate",
 }

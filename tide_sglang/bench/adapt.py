@@ -27,7 +27,14 @@ from tide_sglang.bench import BenchReport, goal
 from tide_sglang.draft import DirectoryRegistry
 from tide_sglang.draft.target import Target, heads_of, load_target
 from tide_sglang.engine import FixedSteps, SpecEngine
-from tide_sglang.engine.online import CPU_TRAINER_ENV, Promoter, online_engine, start_trainer, stop_trainer
+from tide_sglang.engine.online import (
+    CPU_TRAINER_ENV,
+    Promoter,
+    cpu_trainer_settings,
+    online_engine,
+    start_trainer,
+    stop_trainer,
+)
 from tide_sglang.engine.serve import PhaseSummary, ServeOptions, StepRecord, phase_summaries, serve
 from tide_sglang.rollout import ControlState, write_control
 from tide_sglang.settings import TideSettings
@@ -107,7 +114,7 @@ def train_offline_draft(target: Target, plans: list[PhasePlan], size: Size, regi
         engine = SpecEngine(target, writer=writer)
         serve(engine, plans, ServeOptions(batch_size=8, max_new_tokens=size.max_new_tokens))
         rows = writer.close().sent_tokens
-        env = {k.removeprefix("TIDE_").lower(): v for k, v in CPU_TRAINER_ENV.items() if k.startswith("TIDE_")}
+        env = cpu_trainer_settings()
         env["train_vocab_warmup_rows"] = str(rows)  # choose the vocabulary once every captured row is counted
         train = _settings(server.url, registry_dir=registry, train_device=device, **env)
         reader = StreamReader(connect(train), keys.hidden_states("default", "bench"),

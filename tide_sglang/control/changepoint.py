@@ -99,7 +99,7 @@ class DropDetector:
 
     def update(self, x: float) -> bool:
         x = math.asin(math.sqrt(min(1.0, max(0.0, x))))
-        if self.ready:
+        if self.ready and self._mean > 0:  # a baseline of no acceptance at all cannot drop (and k would be 0 / 0)
             self._standardise()
             sd = self.sigma * math.sqrt(1 + 1 / self._n)  # x and the estimated mean both vary
             z = t_to_normal((self._mean - x) / sd, self._n - 1)

@@ -47,6 +47,11 @@ CPU_TRAINER_ENV = {
 }
 
 
+def cpu_trainer_settings() -> dict[str, str]:
+    """CPU_TRAINER_ENV as TideSettings fields, for a trainer that runs in this process."""
+    return {k.removeprefix("TIDE_").lower(): v for k, v in CPU_TRAINER_ENV.items() if k.startswith("TIDE_")}
+
+
 class Promoter(threading.Thread):
     """Stand-in for the operator: promote every version the trainer announces on the events stream."""
 

@@ -133,7 +133,7 @@ def _serve_http(http: GenerateServer, engine: SpecEngine, options: PodOptions, f
     while True:
         pending = http.next_wave(options.batch_size, timeout_s=0.5)
         if not pending:
-            serving.follow()  # idle: still follow the control state
+            serving.sync()  # idle: still follow the control state
             continue
         max_new = min(options.max_new_tokens, max(p.max_new_tokens for p in pending))
         serving.options = serving.options.model_copy(update={"max_new_tokens": max_new})

@@ -102,10 +102,12 @@ class Serving:
         self.on_record = on_record
         self.start = time.monotonic() if start is None else start
         self.records: list[StepRecord] = []
-        self.follow()
+        self.sync()
 
-    def follow(self) -> None:
-        """Take what the control state says now: a new draft version, `collect`, the forced steps."""
+    def sync(self) -> None:
+        """Take what the control state says now: a new draft version, `collect`, the forced steps. Called between
+        steps; a driver that changes the control state between waves (`tide bench train-gate`) calls it before
+        the next."""
         if self.follower is None:
             return
         if (swap_to := self.follower.poll()) is not None:
@@ -120,7 +122,7 @@ class Serving:
             self.reporter.add(stats.draft_version, **stats.counts())
         if self.on_record is not None:
             self.on_record(record)
-        self.follow()
+        self.sync()
 
     def serve(self, wave: Wave) -> list[list[int]]:
         """Generate one wave; returns the completions. Ctrl-C propagates after the current step."""

@@ -82,6 +82,11 @@ class DraftTrainer:
     heldout = property(lambda self: self.ingest.heldout)
     ingested_rows = property(lambda self: self.ingest.rows)
 
+    @property
+    def ready(self) -> bool:
+        """A step can be taken now: a draft to train, rows to train on, and the gate (control state) allows it."""
+        return self.learner is not None and len(self.ingest.replay) > 0 and self.should_train()
+
     # -- start: resume, continue the served lineage, or wait for a vocabulary -----------------------------
 
     def _start(self) -> None:
@@ -273,7 +278,7 @@ class DraftTrainer:
             self._stream_metrics()
             if self.learner is not None:
                 self.follow_rollbacks()
-            ready = self.learner is not None and len(self.ingest.replay) > 0 and self.should_train()
+            ready = self.ready
             running = not stop.is_set()
             if self.dist is not None:
                 ready, running = distributed.agree([ready, running], self.device)
@@ -301,13 +306,26 @@ class DraftTrainer:
 
     def _train_slice(self, stop: threading.Event, max_steps: int | None, slice_s: float) -> None:
         assert self.learner is not None
+        state, until = self.learner.state, time.monotonic() + slice_s
+
+        def more(steps: int) -> bool:
+            if max_steps is not None and state.steps >= max_steps:
+                stop.set()
+            if stop.is_set():
+                return False
+            return steps < DIST_SLICE_STEPS if self.dist else time.monotonic() < until
+
+        self.train_slice(more)
+
+    def train_slice(self, more: Callable[[int], bool]) -> int:
+        """Optimizer steps while `more(steps taken so far)`, with a publish decision every eval interval;
+        returns the steps taken (`run` slices by time; a lockstep driver, `tide bench train-gate`, by count)."""
+        assert self.learner is not None
         self.learner.unpark()
-        state = self.learner.state
-        until, steps = time.monotonic() + slice_s, 0
-        while not stop.is_set() and (steps < DIST_SLICE_STEPS if self.dist else time.monotonic() < until):
+        state, steps = self.learner.state, 0
+        while more(steps):
             self.train_step()
             steps += 1
             if state.steps % self.s.train_eval_interval_steps == 0 and (self.dist is None or self.dist.main):
                 self.evaluate()
-            if max_steps is not None and state.steps >= max_steps:
-                stop.set()
+        return steps
