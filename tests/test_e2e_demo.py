@@ -43,7 +43,7 @@ def test_demo_serves_three_arms_and_tide_publishes_swaps_and_beats_the_cold_star
     assert summary["swaps"], "the engine hot-swapped a published version"
     first_swap = summary["swaps"][0]["t"]
     drafted = [s for s in steps["tide"] if s["t"] > first_swap and s["draft_steps"] > 0]
-    # 12 steps of 2 requests at 3 draft steps: 72 drafted tokens, of which a useless draft accepts about none.
+    # 12 steps of 2 requests: 24 verifies of drafted tokens, of which a useless draft accepts about none.
     # (When the first swap lands depends on the trainer's share of 2 cores: 19 once, on a quiet machine.)
     assert len(drafted) >= 12, f"only {len(drafted)} drafted steps after the first swap: too few to judge"
     accept = sum(s["emitted"] for s in drafted) / sum(s["batch_size"] for s in drafted)
