@@ -6,6 +6,8 @@ from collections.abc import Callable
 import torch
 
 from tide_sglang.capture import CaptureBatch
+from tide_sglang.draft import DraftConfig, Eagle3Draft, init_draft, select_vocab
+from tide_sglang.draft.target import Target, heads_of
 
 
 def make_batch(n: int = 8, hidden: int = 16, k: int = 3, requests: int = 2, seed: int = 0,
@@ -32,3 +34,12 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, what: str = "
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.02)
+
+
+def untrained_draft(target: Target, seed: int = 0) -> Eagle3Draft:
+    """A fresh EAGLE-3 draft over `target`'s heads, 512-token vocabulary, seeded."""
+    torch.manual_seed(seed)
+    heads = heads_of(target.model)
+    config = DraftConfig.from_target(target.model.config, 512, target.aux_layer_ids)
+    vocab = select_vocab(torch.arange(config.vocab_size).flip(0).float(), 512)
+    return init_draft(config, vocab, heads.embed, heads.lm_head, heads.norm)

@@ -4,11 +4,10 @@ decode steps timed per batch size. The full `tide bench control --quick` is not 
 and serves four ways, over five minutes on the loaded 2-core machine (docs/benchmarks.md)."""
 
 import pytest
-import torch
 
+from tests.helpers import untrained_draft
 from tide_sglang.control import Profile
-from tide_sglang.draft import DraftConfig, init_draft, select_vocab
-from tide_sglang.draft.target import heads_of, load_target
+from tide_sglang.draft.target import load_target
 from tide_sglang.engine import FixedSteps, SpecEngine
 from tide_sglang.engine.profile import profile_by_forcing
 from tide_sglang.engine.serve import chat_ids
@@ -17,11 +16,7 @@ from tide_sglang.profiler.measure import Plan
 
 def test_profile_by_forcing_times_every_forced_point_whatever_the_controller_says() -> None:
     target = load_target()
-    torch.manual_seed(0)
-    heads = heads_of(target.model)
-    config = DraftConfig.from_target(target.model.config, 512, target.aux_layer_ids)
-    draft = init_draft(config, select_vocab(torch.arange(config.vocab_size).flip(0).float(), 512), heads.embed,
-                       heads.lm_head, heads.norm)
+    draft = untrained_draft(target)
     engine = SpecEngine(target, draft=draft, draft_version=1, controller=FixedSteps(1))  # 1 unless forced
     prompts = [chat_ids(target.tokenizer, text, 64) for text in ("Tell me about the sea.", "Write a haiku.")]
     run = profile_by_forcing(engine, prompts, Plan(steps=[3], batches=[2], min_samples=3), max_new_tokens=8)

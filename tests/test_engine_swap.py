@@ -6,8 +6,9 @@ import time
 import pytest
 import torch
 
+from tests.helpers import untrained_draft
 from tide_sglang import keys
-from tide_sglang.draft import DirectoryRegistry, DraftConfig, init_draft, select_vocab
+from tide_sglang.draft import DirectoryRegistry
 from tide_sglang.draft.target import Target, heads_of, load_target
 from tide_sglang.engine import FixedSteps, SpecEngine
 from tide_sglang.engine.pod import PodOptions, run_pod
@@ -21,21 +22,13 @@ def target() -> Target:
     return load_target()
 
 
-def _draft(target: Target, seed: int):
-    torch.manual_seed(seed)
-    heads = heads_of(target.model)
-    config = DraftConfig.from_target(target.model.config, 512, target.aux_layer_ids)
-    vocab = select_vocab(torch.arange(config.vocab_size).flip(0).float(), 512)
-    return init_draft(config, vocab, heads.embed, heads.lm_head, heads.norm)
-
-
 def test_follow_swap_refuse_report_and_keep_serving(target, settings, tmp_path):
     client = connect(settings)
     registry = DirectoryRegistry(tmp_path / "registry", create=True)
-    imported = _draft(target, 0)
+    imported = untrained_draft(target, 0)
     registry.store_initial(imported.config, imported.vocab, imported.draft_tensors())  # `tide import`
-    v1 = registry.publish(_draft(target, 1), parent=0).version
-    v2 = registry.publish(_draft(target, 2), parent=v1).version
+    v1 = registry.publish(untrained_draft(target, 1), parent=0).version
+    v2 = registry.publish(untrained_draft(target, 2), parent=v1).version
     weights = registry.path(v2) / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-100] ^= 0xFF  # a flipped byte on the PVC
@@ -87,7 +80,7 @@ def test_tide_engine_serves_as_one_pod(target, settings, tmp_path):
     """`tide engine` (the stand-in for an SGLang pod in CPU tests): serves the version it was started with,
     reports it in its heartbeat, adds the stats of that version and captures to the stream."""
     registry = DirectoryRegistry(tmp_path / "registry", create=True)
-    imported = _draft(target, 0)
+    imported = untrained_draft(target, 0)
     registry.store_initial(imported.config, imported.vocab, imported.draft_tensors())
     pod = settings.model_copy(update={"pod_name": "pod-z", "heartbeat_s": 0.2, "stats_flush_s": 0.1})
     options = PodOptions(registry=registry.location, target="smollm2-135m", schedule="writing:2", version=0, rounds=1,

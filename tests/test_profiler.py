@@ -13,14 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
 
+from tests.helpers import untrained_draft
 from tests.prometheus import free_port
 from tide_sglang.cli import main
 from tide_sglang.control import Profile
-from tide_sglang.draft import DirectoryRegistry, DraftConfig, init_draft, select_vocab
-from tide_sglang.draft.target import heads_of, load_target
+from tide_sglang.draft import DirectoryRegistry
+from tide_sglang.draft.target import load_target
 from tide_sglang.profiler.server import STEP_METRIC, delta, scrape, step_totals
 from tide_sglang.profiler.startup import startup_profile
 from tide_sglang.rollout import read_control
@@ -51,11 +51,7 @@ def test_step_totals_read_one_deployment_over_versions() -> None:
 def engine(settings: TideSettings, tmp_path: Path) -> Iterator[tuple[str, str]]:
     """`tide engine` serving /generate and /metrics; --steps 2, so any other step count it runs was forced."""
     target = load_target()
-    torch.manual_seed(0)
-    heads = heads_of(target.model)
-    config = DraftConfig.from_target(target.model.config, 512, target.aux_layer_ids)
-    draft = init_draft(config, select_vocab(torch.arange(config.vocab_size).flip(0).float(), 512), heads.embed,
-                       heads.lm_head, heads.norm)
+    draft = untrained_draft(target)
     registry = DirectoryRegistry(tmp_path / "registry", create=True)
     registry.store_initial(draft.config, draft.vocab, draft.draft_tensors())
     del target, draft

@@ -46,14 +46,16 @@ def serve_argv(argv: list[str], *, candidates: list[int], config_path: Path, dra
     return [*argv, *extra]
 
 
-def _steps(text: str) -> list[int]:
+def int_list(text: str, items: str = "integers", negative: str = "expected non-negative integers") -> list[int]:
+    """A comma-separated list of non-negative integers from the command line; `items` and `negative` word the
+    errors."""
     try:
-        steps = [int(s) for s in text.split(",") if s.strip()]
+        values = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of step counts") from None
-    if not steps or min(steps) < 0:
-        raise click.BadParameter("candidate steps must be non-negative integers")
-    return steps
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of {items}") from None
+    if not values or min(values) < 0:
+        raise click.BadParameter(negative)
+    return values
 
 
 @click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
@@ -78,7 +80,7 @@ def serve(tide_candidate_steps: str, tide_dry_run: bool, sglang_args: tuple[str,
         except ProfileError as e:
             raise click.ClickException(str(e)) from None
     argv = list(sglang_args)
-    candidates = _steps(tide_candidate_steps)
+    candidates = int_list(tide_candidate_steps, "step counts", "candidate steps must be non-negative integers")
     draft, registry, started = None, None, None
     if settings.registry is not None:
         from tide_sglang.draft.registry import DraftVerificationError, open_registry

@@ -4,17 +4,7 @@ from pathlib import Path
 
 import click
 
-from tide_sglang.plugin.cli import SLOTS
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers") from None
-    if not values or min(values) < 0:
-        raise click.BadParameter("expected non-negative integers")
-    return values
+from tide_sglang.plugin.cli import SLOTS, int_list
 
 
 @click.command("profile")
@@ -62,7 +52,7 @@ def profile(metrics_url: str, url: str | None, pod: str | None, steps: str, batc
         registry = open_registry(settings.registry)
     if not wait_until_up(metrics_url, wait_s):
         raise click.ClickException(f"{metrics_url} did not answer within {wait_s:g} s")
-    plan = Plan(steps=_ints(steps), batches=_ints(batches) if url else None, min_samples=min_samples)
+    plan = Plan(steps=int_list(steps), batches=int_list(batches) if url else None, min_samples=min_samples)
     load = GenerateLoad(url, prompt, max_new_tokens) if url else None
     run = profile_server(settings, plan, metrics_url=metrics_url, pod=pod or settings.pod_name, load=load,
                          point_timeout_s=point_timeout_s, device=gpu)
