@@ -49,7 +49,7 @@ def test_dashboard_conventions(path: Path) -> None:
 
 def test_dashboards_cover_what_an_operator_needs() -> None:
     text = " ".join(q.expr for q in QUERIES)
-    for metric in ("tide_draft_accepted_tokens_total", "sglang[:_]generation_tokens_total", "tide_speculation_steps",
+    for metric in ("tide_draft_accepted_tokens_total", "sglang[:_]realtime_tokens_total", "tide_speculation_steps",
                    "tide_captured_tokens_total", "tide_captured_bytes_total", "tide_capture_drops_total",
                    "tide_stream_lag_entries", "tide_trainer_loss", "tide_trainer_heldout_acceptance",
                    "tide_trainer_tokens_total", "tide_draftversion_phase", "tide_controller_spec_steps",
