@@ -1,6 +1,10 @@
 """The SGLang plugin's pure logic, without SGLang: row selection, swap checks, agreement, step choice, serve argv.
 (The same code against the real SGLang modules: tests/contract, in .venv-sglang.)"""
 
+import os
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -230,7 +234,8 @@ def test_tide_serve_starts_with_the_registrys_profile_or_measures_one(tmp_path: 
     assert child.split()[1:] == [
         "-m", "tide_sglang.cli", "profile", "--url", "http://127.0.0.1:31000", "--metrics-url",
         "http://127.0.0.1:31000/metrics", "--pod", "pod-a", "--steps", "1,3", "--out", str(path), "--store",
-        "--target", "org/m", "--gpu", "NVIDIA", "H200", "--sglang-version", "0.5.17", "--wait-s", "1800"]
+        "--target", "org/m", "--gpu", "NVIDIA", "H200", "--sglang-version", "0.5.17", "--wait-s", "1800",
+        "--server-pid", str(os.getpid())]
     stored = Profile.roofline(0.01, 1e-4, 0.001)
     registry.put_profile(ProfileKey(target="org/m", gpu="NVIDIA H200", sglang="0.5.17"), stored.model_dump_json())
     result = CliRunner().invoke(main, argv)
@@ -239,6 +244,39 @@ def test_tide_serve_starts_with_the_registrys_profile_or_measures_one(tmp_path: 
     assert Profile.load(path) == stored
     monkeypatch.setattr("tide_sglang.plugin.versions.installed", lambda: "0.5.23")  # another key: measured
     assert "PENDING" in CliRunner().invoke(main, argv).output
+
+
+def test_tide_serve_with_pinned_steps_needs_no_profile(tmp_path: Path, monkeypatch) -> None:
+    """A user's adaptive config with one candidate per slot leaves the controller nothing to choose: no profile is
+    looked up or measured (a start-up profile would force other step counts on the server while it serves)."""
+    monkeypatch.setattr("tide_sglang.plugin.versions.installed", lambda: "0.5.17")
+    monkeypatch.setattr("tide_sglang.plugin.cli.gpu_name", lambda: "NVIDIA H200")
+    monkeypatch.setenv("TIDE_REGISTRY_DIR", str(tmp_path / "registry"))
+    (tmp_path / "registry").mkdir()
+    config = tmp_path / "adaptive.json"
+    argv = ["serve", "--tide-dry-run", "--model-path", "org/m", "--speculative-adaptive-config", str(config)]
+    config.write_text('{"1": {"candidate_steps": [3]}, "64": {"candidate_steps": [3, 3]}}')
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 0, result.output
+    assert len(result.output.strip().splitlines()) == 1  # SGLang's command only: no profile, no `tide profile`
+    config.write_text('{"1": {"candidate_steps": [3]}, "64": {"candidate_steps": [1, 3]}}')
+    assert "PENDING" in CliRunner().invoke(main, argv).output  # a choice left: measured
+    config.write_text('{"1": [3]}')
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 1 and "not SGLang's adaptive config" in result.output
+
+
+def test_tide_profile_stops_when_its_server_exits(tmp_path: Path) -> None:
+    """`tide serve`'s start-up profile outlives the exec into SGLang (its own session): once that server is gone it
+    must stop, not wait on and profile whatever next answers on the port (seen on the GPU, 2026-12-02)."""
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(2)"])
+    threading.Thread(target=server.wait, daemon=True).start()  # reaped as its parent would: no zombie stays "alive"
+    env = {**os.environ, "TIDE_REDIS_URL": "redis://127.0.0.1:1/0"}
+    done = subprocess.run([sys.executable, "-m", "tide_sglang.cli", "profile", "--metrics-url",
+                           "http://127.0.0.1:1/metrics", "--wait-s", "120", "--server-pid", str(server.pid)],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3, done.stderr
+    assert f"the server (pid {server.pid}) exited" in done.stderr
 
 
 def test_a_pending_profile_starts_the_controller_once_it_exists(tmp_path: Path) -> None:

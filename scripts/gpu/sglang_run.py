@@ -17,8 +17,9 @@ each server's log to OUT/server-<name>.log. A phase that fails is recorded and t
 - control: with TIDE_CONTROL_PROFILE set, the steps SGLang runs per batch-size slot follow TIDE's controller.
 - capture: the capture cost (docs/sglang.md, "Capture cost"): servers with identical arguments and pinned steps
   (one candidate, 3 draft steps), in the order --capture-servers gives (no plugin, plugin capturing, plugin at
-  sample rate 0, no plugin again), each serving one wave per steady batch size with about --capture-seconds of
-  decode, read from SGLang's own log; TIDE's scheduler-thread time per batch from tide_plugin_scheduler_seconds.
+  sample rate 0, no plugin again), each serving rounds of short waves per steady batch size with about
+  --capture-seconds of decode, read from SGLang's own log; TIDE's scheduler-thread time per batch from
+  tide_plugin_scheduler_seconds.
 - collect: a static draft from SGLang's own captures: a plugin-on server serves --collect-requests "train"
   prompts of bench.static, then `bench.static train --stream-url` trains on what the plugin captured and writes
   $GPU_RUN_HOME/static (the static phase then serves it without --static-dir). Not under OUT: a call's OUT is
@@ -95,7 +96,7 @@ class Server:
         env = {**os.environ, **env}
         if not plugin:  # SGLang itself, with TIDE installed but not enabled: its entry point patches nothing
             dry = subprocess.run([*base, "--tide-dry-run"], env=env, capture_output=True, text=True, check=True)
-            base = dry.stdout.split()
+            base = dry.stdout.splitlines()[0].split()  # SGLang's command; a start-up profile's lines follow
             env.pop("TIDE_ENABLED", None)
         self.command = base
         self.proc = subprocess.Popen(base, env=env, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT,
@@ -387,19 +388,32 @@ CAPTURE_SERVERS = {  # name -> (plugin loaded, extra environment)
     "off": (False, {}), "on": (True, {}), "rate0": (True, {"TIDE_CAPTURE_SAMPLE_RATE": "0"})}
 
 
+WAVE_TOKENS = 1536  # new tokens per request at most: decode slows as contexts grow (triton attention on the H200:
+# 2,300 -> 540 tokens/s at batch 8 between 1k and 6k tokens per request), so longer waves measure the context
+
+
 def capture_wave(server: Server, tok: Any, batch: int, seconds: float, offset: int, sizes: dict[int, int]) -> dict:
-    """One wave of `batch` identical-length requests (ignore_eos), long enough for about `seconds` of decode at a
-    steady batch. The first server sizes it with a short probe wave and records it in `sizes`; every later server
-    decodes the same number of tokens (a longer wave decodes at longer contexts, slower: on the H200, waves sized
-    per server differed by up to 40 % and moved the on/off ratio by ±14 %)."""
-    ids = prompts(tok, batch, offset=offset)
+    """Rounds of `batch` identical-length requests (ignore_eos, at most WAVE_TOKENS new tokens each), enough for
+    about `seconds` of decode at a steady batch. The first server sizes them with a short probe wave and records the
+    total in `sizes`; every later server decodes the same rounds (a longer wave decodes at longer contexts, slower:
+    on the H200, waves sized per server differed by up to 40 % and moved the on/off ratio by +-14 %)."""
     if batch not in sizes:
-        probe = throughput(server, ids, batch, 256)
+        probe = throughput(server, prompts(tok, batch, offset=offset), batch, 256)
         per_request = (probe.get("decode_tokens_per_s") or probe["tokens_per_s"]) / batch
-        sizes[batch] = int(min(7000, max(256, per_request * seconds * 1.15)))
-    max_new = sizes[batch]
-    row = throughput(server, ids, batch, max_new)
-    return {"batch": batch, "max_new_tokens": max_new, **row}
+        sizes[batch] = int(min(12_000, max(256, per_request * seconds * 1.15)))
+    rounds = -(-sizes[batch] // WAVE_TOKENS)
+    max_new = -(-sizes[batch] // rounds)
+    parts = [throughput(server, prompts(tok, batch, offset=offset + r * batch), batch, max_new) for r in range(rounds)]
+    steady = sum(p["steady_s"] for p in parts)
+    rates = [(p["decode_tokens_per_s"], p["steady_s"]) for p in parts if p["decode_tokens_per_s"]]
+    tokens, wall = sum(p["tokens"] for p in parts), sum(p["wall_s"] for p in parts)
+    accepts = [p["accept_length"] for p in parts if p["accept_length"]]
+    return {"batch": batch, "max_new_tokens": max_new, "rounds": rounds, "tokens_per_s": tokens / wall,
+            "tokens": tokens, "wall_s": wall, "failed": sum(p["failed"] for p in parts),
+            # SGLang's decode rate over the steady seconds of every round, weighted by them
+            "decode_tokens_per_s": sum(r * t for r, t in rates) / sum(t for _, t in rates) if rates else None,
+            "accept_length": sum(accepts) / len(accepts) if accepts else None,
+            "log_intervals": sum(p["log_intervals"] for p in parts), "steady_s": steady}
 
 
 def phase_capture(name: str, out: Path, args: list[str], env: dict[str, str], tok: Any, batches: list[int],

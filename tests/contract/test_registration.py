@@ -1,8 +1,10 @@
 """Entry point, hook targets and their signatures, and registration through SGLang's real HookRegistry."""
 
 import inspect
+import os
 import pkgutil
 import re
+import subprocess
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -39,6 +41,24 @@ def test_register_applies_every_hook_through_hook_registry_once() -> None:
         registered = [h for _, h, _ in HookRegistry._hooks[target.path] if h is hook]
         assert len(registered) == 1, f"{target.path} registered {len(registered)} times"
         assert target.path in HookRegistry._patched
+
+
+def test_registering_leaves_sglangs_own_metrics_in_multiprocess_mode(tmp_path: Path) -> None:
+    """SGLang's launcher runs the entry point first, then sets PROMETHEUS_MULTIPROC_DIR, then creates the server
+    process's metrics (the tokenizer manager's: time to first token, request latency, prompt and generation tokens).
+    prometheus_client picks single- or multi-process values when it is first imported; had registering imported it,
+    those metrics would stay in-process and never reach /metrics (seen in a GPU run's /metrics, 2026-12-02)."""
+    code = ("import os, sys, tide_sglang.plugin as p\n"
+            "p.register()\n"
+            "print('prometheus_client' in sys.modules)\n"
+            f"os.environ['PROMETHEUS_MULTIPROC_DIR'] = {str(tmp_path)!r}\n"  # what SGLang's launcher does next
+            "from prometheus_client import Counter\n"
+            "Counter('sglang_x_total', 'a server-process metric').inc()\n")
+    env = {**os.environ, "TIDE_ENABLED": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[-2] == "False"
+    assert [f.name for f in tmp_path.iterdir()], "the counter did not go to the multiprocess directory"
 
 
 def test_a_target_that_cannot_be_patched_fails_loudly_naming_the_version(monkeypatch) -> None:

@@ -18,7 +18,7 @@ from sglang.srt.speculative.adaptive_spec_params import AdaptiveSpeculativeParam
 
 import tide_sglang.plugin
 from tide_sglang.control import Profile
-from tide_sglang.plugin import hooks
+from tide_sglang.plugin import build, hooks
 from tide_sglang.plugin.cli import adaptive_config
 from tide_sglang.plugin.metrics import PluginMetrics
 from tide_sglang.plugin.runtime import Runtime
@@ -117,7 +117,7 @@ def test_a_bad_profile_stops_the_engine_at_its_first_batch(params: AdaptiveSpecu
     controlled.write_text("{")
     worker = types.SimpleNamespace(draft_worker=types.SimpleNamespace(),
                                    adaptive_controller=types.SimpleNamespace(params=params))
-    monkeypatch.setattr(hooks, "_is_publisher", lambda: False)  # no capture: only the profile is under test
+    monkeypatch.setattr(build, "_is_publisher", lambda: False)  # no capture: only the profile is under test
     with pytest.raises(ProfileError, match="TIDE_CONTROL_PROFILE="):
         hooks.before_forward(worker, None)  # unguarded: the scheduler stops instead of serving without control
 
@@ -129,7 +129,7 @@ def test_a_pending_profile_leaves_sglangs_steps_until_it_is_written(params: Adap
     profile = Profile.load(controlled)
     controlled.unlink()
     monkeypatch.setenv("TIDE_CONTROL_PROFILE_PENDING", "1")
-    monkeypatch.setattr(hooks, "_is_publisher", lambda: False)
+    monkeypatch.setattr(build, "_is_publisher", lambda: False)
     worker = types.SimpleNamespace(draft_worker=types.SimpleNamespace(),
                                    adaptive_controller=types.SimpleNamespace(params=params))
     for _ in range(3):

@@ -84,14 +84,19 @@ def serve(tide_candidate_steps: str, tide_dry_run: bool, sglang_args: tuple[str,
     draft, registry, started = None, None, None
     if settings.registry is not None:
         from tide_sglang.draft.registry import DraftVerificationError, open_registry
-        from tide_sglang.profiler.startup import startup_profile
+        from tide_sglang.profiler.startup import pinned_steps, startup_profile
 
+        try:
+            pinned = pinned_steps(argv)
+        except (OSError, ValueError) as e:
+            raise click.ClickException(str(e)) from None
         try:  # verified, and on local disk (an S3 registry stages it): SGLang reads it from there
             registry = open_registry(settings.registry)
             latest = registry.latest()
             if not _has(argv, "--speculative-draft-model-path") and latest is not None:
                 draft = registry.verify(latest).path
-            if settings.control_profile is None:  # the registry's profile for this GPU, or one measured now
+            if settings.control_profile is None and not pinned:
+                # the registry's profile for this GPU, or one measured now (none when the steps are pinned)
                 started = startup_profile(argv, settings, registry, gpu=gpu_name(), sglang=versions.installed() or "",
                                           path=Path(tempfile.gettempdir()) / f"tide-profile-{os.getpid()}.json",
                                           steps=candidates)

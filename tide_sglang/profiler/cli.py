@@ -1,5 +1,10 @@
 """`tide profile`: measure the controller's cost profile on a live server, write it, store it in the registry."""
 
+import os
+import signal
+import sys
+import threading
+import time
 from pathlib import Path
 
 import click
@@ -32,9 +37,12 @@ from tide_sglang.plugin.cli import SLOTS, int_list
 @click.option("--target", help="The served model (SGLang's --model-path), for --store.")
 @click.option("--gpu", default="", help="The GPU's name as torch.cuda.get_device_name() gives it, for --store.")
 @click.option("--sglang-version", default="", help="The server's SGLang version, for --store.")
+@click.option("--server-pid", type=click.IntRange(1), default=None,
+              help="Stop (exit 3) when this process, the server profiled, exits: another server could come up on "
+              "the same port and be profiled in its place. `tide serve` passes its own.")
 def profile(metrics_url: str, url: str | None, pod: str | None, steps: str, batches: str, min_samples: int,
             point_timeout_s: float, max_new_tokens: int, prompt: str, wait_s: float, out: Path, store: bool,
-            target: str | None, gpu: str, sglang_version: str) -> None:
+            target: str | None, gpu: str, sglang_version: str, server_pid: int | None) -> None:
     """Time a live server's decode steps at every candidate step count, forced one after another through the
     control state (Redis, deployment and namespace from the TIDE_* variables), and write the cost profile."""
     from tide_sglang.draft.registry import ProfileKey, open_registry
@@ -43,6 +51,8 @@ def profile(metrics_url: str, url: str | None, pod: str | None, steps: str, batc
     from tide_sglang.profiler.startup import profile_server
     from tide_sglang.settings import TideSettings
 
+    if server_pid is not None:
+        stop_with(server_pid)
     settings = TideSettings()
     registry = None
     if store:
@@ -64,3 +74,29 @@ def profile(metrics_url: str, url: str | None, pod: str | None, steps: str, batc
                              run.profile.model_dump_json(indent=2))
     click.echo(f"tide profile: {len(run.samples)} points in {run.seconds:.0f} s -> {out}"
                + (f" and {registry.location}" if registry is not None else ""))
+
+
+SERVER_GONE = 3  # exit status when the profiled server exited first
+
+
+def stop_with(pid: int, poll_s: float = 1.0) -> None:
+    """Exit when process `pid` is gone: a watcher thread signals this process, whose handler raises SystemExit in
+    the main thread, so the profile's `finally` blocks still run (the forced steps are cleared)."""
+
+    def gone(*_: object) -> None:
+        click.echo(f"tide profile: the server (pid {pid}) exited; stopping", err=True)
+        sys.exit(SERVER_GONE)
+
+    def watch() -> None:
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return
+            except PermissionError:  # alive, owned by another user
+                pass
+            time.sleep(poll_s)
+
+    signal.signal(signal.SIGUSR1, gone)
+    threading.Thread(target=watch, name="tide-profile-server-watch", daemon=True).start()

@@ -3,7 +3,9 @@
 `tide serve` is a thin adapter over these (it needs a GPU); the functions are tested against `tide engine`.
 """
 
+import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -46,6 +48,20 @@ def _value(argv: list[str], flag: str, default: str) -> str:
     return value
 
 
+def pinned_steps(argv: list[str]) -> bool:
+    """Whether the user's own `--speculative-adaptive-config` gives every batch-size slot a single candidate: the
+    steps are pinned and the controller has nothing to choose, so no profile is needed (and a start-up profile
+    would force other step counts on the server while it serves). A config that cannot be read is an error."""
+    path = _value(argv, "--speculative-adaptive-config", "")
+    if not path:
+        return False
+    try:
+        slots = json.loads(Path(path).read_text())
+        return bool(slots) and all(len(set(slot["candidate_steps"])) == 1 for slot in slots.values())
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"--speculative-adaptive-config {path}: not SGLang's adaptive config ({e!r})") from None
+
+
 def startup_profile(argv: list[str], settings: TideSettings, registry: DraftRegistry, *, gpu: str, sglang: str,
                     path: Path, steps: list[int]) -> StartupProfile:
     """The registry's profile for this target, GPU and SGLang version, written to `path`; else a pending profile:
@@ -64,6 +80,7 @@ def startup_profile(argv: list[str], settings: TideSettings, registry: DraftRegi
     base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     child = [sys.executable, "-m", "tide_sglang.cli", "profile", "--url", base, "--metrics-url", f"{base}/metrics",
              "--pod", settings.pod_name, "--steps", ",".join(str(g) for g in steps), "--out", str(path),
-             "--store", "--target", key.target, "--gpu", gpu, "--sglang-version", sglang, "--wait-s", "1800"]
+             "--store", "--target", key.target, "--gpu", gpu, "--sglang-version", sglang, "--wait-s", "1800",
+             "--server-pid", str(os.getpid())]  # `tide serve` execs into SGLang: this pid is the server's
     return StartupProfile(env={"TIDE_CONTROL_PROFILE": str(path), "TIDE_CONTROL_PROFILE_PENDING": "1"},
                           child=child)
