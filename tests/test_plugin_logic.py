@@ -455,3 +455,18 @@ def test_helper_counts_every_invalid_domain_and_logs_only_the_first(settings, ca
     finally:
         helper.close()
         slab.close()
+
+
+def test_decode_step_times_land_in_their_version_bucket_and_steps() -> None:
+    """The scheduler observes one decode step per batch through a cached histogram child: each version, batch-size
+    bucket and step count still gets its own series (a stale child would put a new version's times in the old)."""
+    registry = CollectorRegistry()
+    metrics = PluginMetrics("unit", registry=registry)
+    for version, bs, steps, seconds in [(1, 3, 2, 0.5), (1, 4, 2, 0.25), (1, 5, 2, 1.0), (2, 3, 2, 2.0), (1, 3, 3, 4.0)]:
+        metrics.decode_step(version, bs, steps, seconds)
+
+    def total(version: int, bs: int, steps: int) -> float | None:
+        return registry.get_sample_value("tide_decode_step_seconds_sum", {
+            "deployment": "unit", "draft_version": str(version), "batch_size": str(bs), "draft_steps": str(steps)})
+
+    assert (total(1, 4, 2), total(1, 8, 2), total(2, 4, 2), total(1, 4, 3)) == (0.75, 1.0, 2.0, 4.0)
