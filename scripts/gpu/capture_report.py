@@ -5,7 +5,8 @@ docs/results/sglang-capture-<date>.json, with a `goals` list like `tide bench --
 
 Per steady batch: SGLang's decode tokens/s of every server (in run order), capture-on / no-plugin (the mean of
 the no-plugin servers), the spread between the no-plugin servers, TIDE's scheduler-thread µs per batch and its
-share of the batch time (batch time = running requests x accept length / decode tokens/s), and rows dropped.
+share of the batch time (batch time = running requests x accept length / decode tokens/s), and rows dropped; with
+the nospec/zero/zeroskip servers, 0 pinned steps (with and without the draft extend) over no speculation.
 A ratio goal is met when the ratio reaches 0.99 or the gap is inside the no-plugin servers' spread.
 """
 
@@ -42,6 +43,10 @@ def per_batch(servers: list[dict]) -> dict[int, dict[str, Any]]:
         b["no_plugin_spread"] = (max(off) - min(off)) / base if len(off) > 1 else None
         b["ratio_on"] = on / base if on and base else None
         b["ratio_rate0"] = rate0 / base if rate0 and base else None
+        nospec = b["tokens_per_s"].get("nospec")  # issue 15: what 0 steps costs inside a speculative server
+        for name in ("zero", "zeroskip"):
+            value = b["tokens_per_s"].get(name)
+            b[f"ratio_{name}_over_nospec"] = value / nospec if value and nospec else None
         accept = b["accept_length"].get("on")
         if on and accept and b.get("tide_us_per_batch") is not None:
             batch_s = bs * accept / on

@@ -86,7 +86,8 @@ def need(seconds: float, what: str) -> None:
 class Server:
     """`tide serve` (or plain SGLang with `plugin=False`) in its own process group, log to OUT."""
 
-    def __init__(self, name: str, out: Path, args: list[str], env: dict[str, str], plugin: bool = True):
+    def __init__(self, name: str, out: Path, args: list[str], env: dict[str, str], plugin: bool = True,
+                 speculative: bool = True):
         need(SERVER_START_S, f"server {name}")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -97,6 +98,8 @@ class Server:
         if not plugin:  # SGLang itself, with TIDE installed but not enabled: its entry point patches nothing
             dry = subprocess.run([*base, "--tide-dry-run"], env=env, capture_output=True, text=True, check=True)
             base = dry.stdout.splitlines()[0].split()  # SGLang's command; a start-up profile's lines follow
+            if not speculative:
+                base = without_speculation(base)
             env.pop("TIDE_ENABLED", None)
         self.command = base
         self.proc = subprocess.Popen(base, env=env, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT,
@@ -384,8 +387,33 @@ def throughput(server: Server, ids: list[list[int]], concurrency: int, max_new: 
             **steady}
 
 
-CAPTURE_SERVERS = {  # name -> (plugin loaded, extra environment)
-    "off": (False, {}), "on": (True, {}), "rate0": (True, {"TIDE_CAPTURE_SAMPLE_RATE": "0"})}
+CAPTURE_SERVERS = {  # name -> (plugin loaded, extra environment, pinned draft steps; None: no speculation at all)
+    "off": (False, {}, 3), "on": (True, {}, 3), "rate0": (True, {"TIDE_CAPTURE_SAMPLE_RATE": "0"}, 3),
+    # what "speculation off" costs inside a speculative server (issue 15): SGLang's 0 steps still verify through
+    # the TARGET_VERIFY graph and extend the draft every batch, unless told to skip the extend (stale draft KV)
+    "nospec": (False, {}, None), "zero": (False, {}, 0),
+    "zeroskip": (False, {"SGLANG_SPEC_SKIP_ZERO_STEP_DRAFT_EXTEND": "1"}, 0)}
+
+
+def pinned_config(out: Path, steps: int, sizes: tuple[int, ...] = (1, 8, 32, 64, 128)) -> Path:
+    """SGLang's adaptive config with one candidate, `steps`, in every slot: its own switching cannot confound."""
+    path = out / f"adaptive-{steps}.json"
+    path.write_text(json.dumps({str(bs): {"candidate_steps": [steps]} for bs in sizes}))
+    return path
+
+
+def without_speculation(command: list[str]) -> list[str]:
+    """SGLang's command with every --speculative-* flag (and its value) removed."""
+    out: list[str] = []
+    skip = False
+    for arg in command:
+        if skip:
+            skip = False
+        elif arg.startswith("--speculative-"):
+            skip = "=" not in arg and arg != "--speculative-adaptive"
+        else:
+            out.append(arg)
+    return out
 
 
 WAVE_TOKENS = 1536  # new tokens per request at most: decode slows as contexts grow (triton attention on the H200:
@@ -420,8 +448,9 @@ def phase_capture(name: str, out: Path, args: list[str], env: dict[str, str], to
                   seconds: float, sizes: dict[int, int], partial: dict, on_row: Any) -> dict:
     """Capture cost: one server (no plugin, plugin capturing, or plugin at sample rate 0) at each steady batch.
     `partial` holds the rows so far; `on_row` saves them (a run cut off by the call's time limit keeps its rows)."""
-    plugin, extra = CAPTURE_SERVERS[name.rstrip("0123456789")]
-    server = Server(f"capture-{name}", out, args, {**env, **extra}, plugin=plugin)
+    plugin, extra, steps = CAPTURE_SERVERS[name.rstrip("0123456789")]
+    args = [*args, "--speculative-adaptive-config", str(pinned_config(out, 3 if steps is None else steps))]
+    server = Server(f"capture-{name}", out, args, {**env, **extra}, plugin=plugin, speculative=steps is not None)
     rows = partial.setdefault("rows", [])
     partial.update(server=name, plugin=plugin)
     try:
@@ -528,7 +557,8 @@ def main() -> None:
     ap.add_argument("--sglang-arg", action="append", default=[], help="extra SGLang argument (repeatable)")
     ap.add_argument("--throughput-arg", action="append", default=[], help="extra SGLang argument, throughput only")
     ap.add_argument("--capture-servers", default="off,on,rate0,off2",
-                    help="capture phase: servers in order (off: no plugin, on: capturing, rate0: sample rate 0)")
+                    help="capture phase: servers in order (off: no plugin, on: capturing, rate0: sample rate 0; "
+                         "nospec: no speculation, zero: 0 pinned steps, zeroskip: 0 steps skipping the draft extend)")
     ap.add_argument("--capture-batches", default="1,8,32,64,128")
     ap.add_argument("--capture-seconds", type=float, default=22.0, help="steady decode per batch size")
     ap.add_argument("--collect-requests", type=int, default=2048, help="collect phase: train prompts served")
@@ -623,9 +653,7 @@ def main() -> None:
             server.stop()
             save()
     if "capture" in phases:
-        pinned = a.out / "adaptive-3.json"  # one candidate: SGLang's own step switching cannot confound the cost
-        pinned.write_text(json.dumps({str(bs): {"candidate_steps": [3]} for bs in (1, 8, 32, 64, 128)}))
-        cargs = [*args, "--speculative-adaptive-config", str(pinned), "--cuda-graph-max-bs", "128",
+        cargs = [*args, "--cuda-graph-max-bs", "128",
                  "--decode-log-interval", str(DECODE_LOG_INTERVAL), "--max-running-requests", "128"]
         servers = report["phases"].setdefault("capture", {"servers": []})["servers"]
         sizes: dict[int, int] = {}  # batch -> tokens per request, the same for every server
@@ -651,8 +679,7 @@ def main() -> None:
             ap.error("the static phase needs --static-dir (or the collect phase before it)")
         trained = json.loads((a.static_dir / "static-draft.json").read_text())
         draft = DirectoryRegistry(Path(trained["registry"])).path(trained["version"])
-        pinned = a.out / "adaptive-3.json"
-        pinned.write_text(json.dumps({str(bs): {"candidate_steps": [3]} for bs in (1, 8, 16, 32, 64)}))
+        pinned = pinned_config(a.out, 3)
         run_phase("static", lambda: {"trained": trained, **phase_static(
             a.out, [*args, "--speculative-adaptive-config", str(pinned)], env, tok, draft,
             a.static_dir / "eval-prompts.json")})
