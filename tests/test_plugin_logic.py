@@ -462,8 +462,9 @@ def test_decode_step_times_land_in_their_version_bucket_and_steps() -> None:
     bucket and step count still gets its own series (a stale child would put a new version's times in the old)."""
     registry = CollectorRegistry()
     metrics = PluginMetrics("unit", registry=registry)
-    for version, bs, steps, seconds in [(1, 3, 2, 0.5), (1, 4, 2, 0.25), (1, 5, 2, 1.0), (2, 3, 2, 2.0), (1, 3, 3, 4.0)]:
-        metrics.decode_step(version, bs, steps, seconds)
+    steps = [(1, 3, 2, 0.5), (1, 4, 2, 0.25), (1, 5, 2, 1.0), (2, 3, 2, 2.0), (1, 3, 3, 4.0)]
+    for version, bs, draft_steps, seconds in steps:
+        metrics.decode_step(version, bs, draft_steps, seconds)
 
     def total(version: int, bs: int, steps: int) -> float | None:
         return registry.get_sample_value("tide_decode_step_seconds_sum", {
