@@ -91,7 +91,7 @@ class Size(BaseModel):
 SIZES = {
     "quick": Size(requests=[4, 2, 4, 2], batch=2, max_new_tokens=12, eval_requests=2, train_steps=4,
                   offline_requests=8, offline_steps=20, window_steps=8, hold_for="2s", idle_after="4s", min_up="4s"),
-    "full": Size(requests=[40, 8, 24, 16], batch=4, max_new_tokens=24, eval_requests=4, train_steps=48,
+    "full": Size(requests=[40, 8, 48, 16], batch=4, max_new_tokens=24, eval_requests=4, train_steps=48,
                  offline_requests=48, offline_steps=300, window_steps=16, hold_for="2s", idle_after="10s",
                  min_up="10s"),
 }
