@@ -136,7 +136,8 @@ class TideSettings(BaseSettings):
     # Training trigger (TIDE Algorithm 1); counts are in windows of control_window_steps.
     trigger_short_alpha: float = Field(0.2, gt=0, le=1, description="weight of a new window, short EWMA")
     trigger_long_alpha: float = Field(0.01, gt=0, le=1, description="weight of a new window, long EWMA")
-    trigger_epsilon: float = Field(0.02, ge=0, description="acceptance gap between the EWMAs that counts")
+    trigger_epsilon: float = Field(0.02, ge=0, description="smallest acceptance gap between the EWMAs that counts "
+                                   "(the trigger widens it to 2 standard deviations of the windows' noise)")
     trigger_n_init: int = Field(20, ge=1, description="windows collected before the first decision")
     trigger_n_threshold: int = Field(10, ge=1, description="consecutive windows needed to change state")
     # Change-point detector (one-sided CUSUM on window acceptance): starts training at once on a drop.

@@ -149,7 +149,8 @@ class TriggerSpec(_Model):
 
     short_alpha: float = Field(0.2, gt=0, le=1, description="weight of a new window in the short EWMA")
     long_alpha: float = Field(0.01, gt=0, le=1, description="weight of a new window in the long EWMA")
-    epsilon: float = Field(0.02, ge=0, le=1, description="acceptance gap between the EWMAs that counts as drift")
+    epsilon: float = Field(0.02, ge=0, le=1, description="smallest acceptance gap between the EWMAs that counts as "
+                           "drift; each engine widens it to 2 standard deviations of its windows' noise")
 
 
 class CheckpointSpec(_Model):

@@ -91,8 +91,8 @@ class Size(BaseModel):
 SIZES = {
     "quick": Size(requests=[4, 2, 4, 2], batch=2, max_new_tokens=12, eval_requests=2, train_steps=4,
                   offline_requests=8, offline_steps=20, window_steps=8, hold_for="2s", idle_after="4s", min_up="4s"),
-    "full": Size(requests=[40, 8, 24, 16], batch=4, max_new_tokens=24, eval_requests=4, train_steps=24,
-                 offline_requests=48, offline_steps=300, window_steps=16, hold_for="5s", idle_after="10s",
+    "full": Size(requests=[40, 8, 48, 16], batch=4, max_new_tokens=24, eval_requests=4, train_steps=48,
+                 offline_requests=48, offline_steps=300, window_steps=16, hold_for="2s", idle_after="10s",
                  min_up="10s"),
 }
 # The trigger's thresholds (the CRD's training.trigger) and its window counts (engine settings), sized so that a
@@ -197,6 +197,9 @@ class Tick(BaseModel):
     version: int  # draft served at the wave's end
     trigger: str  # the engine's trigger state after the wave
     trigger_reason: str
+    trigger_gap: float  # short - long, version jumps taken out
+    trigger_epsilon: float  # the gap that counts, from the windows' spread
+    trigger_gain: float  # recent versions' jumps, decaying
     gate: str  # TrainerState after the operator's pass
     reason: str
     train: bool
@@ -309,12 +312,14 @@ def run_arm(gate_name: str, target: Target, static: Path, size: Size, workdir: P
                 trained = pod.tick(gate.replicas(status), size.train_steps)
                 busy += time.perf_counter() - t0
                 now_sent = parts.writer.stats.sent_bytes
+                trig = parts.controller.trigger
                 ticks.append(Tick(
                     phase=wave.phase, t=round(clock, 3), seconds=round(seconds, 3),
                     accept_length=round(sum(r.emitted for r in records) / sum(r.batch_size for r in records), 3),
                     request_steps=sum(r.batch_size for r in records),
-                    version=parts.engine.draft_version, trigger=parts.controller.trigger.state.value,
-                    trigger_reason=parts.controller.trigger.reason,
+                    version=parts.engine.draft_version, trigger=trig.state.value, trigger_reason=trig.reason,
+                    trigger_gap=round(trig.gap, 4), trigger_epsilon=round(trig.epsilon, 4),
+                    trigger_gain=round(trig.gain, 4),
                     gate=status.state.value, reason=status.reason, train=operator.control.train,
                     collect=operator.control.collect,
                     trainer_up=gate.replicas(status) == 1, trained_steps=trained, captured_bytes=now_sent - sent))

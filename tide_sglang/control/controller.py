@@ -150,7 +150,7 @@ class SpeculationController:
         assert a is not None  # closed only once it holds control_window_steps steps
         self._window = AcceptanceEstimator()
         fired = self.detector.update(a)
-        self.trigger.update(a)
+        self.trigger.update(a, self.version)
         if fired:
             self.trigger.force("changepoint")
         t = self.trigger

@@ -35,6 +35,10 @@ class Ewma:
         self.mass *= keep
         self._sum *= keep
 
+    def shift(self, delta: float) -> None:
+        """Move the average by `delta`, keeping its weight: a change of level known to have happened."""
+        self._sum += delta * self.mass
+
     def add(self, x: float, weight: float = 1.0) -> float:
         # Mass in units where a long steady history weighs 1; a sample of weight w adds alpha·w, so
         # `update` reproduces v <- keep·v + (1 - keep)·x once the history is long.

@@ -1,21 +1,37 @@
 """When to collect hidden states and train: TIDE's Algorithm 1, plus an immediate start on a change point.
 
-One sample per window of acceptance (the controller forms windows of `control_window_steps` verify steps).
-Our reading of Algorithm 1, as a three-state machine over a short and a long EWMA of acceptance:
+One sample per window of acceptance (the controller forms windows of `control_window_steps` verify steps, each
+from one draft version). Our reading of Algorithm 1, as a three-state machine over a short and a long EWMA of
+acceptance, with the movement of acceptance split by its cause:
 
     warmup --(n_init windows)--> active            collect only, then adapt the draft to this traffic
-    active --(|short - long| <= eps for n_threshold windows)--> idle      training no longer moves acceptance
-    idle   --(short < long - eps for n_threshold windows)--> active       acceptance drifted down: retrain
-    any    --(force(): change point)--> active                            abrupt drop: retrain now
+    active --(traffic not falling and versions no longer moving it, n_threshold windows)--> idle   "plateau"
+    idle   --(traffic falling: short < long - eps for n_threshold windows)--> active              "drift"
+    any    --(force(): change point)--> active                                                    abrupt drop
+
+- Traffic: `gap = short - long` over windows with each new version's jump taken out (at a version's first window
+  both averages move by its rise over the old version's level), so the gap moves only with what is served. A fall
+  is drift; a rise (a domain the served draft already knows) is no reason to train, in any state. A version
+  explains a rise only: the trainer publishes only a version that beats the served one.
+- Training: `gain` is the sum of the recent versions' jumps, forgotten at the long EWMA's rate (as Algorithm 1's
+  own gap forgets a version's jump). The trainer publishes only a version that beats the served one, so while it
+  improves the draft, versions keep coming and `gain` stays up; once its candidates stop winning, none come,
+  `gain` decays and training stops: convergence, read from the loaded version alone.
+- `eps` is sized from the windows' own spread: the larger of the configured floor and `Z` standard deviations of
+  `gap` under noise alone, from the variance of one window (half the mean squared difference of consecutive
+  windows of one version, where a change of level enters as one difference) and the two EWMAs' weights.
 
 `collect` is true in warmup and active (the capture hook may stop streaming when idle); `train` only in
 active (the trainer idles and frees its GPU otherwise).
 """
 
+import math
 from enum import StrEnum
 
 from tide_sglang.control.ewma import Ewma
 from tide_sglang.settings import TideSettings
+
+Z = 2.0  # standard deviations of the gap's noise that count as movement (one-sided: a 2.3% chance per window)
 
 
 class TriggerState(StrEnum):
@@ -24,16 +40,29 @@ class TriggerState(StrEnum):
     IDLE = "idle"
 
 
+def gap_noise(short_alpha: float, long_alpha: float) -> float:
+    """Standard deviation of short - long over independent windows of unit variance (two EWMAs of the same
+    samples: Var S = a/(2-a), Var L = b/(2-b), Cov = ab/(a+b-ab))."""
+    a, b = short_alpha, long_alpha
+    return math.sqrt(max(a / (2 - a) + b / (2 - b) - 2 * a * b / (a + b - a * b), 0.0))
+
+
 class TrainingTrigger:
     def __init__(self, short_alpha: float, long_alpha: float, epsilon: float, n_init: int, n_threshold: int):
+        """`epsilon`: the smallest acceptance change that counts, whatever the windows' spread."""
         self.short = Ewma(short_alpha)
         self.long = Ewma(long_alpha)
-        self.epsilon = epsilon
+        self.spread = Ewma(long_alpha)  # variance of one window
+        self.floor = epsilon
         self.n_init = n_init
         self.n_threshold = n_threshold
+        self.noise = gap_noise(short_alpha, long_alpha)
         self.state = TriggerState.WARMUP
         self.reason = "warmup"
         self.windows = 0
+        self.gain = 0.0  # recent versions' jumps in acceptance, decaying at the long EWMA's rate
+        self.version: int | None = None
+        self._last: float | None = None  # the previous window of the same version
         self._count = 0  # consecutive windows meeting the current state's exit condition
 
     @classmethod
@@ -49,29 +78,54 @@ class TrainingTrigger:
     def collect(self) -> bool:
         return self.state is not TriggerState.IDLE
 
+    @property
+    def epsilon(self) -> float:
+        """The gap that counts: the floor, or Z standard deviations of the gap's noise when larger."""
+        variance = self.spread.value
+        return self.floor if variance is None else max(self.floor, Z * self.noise * math.sqrt(variance))
+
     def report(self) -> dict[str, float | bool | str]:
         """What an engine's heartbeat carries (tide_sglang.rollout.Heartbeat.trigger): the operator turns the
         trainer and capture on while any pod's `train` / `collect` is true."""
         return {"state": self.state.value, "reason": self.reason, "train": self.train, "collect": self.collect,
-                "short": self.short.value or 0.0, "long": self.long.value or 0.0}
+                "short": self.short.value or 0.0, "long": self.long.value or 0.0, "epsilon": self.epsilon,
+                "gain": self.gain}
 
     @property
     def gap(self) -> float:
-        """short - long: negative when acceptance is falling."""
+        """short - long with version jumps taken out: negative when the traffic's acceptance is falling."""
         return (self.short.value or 0.0) - (self.long.value or 0.0)
 
-    def update(self, acceptance: float) -> TriggerState:
+    def update(self, acceptance: float, version: int) -> TriggerState:
+        """One window's acceptance, measured on draft `version`."""
         self.windows += 1
-        self.short.update(acceptance)
-        self.long.update(acceptance)
+        eps = self.epsilon  # the noise known before this window: a drop does not widen its own threshold
+        self._observe(acceptance, version)
         if self.state is TriggerState.WARMUP:
             if self.windows >= self.n_init:
                 self._enter(TriggerState.ACTIVE, "initial adaptation")
         elif self.state is TriggerState.ACTIVE:
-            self._count_until(abs(self.gap) <= self.epsilon, TriggerState.IDLE, "plateau")
+            self._count_until(self.gap >= -eps and abs(self.gain) <= eps, TriggerState.IDLE, "plateau")
         else:
-            self._count_until(self.gap < -self.epsilon, TriggerState.ACTIVE, "drift")
+            self._count_until(self.gap < -eps, TriggerState.ACTIVE, "drift")
         return self.state
+
+    def _observe(self, acceptance: float, version: int) -> None:
+        self.gain *= 1 - self.long.alpha
+        if self.version is not None and version != self.version and self.short.value is not None:
+            # The new version's first window against the old version's level: a rise is the version's, not the
+            # traffic's, so both averages move by it and the gap keeps measuring traffic alone. A fall is not: the
+            # trainer publishes only a version that beats the served one, so a fall at a swap is the traffic's (a
+            # phase that changed with it, or traffic the trainer's held-out rows do not represent).
+            jump = max(acceptance - self.short.value, 0.0)
+            self.short.shift(jump)
+            self.long.shift(jump)
+            self.gain += jump
+        elif self._last is not None:
+            self.spread.update((acceptance - self._last) ** 2 / 2)
+        self.version, self._last = version, acceptance
+        self.short.update(acceptance)
+        self.long.update(acceptance)
 
     def force(self, reason: str = "changepoint") -> None:
         """Start collection and training now, whatever the state (an abrupt drop was detected)."""
