@@ -39,6 +39,18 @@ def test_written_batches_arrive_intact_and_in_order(settings):
     assert all((e.batch.hidden == b.hidden).all() for e, b in zip(got, batches, strict=True))
 
 
+def test_a_reader_told_not_to_wait_returns_at_once_when_nothing_is_new(settings):
+    """The trainer reads without waiting while it has rows to train on: its load must not depend on whether an
+    engine is capturing (a 10 s wait here would be the reader's block time)."""
+    with _writer(settings) as w:
+        assert w.submit(make_batch(seed=0)) and w.flush()
+    r = _reader(settings, "t1", block_ms=10_000)
+    assert len(r.read(wait=False)) == 1  # what is there is taken
+    t0 = time.monotonic()
+    assert r.read(wait=False) == []
+    assert time.monotonic() - t0 < 5.0
+
+
 def test_writer_never_blocks_while_redis_is_killed_and_restarted(redis_server: LocalRedis, settings):
     w = _writer(settings, queue_entries=8, backoff_s=(0.01, 0.2))
     batch = make_batch(n=64, hidden=256)

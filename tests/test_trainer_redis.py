@@ -1,10 +1,12 @@
 """The trainer against real parts: SmolLM2-135M hidden states, written by StreamWriter into a real redis-server."""
 
+import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -55,10 +57,12 @@ def _write(settings: TideSettings, batches: list[CaptureBatch]) -> None:
 
 
 def _trainer(settings: TideSettings, registry: Path, smollm2: Target, consumer: str = "t1",
-             count: int = 16) -> DraftTrainer:
+             count: int = 16, block_ms: int = 50, should_train: Callable[[], bool] | None = None) -> DraftTrainer:
     reader = StreamReader(connect(settings), keys.hidden_states(settings.namespace, settings.deployment),
-                          keys.dead_letter(settings.namespace, settings.deployment), consumer, count=count, block_ms=50)
-    return DraftTrainer(settings, DirectoryRegistry(registry, create=True), reader, heads_of(smollm2.model))
+                          keys.dead_letter(settings.namespace, settings.deployment), consumer, count=count,
+                          block_ms=block_ms)
+    return DraftTrainer(settings, DirectoryRegistry(registry, create=True), reader, heads_of(smollm2.model),
+                        should_train=should_train)
 
 
 def _drain(trainer: DraftTrainer, rows: int) -> None:
@@ -93,6 +97,31 @@ def test_trainer_learns_from_the_stream_and_publishes(settings: TideSettings, sm
     assert events[0][1].metrics["accept_length"] == report.candidate.accept_length
     again = trainer.evaluate()  # now v1 is the deployed version: the same weights do not publish again
     assert again.deployed_version == 1 and not again.decision.publish
+
+
+def test_trainer_with_rows_trains_without_waiting_for_entries_at_its_own_niceness(
+        settings: TideSettings, smollm2: Target, traffic: list[CaptureBatch], tmp_path: Path) -> None:
+    """Sharing cores with serving (the CPU demo), the trainer must load the machine alike whether an engine is
+    capturing or not, and let the engine go first: with rows to train on it never waits for new entries (each wait
+    here would be the reader's 10 s), and its thread runs at TIDE_TRAIN_NICE, the caller's thread untouched."""
+    settings = settings.model_copy(update={**SMALL, "train_nice": 3, "redis_timeout_s": 30.0})
+    _write(settings, traffic)
+    trainer = _trainer(settings, tmp_path / "reg", smollm2, block_ms=10_000)
+    _drain(trainer, sum(b.num_tokens for b in traffic))
+    assert trainer.ready
+    caller_nice, seen = os.nice(0), {}
+
+    def run() -> None:
+        t0 = time.monotonic()
+        trainer.run(threading.Event(), max_steps=4, slice_s=0.05)
+        seen.update(seconds=time.monotonic() - t0, nice=os.nice(0))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(120)
+    assert trainer.state is not None and trainer.state.steps >= 4
+    assert seen["seconds"] < 8.0, seen
+    assert seen["nice"] == max(caller_nice, 3) and os.nice(0) == caller_nice
 
 
 def test_restarted_trainer_resumes_without_losing_acked_work(settings: TideSettings, smollm2: Target,
@@ -268,7 +297,9 @@ def test_trainer_run_survives_dropped_connections_and_acks_at_checkpoints(
     settings = settings.model_copy(update={**SMALL, "train_checkpoint_dir": tmp_path / "ckpt",
                                            "train_checkpoint_interval_s": 1.0})
     _write(settings, traffic)
-    trainer = _trainer(settings, tmp_path / "reg", smollm2)
+    # Not training: the trainer then waits in its blocking reads, where a killed connection is felt (one that
+    # trains reads without waiting, between slices, and misses most kills).
+    trainer = _trainer(settings, tmp_path / "reg", smollm2, should_train=lambda: False)
     stop, errors = threading.Event(), []
 
     def run() -> None:

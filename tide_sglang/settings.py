@@ -103,6 +103,9 @@ class TideSettings(BaseSettings):
     train_eval_interval_steps: int = Field(200, ge=1, description="optimizer steps between publish decisions")
     train_publish_margin: float = Field(0.05, ge=0, description="acceptance length gain over deployed to publish")
     train_min_heldout_rows: int = Field(256, ge=1, description="fewer held-out rows: no publish decision")
+    train_nice: int = Field(
+        0, ge=0, le=19, description="niceness of the training thread: where the trainer shares CPU cores with serving "
+        "(the CPU demo), the engine goes first and training takes what is left")
     train_metrics_port: int = Field(9400, ge=0, le=65535, description="Prometheus port of tide train (0: off)")
 
     # Speculation controller (tide_sglang/control, docs/controller.md).

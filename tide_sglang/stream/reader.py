@@ -133,12 +133,13 @@ class StreamReader:
                 raise
         self._group_ready = True
 
-    def read(self) -> list[StreamEntry]:
-        """Up to `count` entries: own pending first, then claimed from dead consumers, then new ones. Empty (after
-        a backoff) while Redis fails."""
-        return self._call(self._read) or []
+    def read(self, wait: bool = True) -> list[StreamEntry]:
+        """Up to `count` entries: own pending first, then claimed from dead consumers, then new ones, waiting up to
+        `block_ms` for new ones when `wait` (a caller with other work to do passes False). Empty (after a backoff)
+        while Redis fails."""
+        return self._call(lambda: self._read(wait)) or []
 
-    def _read(self) -> list[StreamEntry]:
+    def _read(self, wait: bool) -> list[StreamEntry]:
         if not self._group_ready:
             self._ensure_group()
         self._flush_acks()
@@ -154,7 +155,7 @@ class StreamReader:
             claimed = self._claim()
             if claimed:
                 return claimed
-        return self._decode(self._xreadgroup(">", block=self.block_ms))
+        return self._decode(self._xreadgroup(">", block=self.block_ms if wait else None))
 
     def ack(self, entries: list[StreamEntry]) -> None:
         """Ack after use; when Redis fails the ids are kept and acked by the next call that reaches it."""

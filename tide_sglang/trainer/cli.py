@@ -53,7 +53,8 @@ def train(registry: str | None, create_registry: bool, max_steps: int | None, **
     Every option falls back to its TIDE_* variable. The other trainer settings are read from the environment
     only: TIDE_TRAIN_TTT_STEPS, _CHUNK_LEN, _BATCH_CHUNKS, _LR, _WEIGHT_DECAY, _DRAFT_VOCAB_SIZE,
     _VOCAB_WARMUP_ROWS, _RECENT_CHUNKS, _RESERVOIR_CHUNKS, _HELDOUT_FRACTION, _HELDOUT_CHUNKS,
-    _EVAL_INTERVAL_STEPS, _PUBLISH_MARGIN, _MIN_HELDOUT_ROWS and _CHECKPOINT_INTERVAL_S (docs/trainer.md).
+    _EVAL_INTERVAL_STEPS, _PUBLISH_MARGIN, _MIN_HELDOUT_ROWS, _CHECKPOINT_INTERVAL_S and _NICE
+    (docs/trainer.md).
     SIGTERM or Ctrl-C checkpoints, acks and exits. Under `torchrun --nproc-per-node N` each rank reads as
     consumer NAME-<rank> and PyTorch DDP averages the gradients.
     """

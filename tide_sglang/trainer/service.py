@@ -13,6 +13,7 @@ stream.
 
 import copy
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +39,14 @@ log = logging.getLogger("tide.trainer")
 
 DIST_SLICE_STEPS = 4  # optimizer steps between polls under torchrun (a fixed count keeps ranks in lockstep)
 CONTROL_POLL_S = 1.0  # how often the control state is read
+
+
+def lower_priority(nice: int) -> None:
+    """Raise the calling thread's niceness to `nice` (never lower it). On Linux niceness is per thread, and threads
+    started later (torch's) inherit it; a process sharing the training thread is not slowed."""
+    current = os.nice(0)
+    if nice > current:
+        os.nice(nice - current)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -116,9 +125,10 @@ class DraftTrainer:
 
     # -- data ---------------------------------------------------------------------------------------------
 
-    def poll(self) -> int:
-        """Read one batch of stream entries into the buffers; returns how many entries were read."""
-        entries = self.reader.read()
+    def poll(self, wait: bool = True) -> int:
+        """Read one batch of stream entries into the buffers; returns how many entries were read. `wait`: wait up
+        to the reader's block time for new entries when there are none."""
+        entries = self.reader.read(wait)
         draft = self.draft
         width = draft.config.aux_layers * draft.config.target_hidden_size if draft is not None else None
         for entry in entries:
@@ -270,10 +280,12 @@ class DraftTrainer:
     def run(self, stop: threading.Event, max_steps: int | None = None, slice_s: float = 0.5) -> None:
         """Poll, follow the control state, train between polls while the gate allows, evaluate, checkpoint;
         until stop (or max_steps). One process trains for `slice_s` between polls; under torchrun every rank
-        trains the same fixed number of steps, so DDP's collectives line up."""
+        trains the same fixed number of steps, so DDP's collectives line up. With rows to train on it never waits
+        for new entries: its load on the machine does not depend on whether engines are capturing."""
+        lower_priority(self.s.train_nice)
         next_checkpoint = time.monotonic() + self.s.train_checkpoint_interval_s
         while True:
-            self.poll()
+            self.poll(wait=not self.ready)
             self.publisher.announce()
             self._stream_metrics()
             if self.learner is not None:
