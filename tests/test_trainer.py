@@ -202,16 +202,6 @@ def test_ttt_loss_scores_only_the_chains_serving_drafts() -> None:
     assert stats.scored.tolist() == [6.0, 5.0, 4.0]
 
 
-def test_vocabulary_counts_only_generated_tokens() -> None:
-    """A draft proposes what the target generates: a new lineage's vocabulary is counted over generated rows."""
-    from tide_sglang.settings import TideSettings
-    from tide_sglang.trainer.ingest import Ingest
-
-    ingest = Ingest(TideSettings(), vocab_size=2048)
-    ingest.add(step_batch({"a": [0, 1, 2, 3]}), None, count_tokens=True)  # rows 0, 1 are prompt rows
-    assert ingest.counts.nonzero().flatten().tolist() == [1002, 1003]
-
-
 def test_ttt_loss_of_a_batch_shorter_than_the_unroll_scores_only_the_steps_it_can() -> None:
     draft = tiny_draft(6)
     tokens = draft.vocab.token_ids[:2]

@@ -33,9 +33,8 @@ class Ingest:
                       batch.hidden.shape[1], width)
             return
         self.rows += batch.num_tokens
-        if count_tokens:  # what the target generates is what a draft proposes; prompt tokens are the users'
-            generated = batch.token_ids[~batch.is_prompt]
-            self.counts += torch.bincount(generated, minlength=self.counts.numel()).float()
+        if count_tokens:
+            self.counts += torch.bincount(batch.token_ids, minlength=self.counts.numel()).float()
         for chunk in self.assembler.add(batch):
             self._store(chunk)
 
