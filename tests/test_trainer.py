@@ -104,7 +104,9 @@ def test_acceptance_counts_the_chain_like_the_engine() -> None:
     draft = tiny_draft(3)
     g = torch.Generator().manual_seed(0)
     tokens = draft.vocab.token_ids[torch.randint(0, 40, (9,), generator=g)]
-    prompt = 2  # rows 0, 1 are prompt rows: no chain starts there (serving never drafts inside a prompt)
+    # rows 0, 1 are prompt rows: serving drafts first after row 1 (its token is the first generated one, SGLang
+    # drafts right after the prefill), never after row 0 (inside the prompt)
+    prompt = 2
     chunk = Chunk(hidden=torch.randn(9, 96, generator=g), tokens=tokens, positions=torch.arange(9),
                   is_prompt=torch.arange(9) < prompt)
     steps = 2
@@ -116,7 +118,7 @@ def test_acceptance_counts_the_chain_like_the_engine() -> None:
     got = acceptance(draft, [chunk], steps)
     accepted = []
     with torch.no_grad():
-        for t in range(prompt, 9 - steps):
+        for t in range(prompt - 1, 9 - steps):
             cache = draft.new_cache(1, 32)
             out = draft.step(chunk.hidden[None, : t + 1], tokens[None, : t + 1], torch.arange(t + 1)[None], cache)
             n, hidden = 0, out.hidden[:, -1:]
@@ -128,7 +130,7 @@ def test_acceptance_counts_the_chain_like_the_engine() -> None:
                 out = draft.step(hidden, torch.tensor([[proposed]]), torch.tensor([[t + j + 1]]), cache)
                 hidden = out.hidden
             accepted.append(n)
-    assert got.rows == 9 - steps - prompt
+    assert got.rows == 9 - steps - (prompt - 1)
     assert got.accept_length == pytest.approx(1 + sum(accepted) / len(accepted))
     assert sum(accepted) > 0
 
@@ -186,6 +188,18 @@ def test_ttt_loss_equals_the_loss_over_selected_rows_in_value_and_gradient() -> 
     assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
     assert torch.allclose(got, torch.autograd.grad(want, draft.fc.weight)[0], rtol=1e-4, atol=1e-7)
     assert stats.rows == 21 and stats.report().loss == pytest.approx(float(want), rel=1e-5)
+
+
+def test_ttt_loss_scores_only_the_chains_serving_drafts() -> None:
+    """Inside a prompt the next token is the user's, not the target's: no label there. The first chain serving
+    drafts starts at the last prompt row (its token is the first generated one)."""
+    draft = tiny_draft(7)
+    tokens = draft.vocab.token_ids[torch.arange(11) % 40]  # all in the draft vocabulary
+    chunk = Chunk(hidden=torch.randn(11, 96), tokens=tokens, positions=torch.arange(11),
+                  is_prompt=torch.arange(11) < 5)  # rows 0-4 prompt, 5-10 generated
+    _, stats = ttt_loss(draft, collate([chunk]), steps=3)
+    # step j: chains starting at rows 4 .. 9 - j (row t + j + 1 must exist)
+    assert stats.scored.tolist() == [6.0, 5.0, 4.0]
 
 
 def test_ttt_loss_of_a_batch_shorter_than_the_unroll_scores_only_the_steps_it_can() -> None:
