@@ -30,7 +30,7 @@ import tide_sglang.plugin
 from tests.helpers import wait_for
 from tide_sglang import keys
 from tide_sglang.capture import CaptureBatch
-from tide_sglang.plugin import capture, hooks, slab, targets, versions
+from tide_sglang.plugin import capture, hooks, slab, targets, versions, wire
 from tide_sglang.stream import StreamReader, connect
 from tide_sglang.stream.server import LocalRedis
 
@@ -298,10 +298,14 @@ def test_a_result_whose_ids_stayed_on_the_device_is_dropped_and_counted(tide_env
     verify(worker, batch, result, monkeypatch)
     capturer = hooks._runtime.capturer
     result.next_token_ids = torch.empty(ND, dtype=torch.int32, device="meta")
+    sent: list[bytes] = []
+    send = capturer.link.send
+    monkeypatch.setattr(capturer.link, "send", lambda frame: sent.append(frame) or send(frame))
     hooks.before_commit(None, batch, result)
-    assert capturer.dropped == 1 and settled(capturer)
     hooks.after_commit(None, None, batch, result)  # its counts still go to the helper, the drop with them
-    assert capturer.dropped == 0
+    assert settled(capturer) and capturer.dropped == 0
+    [tick] = [m for m in wire.Decoder().feed(b"".join(sent)) if isinstance(m, wire.Tick)]
+    assert tick.drops == 1 and tick.verify_steps == 1
     client = redis.Redis.from_url(tide_env.url)
     wait_for(lambda: int(client.hget(keys.stats("default", "test", 0), "verify_steps") or 0) == 1, what="stats")
     assert client.xlen(keys.hidden_states("default", "test")) == 0
@@ -344,17 +348,18 @@ def test_hook_timing_samples_each_hook_on_its_own(monkeypatch) -> None:
 
 
 def test_a_failed_copy_gives_the_slot_back(tide_env, monkeypatch) -> None:
-    """An error while a committed slot is completed (here SGLang's copy event raising, as 0.5.23's host-copy
-    worker does for a failed copy) frees the slot and counts the drop; the batch goes on."""
+    """An error while a committed slot is completed (here the raw copy of the next ids raising) frees the slot
+    and counts the drop; the batch goes on."""
     worker = eagle_worker()
     batch = ScheduleBatch(reqs=admitted(1, worker), seq_lens=torch.tensor([5]), forward_mode=ForwardMode.DECODE)
     result = verify_result([2])
     verify(worker, batch, result, monkeypatch)
     capturer = hooks._runtime.capturer
 
-    def failed() -> None:
-        raise RuntimeError("device-to-host copy failed")
+    def failed(*_: object) -> None:
+        raise OSError("copy failed")
 
-    result.copy_done = types.SimpleNamespace(synchronize=failed)
+    monkeypatch.setattr(capture.ctypes, "memmove", failed)
     hooks.before_commit(None, batch, result)
+    hooks.after_commit(None, None, batch, result)
     assert settled(capturer) and capturer.dropped == 1

@@ -6,7 +6,7 @@ GIL when the scheduler wants it back stalls the scheduler (convoy effect), which
 per batch on the scheduler thread and moves everything else to a helper process. This benchmark reproduces the
 setting on the CPU: a simulated scheduler loop does, per batch, `work_us` of pure Python and `wait_us` of
 GIL-released waiting (in `waits` sleeps), once alone and once with the real `Capturer` fed every batch through its
-scheduler-thread entry points (`on_verify`, then the previous batch's `on_commit` and `on_committed`, as under
+scheduler-thread entry points (`on_verify`, then the previous batch's commit flags and `on_committed`, as under
 overlap scheduling), the real slab and the real helper process writing to a local redis-server.
 
 Read the loop-rate ratio (with / without capture) per batch size: the figure is the scheduler's throughput loss.
@@ -68,8 +68,8 @@ class Arm(BaseModel):
     ms_per_batch_capture: float
     sched_capture_us: float  # per batch, on the scheduler thread: TIDE's entry points (wall)
     verify_us: float  # per batch, scheduler-thread CPU time in each entry point: on_verify
-    commit_us: float  # on_commit
-    committed_us: float  # on_committed (counts, finishes, posting finished copies)
+    commit_us: float  # the commit flags, read before SGLang's processing
+    committed_us: float  # on_committed (the slot's ids and accepts, counts, finishes, posting finished copies)
     sched_share_pct: float  # sched_capture_us over the batch time with capture
     helper_cpu_us: float  # per batch, CPU time of the capture helper process (its own core, no GIL shared)
     captured_tokens: int
@@ -182,11 +182,10 @@ def _commit(capturer: Capturer, batch: Any, result: Any, loop: Loop) -> None:
     """What the plugin's commit hooks do around SGLang's processing of a decode result."""
     t0 = _thread_ns()
     fin, committed = flags(batch.reqs)
-    capturer.on_commit(result, committed)
     loop.commit_ns += _thread_ns() - t0
     _wait_copy(result)
     t1 = _thread_ns()
-    capturer.on_committed(batch.reqs, fin, committed, result.correct, ND)
+    capturer.on_committed(result, batch.reqs, fin, committed, result.correct, ND)
     loop.committed_ns += _thread_ns() - t1
 
 

@@ -5,12 +5,13 @@ Per decode batch (docs/sglang.md, "Capture cost"):
   the forward stream (so before the next replay reuses CUDA-graph buffers), each straight into a typed view of a
   slot of the shared, page-locked slab: two asynchronous copies, no packing kernel, no side stream, no event. The
   requests' tags go to the slot's side region (a C-level map over the batch, no Python loop).
-- `on_commit`, before SGLang processes the result: which requests commit it (under overlap scheduling a request
-  that finished or was retracted ran once more; SGLang skips those rows, so does TIDE), and, once the result's
-  `copy_done` (recorded after the verify returned, so behind TIDE's copies) is done, the next ids and accept
-  lengths from the host copies SGLang made of them.
-- `on_committed`, after: the slot is posted; the per-version counts go to the helper in a tick (so a full slab
-  drops hidden states, never the counts a canary is judged on), and requests that finished go as FIN frames.
+- `on_committed`, after SGLang processed the result (it waited for the result's `copy_done`, recorded after the
+  verify returned, so behind TIDE's copies: the slot is complete without a wait of TIDE's own): the next ids and
+  accept lengths from the host copies SGLang made of them, and which requests commit the result (under overlap
+  scheduling a request that finished or was retracted ran once more; SGLang skips those rows, so does TIDE, from
+  flags read before SGLang's processing marked this batch's finishes). The slot is posted; the per-version counts
+  go to the helper in a tick (so a full slab drops hidden states, never the counts a canary is judged on), and
+  requests that finished go as FIN frames.
 Requests are registered once, at admission (`on_admit`): a tag on SGLang's `Req`, and a REG frame with its rid and
 the domain the client set in `custom_params["tide_domain"]` (docs/sglang.md, "Domains"); the helper validates it.
 """
@@ -136,7 +137,7 @@ class Capturer:
         # Queued on the forward stream, behind the verify and before the next replay reuses graph buffers. The
         # result's `copy_done`, which SGLang records after the verify returns and waits for before processing
         # the result, covers these copies: no side stream and no event of TIDE's own (docs/sglang.md). The next
-        # ids and accept lengths SGLang copies to the host itself; `on_commit` takes them from there.
+        # ids and accept lengths SGLang copies to the host itself; `on_committed` takes them from there.
         dst_hidden, dst_seq = views
         dst_hidden[:n].copy_(hidden[:n], non_blocking=True)
         dst_seq[:bs].copy_(seq[:bs], non_blocking=True)
@@ -196,13 +197,11 @@ class Capturer:
             layout = wire.SlotReady(slot, "prefill", self.version, len(reqs), 1, k, hidden.shape[1], hidden.dtype)
             self._awaiting.append((self.events[slot], layout))
 
-    def on_commit(self, result: Any, committed: bytes) -> None:
-        """Before SGLang processes a decode result: its slot learns which requests commit it, and takes the next
-        ids and accept lengths from SGLang's own host copies. Waiting for the result's `copy_done` here costs
-        nothing: SGLang waits for the same event first thing when it processes the result, and it covers TIDE's
-        copies too, so the slot is complete. A result whose ids stayed on the device (no path of SGLang's
-        speculative decoding), or are not the contiguous host tensors the raw copy below reads, is dropped and
-        counted."""
+    def _complete(self, result: Any, committed: bytes) -> None:
+        """The decode slot of `result`, if it has one, learns which requests commit it and takes the next ids and
+        accept lengths from SGLang's own host copies (SGLang already waited for them: no GPU sync here). A result
+        whose ids stayed on the device (no path of SGLang's speculative decoding), or are not the contiguous host
+        tensors the raw copy below reads, is dropped and counted."""
         pending = result.__dict__.pop(ATTR, None)
         if pending is None:
             return
@@ -211,9 +210,6 @@ class Capturer:
             return
         del self._filling[slot]
         try:
-            done = getattr(result, "copy_done", None)
-            if done is not None:
-                done.synchronize()
             ids, accept = result.next_token_ids, result.accept_lens
             if (ids.device.type != "cpu" or accept.device.type != "cpu" or ids.numel() < layout.rows
                     or accept.numel() < layout.reqs or not (ids.is_contiguous() and accept.is_contiguous())):
@@ -231,9 +227,11 @@ class Capturer:
             raise
         self._awaiting.append((None, layout))
 
-    def on_committed(self, reqs: list[Any], fin: bytes, committed: bytes, correct: list[int] | None,
+    def on_committed(self, result: Any, reqs: list[Any], fin: bytes, committed: bytes, correct: list[int] | None,
                      nd: int) -> None:
-        """After SGLang processed the result (and waited for its copies): counts, finishes, finished copies."""
+        """After SGLang processed the result (and waited for its copies): the result's slot, counts, finishes,
+        finished copies. `fin` and `committed` were read before SGLang's processing (`flags`)."""
+        self._complete(result, committed)
         steps = sum(committed)
         accepted = sum(itertools.compress(correct, committed)) if correct is not None else 0
         done = bytes(map(operator.truth, map(_finished, reqs)))

@@ -168,10 +168,7 @@ def before_commit(processor: Any, batch: Any, result: Any, *args: Any, **kwargs:
     """Which requests commit this result, decided before SGLang's processing marks this batch's finishes."""
     if _runtime is None or (_runtime.capturer is None and _runtime.controller is None):
         return
-    fin, committed = flags(batch.reqs)
-    setattr(result, FLAGS, (fin, committed))
-    if _runtime.capturer is not None:
-        _runtime.capturer.on_commit(result, committed)
+    setattr(result, FLAGS, flags(batch.reqs))
 
 
 @_guarded
@@ -186,7 +183,7 @@ def after_commit(_: Any, processor: Any, batch: Any, result: Any, *args: Any, **
     if correct is not None:
         _runtime.observe(correct, committed, nd - 1)
     if _runtime.capturer is not None:
-        _runtime.capturer.on_committed(batch.reqs, fin, committed, correct, nd)
+        _runtime.capturer.on_committed(result, batch.reqs, fin, committed, correct, nd)
 
 
 @_timed
