@@ -23,33 +23,50 @@ def _goal(name: str, value: float | None, unit: str, op: str, target: float, met
     return {"name": name, "value": value, "unit": unit, "target": f"{op} {target:g}", "met": bool(met)}
 
 
-def per_batch(servers: list[dict]) -> dict[int, dict[str, Any]]:
+def per_batch(runs: list[list[dict]]) -> dict[int, dict[str, Any]]:
+    """`runs`: the capture servers of each `run` call. Servers are named `name@k` (k: the call, from 1) when there
+    are several calls; a ratio is taken within a call (the machine and its clocks change between calls), and the
+    median over the calls is reported, each call's beside it."""
     out: dict[int, dict[str, Any]] = {}
-    for s in servers:
-        for row in s.get("rows", []):
-            b = out.setdefault(row["batch"], {"tokens_per_s": {}, "accept_length": {}})
-            b["tokens_per_s"][s["server"]] = row.get("decode_tokens_per_s")
-            b["accept_length"][s["server"]] = row.get("accept_length")
-            b.setdefault("steady_s", {})[s["server"]] = row.get("steady_s")
-            if s["server"] == "on":
-                b.update(tide_us_per_batch=row.get("tide_us_per_batch"), drops=row.get("drops"),
-                         captured_tokens=row.get("captured_tokens"))
-            if s["server"] == "rate0":
-                b["tide_us_per_batch_rate0"] = row.get("tide_us_per_batch")
+    for k, servers in enumerate(runs, 1):
+        for s in servers:
+            key = s["server"] if len(runs) == 1 else f"{s['server']}@{k}"
+            for row in s.get("rows", []):
+                b = out.setdefault(row["batch"], {"tokens_per_s": {}, "accept_length": {}, "steady_s": {}})
+                b["tokens_per_s"][key] = row.get("decode_tokens_per_s")
+                b["accept_length"][key] = row.get("accept_length")
+                b["steady_s"][key] = row.get("steady_s")
+                if s["server"] == "on":
+                    b.setdefault("tide_us_per_batch_runs", []).append(row.get("tide_us_per_batch"))
+                    b["drops"] = b.get("drops", 0) + (row.get("drops") or 0)
+                    b["captured_tokens"] = b.get("captured_tokens", 0) + (row.get("captured_tokens") or 0)
+                if s["server"] == "rate0":
+                    b.setdefault("tide_us_per_batch_rate0_runs", []).append(row.get("tide_us_per_batch"))
     for bs, b in out.items():
-        off = [v for k, v in b["tokens_per_s"].items() if k.startswith("off") and v]
-        on, rate0 = b["tokens_per_s"].get("on"), b["tokens_per_s"].get("rate0")
-        base = statistics.mean(off) if off else None
-        b["no_plugin_spread"] = (max(off) - min(off)) / base if len(off) > 1 else None
-        b["ratio_on"] = on / base if on and base else None
-        b["ratio_rate0"] = rate0 / base if rate0 and base else None
-        nospec = b["tokens_per_s"].get("nospec")  # issue 15: what 0 steps costs inside a speculative server
-        for name in ("zero", "zeroskip"):
-            value = b["tokens_per_s"].get(name)
-            b[f"ratio_{name}_over_nospec"] = value / nospec if value and nospec else None
-        accept = b["accept_length"].get("on")
-        if on and accept and b.get("tide_us_per_batch") is not None:
-            batch_s = bs * accept / on
+        rate = b["tokens_per_s"]
+
+        def named(name: str, k: int) -> list[float]:
+            return [v for key, v in rate.items() if v and key.split("@")[0].rstrip("0123456789") == name
+                    and (len(runs) == 1 or key.endswith(f"@{k}"))]
+
+        off_all = [v for key, v in rate.items() if v and key.startswith("off")]
+        base_all = statistics.mean(off_all) if off_all else None
+        b["no_plugin_spread"] = (max(off_all) - min(off_all)) / base_all if len(off_all) > 1 else None
+        for name in ("on", "rate0"):
+            ratios = [statistics.mean(named(name, k)) / statistics.mean(named("off", k))
+                      for k in range(1, len(runs) + 1) if named(name, k) and named("off", k)]
+            b[f"ratio_{name}_runs"] = ratios
+            b[f"ratio_{name}"] = statistics.median(ratios) if ratios else None
+        for name in ("zero", "zeroskip"):  # issue 15: what 0 steps costs inside a speculative server
+            ratios = [statistics.mean(named(name, k)) / statistics.mean(named("nospec", k))
+                      for k in range(1, len(runs) + 1) if named(name, k) and named("nospec", k)]
+            b[f"ratio_{name}_over_nospec"] = statistics.median(ratios) if ratios else None
+        us = [u for u in b.get("tide_us_per_batch_runs", []) if u is not None]
+        b["tide_us_per_batch"] = statistics.median(us) if us else None
+        on = [v for key, v in rate.items() if v and key.split("@")[0] == "on"]
+        accept = [v for key, v in b["accept_length"].items() if v and key.split("@")[0] == "on"]
+        if on and accept and b["tide_us_per_batch"] is not None:
+            batch_s = bs * statistics.mean(accept) / statistics.mean(on)
             b["batch_ms"] = batch_s * 1e3
             b["tide_share_pct"] = 100 * b["tide_us_per_batch"] / 1e6 / batch_s
     return dict(sorted(out.items()))
@@ -71,12 +88,14 @@ def goals(batches: dict[int, dict[str, Any]], truth: dict | None) -> list[dict]:
 
 def main(argv: list[str]) -> None:
     out, runs = Path(argv[1]), [json.loads(Path(p).read_text()) for p in argv[2:]]
-    servers = [s for r in runs for s in r.get("phases", {}).get("capture", {}).get("servers", [])]
+    per_run = [r.get("phases", {}).get("capture", {}).get("servers", []) for r in runs]
+    servers = [s for run in per_run for s in run]
     truth = next((r["phases"]["truth"] for r in runs if "truth" in r.get("phases", {})), None)
-    batches = per_batch(servers)
+    batches = per_batch(per_run)
     report = {"name": "sglang-capture", "device": next((r.get("device") for r in runs), None),
               "versions": next((r.get("versions") for r in runs if r.get("versions")), None),
-              "args": next((r.get("args") for r in runs), None), "server_order": [s["server"] for s in servers],
+              "args": next((r.get("args") for r in runs), None),
+              "server_order": [[s["server"] for s in run] for run in per_run],
               "batches": batches, "truth": truth, "servers": servers, "goals": goals(batches, truth)}
     out.write_text(json.dumps(report, indent=1) + "\n")
     for g in report["goals"]:
