@@ -429,7 +429,7 @@ def test_a_served_versions_counters_start_at_zero_once() -> None:
     metrics.serving(3, DROP_REASONS)  # a second call changes nothing
     drops = {s.labels["reason"]: s.value for m in reg.collect() if m.name == "tide_capture_drops"
              for s in m.samples if s.name.endswith("_total")}
-    assert drops == {"scheduler": 0, "writer_full": 0, "redis_error": 0, "backlog": 2, "oversized": 0, "invalid": 0}
+    assert drops == {"scheduler": 0, "ring_full": 0, "writer_full": 0, "redis_error": 0, "backlog": 2, "oversized": 0, "invalid": 0}
     zero = {m.name for m in reg.collect() for s in m.samples if s.name.endswith("_total") and s.value == 0
             and s.labels["draft_version"] == "3"}
     assert {"tide_draft_swap_failures", "tide_draft_tokens", "tide_captured_tokens"} <= zero

@@ -196,7 +196,7 @@ def test_a_full_slab_drops_and_counts_instead_of_blocking_and_counts_still_arriv
     verify(worker, batch, first, monkeypatch)
     verify(worker, batch, second, monkeypatch)  # the only slot still waits for the first commit
     capturer = hooks._runtime.capturer
-    assert capturer.dropped == 1 and not hasattr(second, "_tide_capture")
+    assert capturer.full == 1 and capturer.dropped == 0 and not hasattr(second, "_tide_capture")
     commit(batch, first)
     commit(batch, second)  # its rows were dropped, its counts are not
     [got] = read_all(tide_env, 1)

@@ -89,7 +89,8 @@ class Capturer:
         self.sampling = collect  # False: TIDE_CAPTURE_SAMPLE_RATE is 0
         self.collect = collect  # False: counts only, no rows copied (sample rate 0, or the control state's collect)
         self.version = 0
-        self.dropped = 0  # scheduler-side drops not yet reported in a tick
+        self.dropped = 0  # scheduler-side drops not yet reported in a tick (ring full: `full`)
+        self.full = 0  # drops because every slot was busy (the helper behind), not yet reported in a tick
         self.ns = 0  # scheduler-thread nanoseconds in TIDE code not yet reported in a tick
         self.batches = 0
         self._tag = itertools.count()
@@ -240,9 +241,10 @@ class Capturer:
         self.batches += 1
         if self.batches % CHECK_EVERY == 0:
             self.link.check()
-        tick = wire.tick(self.version, (nd - 1) * steps, accepted, steps, self.ns, self.dropped + self.link.lost)
+        tick = wire.tick(self.version, (nd - 1) * steps, accepted, steps, self.ns, self.dropped + self.link.lost,
+                         self.full)
         if self.post_ready(tick):
-            self.ns = self.dropped = self.link.lost = 0
+            self.ns = self.dropped = self.link.lost = self.full = 0
 
     def _finish(self, reqs: list[Any], newly: bytes) -> None:
         """FIN for the requests that finished in this result (a Python step per finished request only), queued
@@ -258,7 +260,7 @@ class Capturer:
         if slot is None:
             slot = self._reclaim()
         if slot is None:
-            self.dropped += 1
+            self.full += 1
         return slot
 
     def _copy(self, parts: list[torch.Tensor], side_bytes: int) -> int | None:

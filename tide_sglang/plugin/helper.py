@@ -111,7 +111,7 @@ class Assembler:
 
 
 # every tide_capture_drops_total reason the plugin counts (docs/metrics.md)
-DROP_REASONS = ("scheduler", "writer_full", *WRITER_DROPS)
+DROP_REASONS = ("scheduler", "ring_full", "writer_full", *WRITER_DROPS)
 
 
 class Helper:
@@ -159,6 +159,8 @@ class Helper:
         self.metrics.scheduler_seconds.labels(**labels).observe(t.scheduler_ns / 1e9)
         if t.drops:
             self.metrics.drops.labels(**labels, reason="scheduler").inc(t.drops)
+        if t.ring_full:
+            self.metrics.drops.labels(**labels, reason="ring_full").inc(t.ring_full)
         self.metrics.writer_dropped(t.version, self.writer.stats)
 
     def _slot(self, s: wire.SlotReady) -> None:
