@@ -61,13 +61,13 @@ def test_prefill_rows_chain_prompt_tokens_then_the_sampled_one() -> None:
 
 def test_capture_frames_round_trip_through_any_split_of_the_byte_stream() -> None:
     slot = wire.SlotReady(3, "decode", 7, 64, 4, 256, 1728, torch.bfloat16, 4, 4, 8)
-    frames = [wire.reg(5, "rid-ü", "code"), wire.tick(7, 9, 3, 3, 12345, 1), wire.slot_ready(slot), wire.fin(5)]
+    frames = [wire.reg(5, "rid-ü", "code"), wire.tick(7, 9, 3, 3, 2, 12345, 1, 4), wire.slot_ready(slot), wire.fin(5)]
     data = b"".join(frames)
     assert all(len(f) <= wire.MAX_FRAME for f in frames)
     for cut in range(len(data)):
         decoder = wire.Decoder()
         got = decoder.feed(data[:cut]) + decoder.feed(data[cut:])
-        assert got == [wire.Reg(5, "rid-ü", "code"), wire.Tick(7, 9, 3, 3, 12345, 1), slot, wire.Fin(5)]
+        assert got == [wire.Reg(5, "rid-ü", "code"), wire.Tick(7, 9, 3, 3, 2, 12345, 1, 4), slot, wire.Fin(5)]
     with pytest.raises(ValueError, match="kind 9"):
         wire.Decoder().feed(b"\x00\x00\x09")
 
@@ -389,7 +389,7 @@ def test_helper_counts_each_versions_verify_steps_in_redis_and_in_prometheus(set
     helper = Helper(HelperConfig(slab=slab.name, slots=1, slot_bytes=slab.slot_bytes, aux_layers=3, vocab_size=100),
                     settings, PluginMetrics(settings.deployment, registry=reg))
     try:
-        for tick in (wire.Tick(7, 9, 3, 3, 1000, 0), wire.Tick(7, 6, 2, 2, 1000, 0), wire.Tick(8, 3, 3, 1, 1000, 0)):
+        for tick in (wire.Tick(7, 9, 3, 3, 2, 1000, 0), wire.Tick(7, 6, 2, 2, 1, 1000, 0), wire.Tick(8, 3, 3, 1, 1, 1000, 0)):
             helper.handle(tick)
         helper.stats.flush()
         labels = {"deployment": settings.deployment, "draft_version": "7"}
@@ -399,6 +399,9 @@ def test_helper_counts_each_versions_verify_steps_in_redis_and_in_prometheus(set
                        "tide_verify_steps_total": 5}
         stats = read_stats(connect(settings), settings.namespace, settings.deployment, 7)
         assert (stats.tokens, stats.accepted, stats.verify_steps) == (15, 5, 5)
+        # a tick covers several batches: one observation per batch, the tick's mean
+        assert reg.get_sample_value("tide_plugin_scheduler_seconds_count", labels) == 3
+        assert reg.get_sample_value("tide_plugin_scheduler_seconds_sum", labels) == pytest.approx(2e-6)
     finally:
         helper.close()
         slab.close()

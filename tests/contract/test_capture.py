@@ -90,9 +90,13 @@ def verify(worker: eagle.EAGLEWorkerV2, batch: ScheduleBatch, result: Generation
     assert eagle.EAGLEWorkerV2.verify(worker, batch) is result  # the patched method, through the hook
 
 
-def commit(batch: ScheduleBatch, result: GenerationBatchResult) -> None:
+def commit(batch: ScheduleBatch, result: GenerationBatchResult, idle: bool = True) -> None:
+    """SGLang's processing of a decode result; `idle`: no batch follows, so the scheduler idles (the capturer writes
+    what it queued; under load it writes every FLUSH_BATCHES batches)."""
     hooks.before_commit(None, batch, result)
     hooks.after_commit(None, None, batch, result)
+    if idle:
+        hooks.after_idle(None, None)
 
 
 def read_all(server: LocalRedis, count: int) -> list[CaptureBatch]:
@@ -303,6 +307,7 @@ def test_a_result_whose_ids_stayed_on_the_device_is_dropped_and_counted(tide_env
     monkeypatch.setattr(capturer.link, "send", lambda frame: sent.append(frame) or send(frame))
     hooks.before_commit(None, batch, result)
     hooks.after_commit(None, None, batch, result)  # its counts still go to the helper, the drop with them
+    hooks.after_idle(None, None)
     assert settled(capturer) and capturer.dropped == 0
     [tick] = [m for m in wire.Decoder().feed(b"".join(sent)) if isinstance(m, wire.Tick)]
     assert tick.drops == 1 and tick.verify_steps == 1
@@ -321,6 +326,7 @@ def test_a_request_finishing_in_a_batch_keeps_that_batchs_rows(tide_env, monkeyp
     hooks.before_commit(None, batch, result)
     batch.reqs[0].finished_reason = FINISH_LENGTH(64)  # SGLang's processing of this result finishes r0
     hooks.after_commit(None, None, batch, result)
+    hooks.after_idle(None, None)
     [got] = read_all(tide_env, 1)
     assert got.rids == ["r0", "r1"] and got.positions.tolist() == [7, 8, 9]
 

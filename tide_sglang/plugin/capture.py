@@ -38,6 +38,10 @@ TAG = "_tide_tag"  # set on SGLang's Req at admission; -1 (the class default the
 ATTR = "_tide_capture"  # on SGLang's GenerationBatchResult from verify to commit: (slot, event, layout)
 FLAGS = "_tide_flags"  # on the result from before to after its processing: (finished, committed) bytes
 CHECK_EVERY = 256  # batches between looks at the helper process
+# A pipe write wakes the helper, and the waking costs the writer: 100-170 µs of the scheduler thread's CPU per write
+# on this project's VMs (2026-12-02), most of TIDE's per-batch cost. So frames wait in a buffer and go in one write
+# every FLUSH_BATCHES decode batches, or sooner when half the slab's slots wait in it (the helper must keep up).
+FLUSH_BATCHES = 8
 STALE_S = 5.0  # a verify result not committed this long after its verify is taken as never committed
 
 # The request's domain: a key of SamplingParams.custom_params, the one request field that reaches the scheduler's
@@ -93,6 +97,13 @@ class Capturer:
         self.full = 0  # drops because every slot was busy (the helper behind), not yet reported in a tick
         self.ns = 0  # scheduler-thread nanoseconds in TIDE code not yet reported in a tick
         self.batches = 0
+        # counts of the committed batches since the last TICK written, all under `_tick_version`
+        self._tick_version = 0
+        self._tick = [0, 0, 0, 0]  # tokens, accepted, verify steps, batches
+        self._frames: list[bytes] = []  # written together, in order (slot frames, FINs, then the tick)
+        self._posted: list[int] = []  # the slots whose frames wait in `_frames`
+        self._size = 0
+        self._flush_slots = max(1, slab.slots // 2)
         self._tag = itertools.count()
         # Committed slots whose copy may be running, and FIN frames: a FIN goes out only after every slot queued
         # before it, or the helper would forget the request before it reads that request's last rows.
@@ -241,10 +252,15 @@ class Capturer:
         self.batches += 1
         if self.batches % CHECK_EVERY == 0:
             self.link.check()
-        tick = wire.tick(self.version, (nd - 1) * steps, accepted, steps, self.ns, self.dropped + self.link.lost,
-                         self.full)
-        if self.post_ready(tick):
-            self.ns = self.dropped = self.link.lost = self.full = 0
+        if self.version != self._tick_version and self._tick[3]:  # the counts so far are the old version's
+            self.post_ready(flush=True)
+        self._tick_version = self.version
+        t = self._tick
+        t[0] += (nd - 1) * steps
+        t[1] += accepted
+        t[2] += steps
+        t[3] += 1
+        self.post_ready(flush=t[3] >= FLUSH_BATCHES)
 
     def _finish(self, reqs: list[Any], newly: bytes) -> None:
         """FIN for the requests that finished in this result (a Python step per finished request only), queued
@@ -295,45 +311,55 @@ class Capturer:
             self.dropped += 1
         return self.slab.acquire()
 
-    def post_ready(self, tick: bytes | None = None) -> bool:
-        """Post, in order, every slot whose device-to-host copy finished (`query` never waits), the FIN frames
-        queued behind them, then `tick`: one pipe write per batch (a write is a system call, and wakes the helper),
-        in pieces of at most PIPE_BUF bytes so that each is written whole or not at all. Whether `tick` went."""
-        frames: list[bytes] = []
-        slots: list[int] = []
-        size = 0
+    def post_ready(self, flush: bool = True) -> bool:
+        """Queue, in order, every slot whose device-to-host copy finished (`query` never waits) and the FIN frames
+        behind them; write the queue, with a TICK of the counts since the last one, when `flush` is set or half the
+        slab waits in it. One write wakes the helper once; it goes in pieces of at most PIPE_BUF bytes, each written
+        whole or not at all. False when a write failed (its slots are freed, the counts stay for the next TICK)."""
         ok = True
         while self._awaiting:
             event, item = self._awaiting[0]
             if event is not None and not event.query():
                 break
             self._awaiting.popleft()
-            frame = item if isinstance(item, bytes) else wire.slot_ready(item)
-            if size + len(frame) > select.PIPE_BUF:
-                ok = self._write(frames, slots)
-                size = 0
-            frames.append(frame)
-            size += len(frame)
             if not isinstance(item, bytes):
                 self.slab.flags[item.slot] = POSTED
-                slots.append(item.slot)
-        if tick is not None:
-            if size + len(tick) > select.PIPE_BUF:
-                ok = self._write(frames, slots)
-            frames.append(tick)
-        if frames:
-            ok = self._write(frames, slots)
+                self._posted.append(item.slot)
+                item = wire.slot_ready(item)
+            ok = self._queue(item) and ok
+        if not (flush or len(self._posted) >= self._flush_slots):
+            return ok
+        t = self._tick
+        pending = t[3] or self.dropped or self.full or self.link.lost
+        if pending:
+            ok = self._queue(wire.tick(self._tick_version, t[0], t[1], t[2], t[3], self.ns,
+                                       self.dropped + self.link.lost, self.full)) and ok
+        if self._frames:
+            ok = self._write() and ok
+        if pending and ok:
+            self._tick = [0, 0, 0, 0]
+            self.ns = self.dropped = self.link.lost = self.full = 0
         return ok
 
-    def _write(self, frames: list[bytes], slots: list[int]) -> bool:
-        """Send `frames` in one write and clear both lists; the slots of a write that failed (pipe full, helper
-        gone) are freed, counted by the link as lost."""
-        ok = self.link.send(b"".join(frames))
+    def _queue(self, frame: bytes) -> bool:
+        """Add `frame`, first writing what is queued if the frame would take the write past PIPE_BUF."""
+        ok = True
+        if self._size + len(frame) > select.PIPE_BUF:
+            ok = self._write()
+        self._frames.append(frame)
+        self._size += len(frame)
+        return ok
+
+    def _write(self) -> bool:
+        """Send the queued frames in one write; the slots of a write that failed (pipe full, helper gone) are
+        freed, counted by the link as lost."""
+        ok = self.link.send(b"".join(self._frames))
         if not ok:
-            for slot in slots:
+            for slot in self._posted:
                 self.slab.flags[slot] = FREE
-        frames.clear()
-        slots.clear()
+        self._frames.clear()
+        self._posted.clear()
+        self._size = 0
         return ok
 
     def close(self) -> None:

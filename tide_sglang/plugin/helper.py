@@ -156,7 +156,9 @@ class Helper:
         if t.verify_steps:
             self.stats.add(t.version, tokens=t.tokens, accepted=t.accepted, verify_steps=t.verify_steps)
             self.metrics.verified(t.version, t.tokens, t.accepted, t.verify_steps)
-        self.metrics.scheduler_seconds.labels(**labels).observe(t.scheduler_ns / 1e9)
+        per_batch = self.metrics.scheduler_seconds.labels(**labels)
+        for _ in range(t.batches):  # one observation per decode batch, each the mean of the tick's batches
+            per_batch.observe(t.scheduler_ns / t.batches / 1e9)
         if t.drops:
             self.metrics.drops.labels(**labels, reason="scheduler").inc(t.drops)
         if t.ring_full:

@@ -22,7 +22,7 @@ _HEAD = struct.Struct("<HB")
 REG, FIN, TICK, SLOT = 1, 2, 3, 4
 _REG = struct.Struct("<qHH")  # tag, rid length, domain length, then the two utf-8 strings
 _FIN = struct.Struct("<q")
-_TICK = struct.Struct("<IIIIQII")  # version, tokens, accepted, verify_steps, scheduler ns, drops, ring full
+_TICK = struct.Struct("<IIIIIQII")  # version, tokens, accepted, verify_steps, batches, scheduler ns, drops, ring full
 # slot, kind (0 decode, 1 prefill), version, requests, nd, rows, width, hidden dtype, ids/accept/seq item sizes
 _SLOT = struct.Struct("<HBIIHIIBBBB")
 MAX_FRAME = 4096  # PIPE_BUF on Linux
@@ -50,6 +50,7 @@ class Tick:
     tokens: int
     accepted: int
     verify_steps: int
+    batches: int  # decode batches the counts cover (the scheduler writes once every few batches)
     scheduler_ns: int
     drops: int
     ring_full: int = 0  # batches or prefill pieces dropped because every slab slot was busy
@@ -107,9 +108,9 @@ def fin(tag: int) -> bytes:
     return _frame(FIN, _FIN.pack(tag))
 
 
-def tick(version: int, tokens: int, accepted: int, verify_steps: int, scheduler_ns: int, drops: int,
+def tick(version: int, tokens: int, accepted: int, verify_steps: int, batches: int, scheduler_ns: int, drops: int,
          ring_full: int = 0) -> bytes:
-    return _frame(TICK, _TICK.pack(version, tokens, accepted, verify_steps, scheduler_ns, drops, ring_full))
+    return _frame(TICK, _TICK.pack(version, tokens, accepted, verify_steps, batches, scheduler_ns, drops, ring_full))
 
 
 def slot_ready(s: SlotReady) -> bytes:
