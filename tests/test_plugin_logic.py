@@ -389,7 +389,8 @@ def test_helper_counts_each_versions_verify_steps_in_redis_and_in_prometheus(set
     helper = Helper(HelperConfig(slab=slab.name, slots=1, slot_bytes=slab.slot_bytes, aux_layers=3, vocab_size=100),
                     settings, PluginMetrics(settings.deployment, registry=reg))
     try:
-        for tick in (wire.Tick(7, 9, 3, 3, 2, 1000, 0), wire.Tick(7, 6, 2, 2, 1, 1000, 0), wire.Tick(8, 3, 3, 1, 1, 1000, 0)):
+        for tick in (wire.Tick(7, 9, 3, 3, 2, 1000, 0), wire.Tick(7, 6, 2, 2, 1, 1000, 0),
+                     wire.Tick(8, 3, 3, 1, 1, 1000, 0)):
             helper.handle(tick)
         helper.stats.flush()
         labels = {"deployment": settings.deployment, "draft_version": "7"}
@@ -432,7 +433,8 @@ def test_a_served_versions_counters_start_at_zero_once() -> None:
     metrics.serving(3, DROP_REASONS)  # a second call changes nothing
     drops = {s.labels["reason"]: s.value for m in reg.collect() if m.name == "tide_capture_drops"
              for s in m.samples if s.name.endswith("_total")}
-    assert drops == {"scheduler": 0, "ring_full": 0, "writer_full": 0, "redis_error": 0, "backlog": 2, "oversized": 0, "invalid": 0}
+    assert drops == {"scheduler": 0, "ring_full": 0, "writer_full": 0, "redis_error": 0, "backlog": 2,
+                     "oversized": 0, "invalid": 0}
     zero = {m.name for m in reg.collect() for s in m.samples if s.name.endswith("_total") and s.value == 0
             and s.labels["draft_version"] == "3"}
     assert {"tide_draft_swap_failures", "tide_draft_tokens", "tide_captured_tokens"} <= zero

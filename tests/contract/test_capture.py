@@ -369,3 +369,40 @@ def test_a_failed_copy_gives_the_slot_back(tide_env, monkeypatch) -> None:
     hooks.before_commit(None, batch, result)
     hooks.after_commit(None, None, batch, result)
     assert settled(capturer) and capturer.dropped == 1
+
+
+def test_frames_go_in_one_write_every_few_batches_and_a_failed_write_keeps_the_counts(tide_env, monkeypatch) -> None:
+    """A write wakes the helper, which costs the scheduler thread: decode batches are written FLUSH_BATCHES at a
+    time (and when the scheduler idles), their counts in one TICK. A write that fails (pipe full) loses its slots
+    but not the counts: the next batch writes again, and its TICK carries them."""
+    monkeypatch.setenv("TIDE_CAPTURE_RING_SLOTS", "64")
+    hooks.reset_runtime()
+    worker = eagle_worker()
+    batch = ScheduleBatch(reqs=admitted(1, worker), seq_lens=torch.tensor([5]), forward_mode=ForwardMode.DECODE)
+    capturer = hooks._runtime.capturer
+    sent: list[bytes] = []
+    fail = [True]
+    real = capturer.link.send
+
+    def send(frame: bytes) -> bool:
+        if fail[0]:
+            fail[0] = False
+            capturer.link.lost += 1
+            return False
+        sent.append(frame)
+        return real(frame)
+
+    monkeypatch.setattr(capturer.link, "send", send)
+    for i in range(2 * capture.FLUSH_BATCHES + 1):
+        result = verify_result([2], seed=i)
+        verify(worker, batch, result, monkeypatch)
+        commit(batch, result, idle=False)
+    # batch 8's write failed (its 8 slots lost), so batch 9 wrote again: its slot and the 9 batches' counts; then
+    # batches 10-17 in one write
+    ticks = [[m for m in wire.Decoder().feed(f) if isinstance(m, wire.Tick)] for f in sent]
+    assert [[t.batches for t in w] for w in ticks] == [[capture.FLUSH_BATCHES + 1], [capture.FLUSH_BATCHES]]
+    assert ticks[0][0].drops == 1 and ticks[0][0].verify_steps == capture.FLUSH_BATCHES + 1
+    hooks.after_idle(None, None)  # nothing left to write
+    assert len(sent) == 2
+    assert len(read_all(tide_env, capture.FLUSH_BATCHES + 1)) == capture.FLUSH_BATCHES + 1
+    wait_for(lambda: settled(capturer), what="the helper to release the slots")

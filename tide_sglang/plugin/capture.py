@@ -39,8 +39,9 @@ ATTR = "_tide_capture"  # on SGLang's GenerationBatchResult from verify to commi
 FLAGS = "_tide_flags"  # on the result from before to after its processing: (finished, committed) bytes
 CHECK_EVERY = 256  # batches between looks at the helper process
 # A pipe write wakes the helper, and the waking costs the writer: 100-170 µs of the scheduler thread's CPU per write
-# on this project's VMs (2026-12-02), most of TIDE's per-batch cost. So frames wait in a buffer and go in one write
-# every FLUSH_BATCHES decode batches, or sooner when half the slab's slots wait in it (the helper must keep up).
+# on the 2-core dev VM (2026-12-02, loaded), more than the rest of TIDE's per-batch work there. So frames wait in a
+# buffer and go in one write every FLUSH_BATCHES decode batches, or sooner when half the slab's slots wait in it
+# (the helper must keep up).
 FLUSH_BATCHES = 8
 STALE_S = 5.0  # a verify result not committed this long after its verify is taken as never committed
 
@@ -334,12 +335,11 @@ class Capturer:
         if pending:
             ok = self._queue(wire.tick(self._tick_version, t[0], t[1], t[2], t[3], self.ns,
                                        self.dropped + self.link.lost, self.full)) and ok
-        if self._frames:
-            ok = self._write() and ok
-        if pending and ok:
+        sent = self._write() if self._frames else True  # the tick, when there is one, is in this last write
+        if pending and sent:
             self._tick = [0, 0, 0, 0]
             self.ns = self.dropped = self.link.lost = self.full = 0
-        return ok
+        return ok and sent
 
     def _queue(self, frame: bytes) -> bool:
         """Add `frame`, first writing what is queued if the frame would take the write past PIPE_BUF."""
