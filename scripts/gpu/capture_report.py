@@ -46,7 +46,8 @@ def per_batch(runs: list[list[dict]]) -> dict[int, dict[str, Any]]:
     for bs, b in out.items():
         rate = b["tokens_per_s"]
 
-        def named(name: str, k: int) -> list[float]:
+        def named(name: str, k: int, rate: dict[str, float | None] = rate) -> list[float]:
+            """The rates of the servers called `name` (off, off2, ... are all "off") in call `k`."""
             return [v for key, v in rate.items() if v and key.split("@")[0].rstrip("0123456789") == name
                     and (len(runs) == 1 or key.endswith(f"@{k}"))]
 
