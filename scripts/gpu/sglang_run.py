@@ -416,6 +416,7 @@ def without_speculation(command: list[str]) -> list[str]:
     return out
 
 
+WARM_BATCH, WARM_TOKENS = 16, 512  # the warm-up decode of every capture server (phase_capture), ~5 s
 WAVE_TOKENS = 1536  # new tokens per request at most: decode slows as contexts grow (triton attention on the H200:
 # 2,300 -> 540 tokens/s at batch 8 between 1k and 6k tokens per request), so longer waves measure the context
 
@@ -455,6 +456,9 @@ def phase_capture(name: str, out: Path, args: list[str], env: dict[str, str], to
     partial.update(server=name, plugin=plugin)
     try:
         startup = server.wait_ready()
+        # A few seconds of decode before the first figure: on the H200 the server measured second ran 5-6 % faster
+        # at 1 and 8 running requests whichever it was (2026-12-02), so a cold server reads slower than a warm one.
+        run_many(server, prompts(tok, WARM_BATCH, offset=900), WARM_TOKENS, WARM_BATCH)
         for i, b in enumerate(batches):
             try:
                 need(seconds + 20, f"capture {name} batch {b}")
