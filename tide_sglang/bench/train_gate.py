@@ -22,9 +22,8 @@ is proportional to tokens served, and both arms serve the same tokens (greedy, s
 also count the machine's load and how fast each arm's draft made serving (the seconds are reported too). Captured
 bytes are what the engine's writer sent. Speculation stays at `STEPS` draft steps so that every verify feeds the
 trigger (at these acceptance levels TIDE's policy would switch it off on the CPU; `tide bench control` measures the
-policy). At the end of each phase the draft the engine then
-serves runs "eval" prompts of the phase's domain, at `STEPS` steps with no capture: prompts never served, captured
-or trained on.
+policy). At the end of each phase the draft the engine then serves runs "eval" prompts of the phase's domain, at
+`STEPS` steps with no capture: prompts never served, captured or trained on.
 """
 
 import datetime
