@@ -20,7 +20,9 @@ acceptance, with the movement of acceptance split by its cause:
   forgets a version's jump). The trainer publishes the first candidate that beats the served draft by its margin,
   so while it learns fast each version's rise is large; as it converges the rises shrink towards the margin, and
   once its candidates stop winning none come and `gain` decays: a small latest rise, or none lately, is
-  convergence, read from the versions served alone.
+  convergence, read from the versions served alone. Its known limit (docs/controller.md): a trainer that improves
+  in many steps just past its margin is stopped at the first small one, since `eps` is sized for the windows'
+  noise, not for the held-out measurement's.
 - A drift is answered by a version: after "drift" or "changepoint" there is no plateau until a version has been
   served, or until the traffic has stayed settled for as many windows as it spent falling (`gap < -eps`) since
   the trigger fired. A trainer slower than the long EWMA's memory still gets its first version out; one that
