@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tide_sglang.control import ControlMetrics, Profile, SpeculationController, speedup
+from tide_sglang.control.acceptance import per_token
 from tide_sglang.settings import TideSettings
 
 PROFILE = Profile.roofline(floor_s=0.010, per_token_s=1e-4, draft_s=0.001, max_tokens=1024)
@@ -91,6 +92,16 @@ def test_new_version_starts_from_the_old_estimate():
     for _ in range(300):
         eng.step(8, 0.9, version=1)
     assert ctl.acceptance(1) == pytest.approx(0.9, abs=0.05) and ctl.acceptance(0) == pytest.approx(old)
+
+
+def test_a_version_is_credited_with_its_held_out_gain_per_token():
+    """The manifest's held-out accept lengths (at train_ttt_steps draft tokens) become the trigger's per-token
+    rise for that version; without them (the imported version) the served rise stands."""
+    ctl = controller(CollectorRegistry(), train_ttt_steps=3)
+    ctl.credit(2, 1 + 0.6 + 0.6**2 + 0.6**3, 1 + 0.5 + 0.5**2 + 0.5**3)
+    ctl.credit(3, None, None)
+    assert ctl.trigger._credits == {2: pytest.approx(0.1)}
+    assert per_token(4.0, 3) == 1.0 and per_token(1.0, 3) == 0.0
 
 
 def test_abrupt_drop_starts_training_at_once():

@@ -8,7 +8,7 @@ import torch
 
 from tests.helpers import untrained_draft
 from tide_sglang import keys
-from tide_sglang.draft import DirectoryRegistry
+from tide_sglang.draft import DirectoryRegistry, DraftMetrics
 from tide_sglang.draft.target import Target, heads_of, load_target
 from tide_sglang.engine import FixedSteps, SpecEngine
 from tide_sglang.engine.pod import PodOptions, run_pod
@@ -27,7 +27,8 @@ def test_follow_swap_refuse_report_and_keep_serving(target, settings, tmp_path):
     registry = DirectoryRegistry(tmp_path / "registry", create=True)
     imported = untrained_draft(target, 0)
     registry.store_initial(imported.config, imported.vocab, imported.draft_tensors())  # `tide import`
-    v1 = registry.publish(untrained_draft(target, 1), parent=0).version
+    v1 = registry.publish(untrained_draft(target, 1), parent=0,
+                          metrics=DraftMetrics(accept_length=1.8, parent_accept_length=1.5)).version
     v2 = registry.publish(untrained_draft(target, 2), parent=v1).version
     weights = registry.path(v2) / "model.safetensors"
     data = bytearray(weights.read_bytes())
@@ -37,12 +38,15 @@ def test_follow_swap_refuse_report_and_keep_serving(target, settings, tmp_path):
     ns, dep = settings.namespace, settings.deployment
     reporter = StatsReporter(client, ns, dep, interval_s=0)
     heads = heads_of(target.model)
-    follower = DraftFollower(client, registry, ns, dep, "pod-a", heads.embed, reporter=reporter, poll_s=0, version=0)
+    swaps: list[tuple[int, float | None, float | None]] = []  # what the controller is credited with
+    follower = DraftFollower(client, registry, ns, dep, "pod-a", heads.embed, reporter=reporter, poll_s=0, version=0,
+                             on_swap=lambda *swap: swaps.append(swap))
     assert follower.poll() is None  # no control state yet: keep serving v0
 
     write_control(client, ns, dep, ControlState(stable=v1))
     first = follower.poll()
     assert first is not None and first.version == v1 == follower.version
+    assert swaps == [(v1, 1.8, 1.5)]  # the manifest's held-out accept lengths, this version's and its parent's
     engine = SpecEngine(target, draft=first.draft, draft_version=v1, controller=FixedSteps(2))
 
     write_control(client, ns, dep, ControlState(stable=v1, canary=v2, canary_pods=("pod-c",)))
@@ -65,7 +69,7 @@ def test_follow_swap_refuse_report_and_keep_serving(target, settings, tmp_path):
 
     write_control(client, ns, dep, ControlState(stable=0, collect=False))  # the operator pins the imported draft
     back = follower.poll()
-    assert back is not None and back.version == 0
+    assert back is not None and back.version == 0 and swaps[-1] == (0, None, None)  # imported: no held-out figures
     assert torch.equal(back.draft.fc.weight, registry.load_tensors(0)[1]["fc.weight"].float())
     assert not follower.collect
     stream = keys.hidden_states(ns, dep)

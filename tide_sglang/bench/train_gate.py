@@ -12,15 +12,18 @@ one) and runs, on its own private redis-server:
                that checkpoint, as the trainer pod does
 
 in lockstep, one tick per wave: the engine serves a wave of "train" prompts, beats, the operator decides (the engine
-follows that control state from the next wave's prefill on), and the trainer (when up) reads the stream and takes
-`train_steps` optimizer steps if the control state's `train` allows. The gate's clock is the serving clock (the
-engine's step seconds): the trainer's steps run beside serving, as on its own node, and do not advance it.
-Trainer-active seconds are the serving seconds of the ticks in which the control state told the (scaled-up) trainer
-to train, the time it holds a training GPU busy; captured bytes are what the engine's writer sent. Speculation stays
-at `STEPS` draft steps so that every verify feeds the trigger (at these acceptance levels TIDE's policy would switch
-it off on the CPU; `tide bench control` measures the policy). At the end of each phase the draft the engine then
-serves runs "eval" prompts of the phase's domain, at `STEPS` steps with no capture: prompts never served, captured
-or trained on.
+follows that control state from the next wave's prefill on), the trainer (when up) reads the stream and takes
+`train_steps` optimizer steps if the control state's `train` allows, and the operator promotes what it published
+(its event watcher does within seconds: the version is served from the next wave). The gate's clock is the serving
+clock (the engine's step seconds): the trainer's steps run beside serving, as on its own node, and do not advance it.
+Trainer-active is the share of the schedule during which the control state told the (scaled-up) trainer to train,
+the time it holds a training GPU busy, counted in the tokens served in those ticks: at a steady request rate time
+is proportional to tokens served, and both arms serve the same tokens (greedy, same prompts), whereas their seconds
+also count the machine's load and how fast each arm's draft made serving (the seconds are reported too). Captured
+bytes are what the engine's writer sent. Speculation stays at `STEPS` draft steps so that every verify feeds the
+trigger (at these acceptance levels TIDE's policy would switch it off on the CPU; `tide bench control` measures the
+policy). At the end of each phase the draft the engine then serves runs "eval" prompts of the phase's domain, at
+`STEPS` steps with no capture: prompts never served, captured or trained on.
 """
 
 import datetime
@@ -47,7 +50,7 @@ from tide_sglang.draft.target import Target, TargetHeads, heads_of, load_target
 from tide_sglang.engine import FixedSteps, SpecEngine
 from tide_sglang.engine.online import CPU_TRAINER_ENV, cpu_trainer_settings, online_engine
 from tide_sglang.engine.serve import ServeOptions, Serving, phase_summaries, serve, waves
-from tide_sglang.rollout import ControlState, read_event_page, read_heartbeats, write_control
+from tide_sglang.rollout import ControlState, Published, read_event_page, read_heartbeats, write_control
 from tide_sglang.settings import TideSettings
 from tide_sglang.stream import StreamReader, connect
 from tide_sglang.stream.server import LocalRedis
@@ -89,10 +92,14 @@ class Size(BaseModel):
 
 
 SIZES = {
-    "quick": Size(requests=[4, 2, 4, 2], batch=2, max_new_tokens=12, eval_requests=2, train_steps=4,
-                  offline_requests=8, offline_steps=20, window_steps=8, hold_for="2s", idle_after="4s", min_up="4s"),
+    # quick: a starting draft that knows writing (so that code is a real drop), and phases of enough windows for the
+    # trigger to warm up, find its plateau on writing and fire on code; nothing is published that soon
+    "quick": Size(requests=[8, 4, 4, 4], batch=2, max_new_tokens=12, eval_requests=2, train_steps=4,
+                  offline_requests=16, offline_steps=100, window_steps=4, hold_for="2s", idle_after="4s", min_up="4s"),
+    # full: the starting draft trained to convergence on writing (800 offline steps; with 300 a run's `always` trainer
+    # still published writing versions 0.4 accept length better, so "stable" writing was not stable for that draft)
     "full": Size(requests=[40, 8, 48, 16], batch=4, max_new_tokens=24, eval_requests=4, train_steps=48,
-                 offline_requests=48, offline_steps=300, window_steps=16, hold_for="2s", idle_after="10s",
+                 offline_requests=48, offline_steps=800, window_steps=16, hold_for="2s", idle_after="10s",
                  min_up="10s"),
 }
 # The trigger's thresholds (the CRD's training.trigger) and its window counts (engine settings), sized so that a
@@ -122,22 +129,38 @@ class GateOperator:
         self.client = connect(settings)
         self.start = datetime.datetime.now(datetime.UTC)
         self.status: TrainingStatus | None = None
+        self.seen = gate.Votes()
         self.control = ControlState(stable=stable)
         self.cursor = "0-0"
-        self.published: list[int] = []
+        self.published: list[Published] = []
 
     def reconcile(self, clock_s: float) -> TrainingStatus:
         s = self.settings
+        self._read_events()
+        beats = read_heartbeats(self.client, s.namespace, s.deployment, now=time.time(), heartbeat_s=s.heartbeat_s)
+        self.seen = gate.votes(beats)
+        self.status = gate.decide(self.spec, self.status, self.seen, self.start + datetime.timedelta(seconds=clock_s))
+        self._write()
+        return self.status
+
+    def promote(self) -> None:
+        """Promote what the trainer published since the last pass, the gate unchanged: the operator's event watcher
+        does within seconds, where waiting for the next tick's pass would serve a version a whole wave late."""
+        if self._read_events() and self.status is not None:
+            self._write()
+
+    def _read_events(self) -> int:
+        s = self.settings
         events, self.cursor = read_event_page(self.client, s.namespace, s.deployment, self.cursor)
         for _, event in events:
-            self.published.append(event.version)
+            self.published.append(event)
             self.stable = event.version
-        beats = read_heartbeats(self.client, s.namespace, s.deployment, now=time.time(), heartbeat_s=s.heartbeat_s)
-        seen = gate.votes(beats)
-        self.status = gate.decide(self.spec, self.status, seen, self.start + datetime.timedelta(seconds=clock_s))
-        self.control = gate.control_state(Routing(stable=self.stable), self.status, seen)
-        write_control(self.client, s.namespace, s.deployment, self.control)
-        return self.status
+        return len(events)
+
+    def _write(self) -> None:
+        assert self.status is not None
+        self.control = gate.control_state(Routing(stable=self.stable), self.status, self.seen)
+        write_control(self.client, self.settings.namespace, self.settings.deployment, self.control)
 
 
 class TrainerPod:
@@ -192,6 +215,7 @@ class Tick(BaseModel):
     phase: str
     t: float  # serving clock at the end of the wave, seconds
     seconds: float  # the wave's serving seconds
+    tokens: int  # emitted in the wave: the same in both arms (greedy decoding of the same prompts)
     accept_length: float  # of the wave's verify steps
     request_steps: int
     version: int  # draft served at the wave's end
@@ -216,6 +240,8 @@ class PhaseResult(BaseModel):
     waves: int
     serving_s: float
     trainer_active_s: float
+    tokens: int
+    trainer_active_tokens: int  # served in the ticks that trained: the trainer-active share on the schedule's clock
     trained_steps: int
     captured_bytes: int
     served_accept_length: float  # over the phase's served waves
@@ -229,7 +255,7 @@ class ArmResult(BaseModel):
     gate: str
     phases: list[PhaseResult]
     ticks: list[Tick]
-    published: list[int]
+    published: list[Published]  # with each version's held-out metrics (its manifest's), as the trainer announced it
     trainer_starts: int
     trainer_scale_downs: int
     trainer_busy_s: float  # wall seconds the trainer spent reading, training and evaluating
@@ -237,6 +263,14 @@ class ArmResult(BaseModel):
     @property
     def trainer_active_s(self) -> float:
         return sum(p.trainer_active_s for p in self.phases)
+
+    @property
+    def trainer_active_tokens(self) -> int:
+        return sum(p.trainer_active_tokens for p in self.phases)
+
+    @property
+    def tokens(self) -> int:
+        return sum(p.tokens for p in self.phases)
 
     @property
     def captured_bytes(self) -> int:
@@ -311,10 +345,12 @@ def run_arm(gate_name: str, target: Target, static: Path, size: Size, workdir: P
                 t0 = time.perf_counter()
                 trained = pod.tick(gate.replicas(status), size.train_steps)
                 busy += time.perf_counter() - t0
+                operator.promote()
                 now_sent = parts.writer.stats.sent_bytes
                 trig = parts.controller.trigger
                 ticks.append(Tick(
                     phase=wave.phase, t=round(clock, 3), seconds=round(seconds, 3),
+                    tokens=sum(r.emitted for r in records),
                     accept_length=round(sum(r.emitted for r in records) / sum(r.batch_size for r in records), 3),
                     request_steps=sum(r.batch_size for r in records),
                     version=parts.engine.draft_version, trigger=trig.state.value, trigger_reason=trig.reason,
@@ -351,6 +387,8 @@ def _phase(plan: PhasePlan, role: str, ticks: list[Tick], end: tuple[float, int]
         phase=plan.phase.name, role=role, domain=plan.phase.workload, waves=len(ticks),
         serving_s=round(sum(t.seconds for t in ticks), 3),
         trainer_active_s=round(sum(t.seconds for t in ticks if t.train and t.trainer_up), 3),
+        tokens=sum(t.tokens for t in ticks),
+        trainer_active_tokens=sum(t.tokens for t in ticks if t.train and t.trainer_up),
         trained_steps=sum(t.trained_steps for t in ticks), captured_bytes=sum(t.captured_bytes for t in ticks),
         served_accept_length=round(sum(t.accept_length * t.request_steps for t in ticks) / max(steps, 1), 3),
         end_accept_length=end[0], end_version=end[1], gate_states=_collapse([t.gate for t in ticks]),
@@ -359,13 +397,13 @@ def _phase(plan: PhasePlan, role: str, ticks: list[Tick], end: tuple[float, int]
 
 def _table(arms: dict[str, ArmResult], label: str) -> Table:
     table = Table(title=f"tide bench train-gate ({label}): per phase, always | trigger")
-    for col in ("phase", "role", "serving s", "trainer-active s", "captured MiB", "end accept length",
+    for col in ("phase", "role", "serving s", "trainer-active tokens", "captured MiB", "end accept length",
                 "trigger: gate states"):
         table.add_column(col, justify="left" if col in ("phase", "role", "trigger: gate states") else "right")
     for i, phase in enumerate(arms["always"].phases):
         a, t = phase, arms["trigger"].phases[i]
         table.add_row(phase.phase, phase.role, f"{a.serving_s:.1f} | {t.serving_s:.1f}",
-                      f"{a.trainer_active_s:.1f} | {t.trainer_active_s:.1f}",
+                      f"{a.trainer_active_tokens} | {t.trainer_active_tokens} of {a.tokens}",
                       f"{a.captured_bytes / 2**20:.1f} | {t.captured_bytes / 2**20:.1f}",
                       f"{a.end_accept_length:.3f} | {t.end_accept_length:.3f}", " > ".join(t.gate_states))
     return table
@@ -393,12 +431,14 @@ def run(quick: bool, console: Console) -> BenchReport:
         figures={"label": label, "size": size.model_dump(), "schedule": size.schedule(), "steps": STEPS,
                  "trigger": TRIGGER.model_dump(), "windows": WINDOWS,
                  "trainer_env": {k: v for k, v in CPU_TRAINER_ENV.items() if k.startswith("TIDE_")},
+                 "trainer_active_tokens": {n: a.trainer_active_tokens for n, a in arms.items()},
+                 "tokens": {n: a.tokens for n, a in arms.items()},
                  "trainer_active_s": {n: a.trainer_active_s for n, a in arms.items()},
                  "captured_bytes": {n: a.captured_bytes for n, a in arms.items()},
                  "end_accept_length_ratio": [round(r, 4) for r in ratios],
                  "arms": {n: a.model_dump() for n, a in arms.items()}},
         goals=[
-            goal("trainer_active_trigger_over_always", trigger.trainer_active_s / always.trainer_active_s,
+            goal("trainer_active_trigger_over_always", trigger.trainer_active_tokens / always.trainer_active_tokens,
                  "fraction", "<=", 0.5),
             goal("captured_bytes_trigger_over_always", trigger.captured_bytes / always.captured_bytes,
                  "fraction", "<=", 0.5),
@@ -421,6 +461,7 @@ def _run_arms(size: Size, device: str, console: Console) -> dict[str, ArmResult]
             with console.status(f"gate {name}: serving {size.schedule()}"):
                 arms[name] = run_arm(name, target, static, size, workdir / name, device)
             arm = arms[name]
-            console.print(f"gate {name}: {time.monotonic() - t0:.0f} s, trainer active {arm.trainer_active_s:.1f} s, "
-                          f"captured {arm.captured_bytes / 2**20:.1f} MiB, published {arm.published}")
+            console.print(f"gate {name}: {time.monotonic() - t0:.0f} s, trainer active {arm.trainer_active_tokens} of "
+                          f"{arm.tokens} tokens ({arm.trainer_active_s:.1f} s), captured "
+                          f"{arm.captured_bytes / 2**20:.1f} MiB, published {[v.version for v in arm.published]}")
     return arms

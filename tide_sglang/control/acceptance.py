@@ -30,6 +30,16 @@ def _m_and_slope(a: float, g: int) -> tuple[float, float]:
     return m, dm
 
 
+def per_token(accept_length: float, g: int) -> float:
+    """The per-token acceptance `a` of a chain of g draft tokens with 1 + m(a, g) = `accept_length` (the trainer's
+    held-out figure, in the trigger's unit)."""
+    est = AcceptanceEstimator()
+    est.add(accept_length - 1.0, 1, g)
+    value = est.value
+    assert value is not None  # one step added
+    return value
+
+
 class AcceptanceEstimator:
     def __init__(self, half_life_steps: float = math.inf, prior: float | None = None):
         """`half_life_steps`: request verify steps after which a report weighs half (inf: a plain pooled

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from tide_sglang.control.acceptance import AcceptanceEstimator
+from tide_sglang.control.acceptance import AcceptanceEstimator, per_token
 from tide_sglang.control.changepoint import DropDetector
 from tide_sglang.control.correction import StepTimeCorrection
 from tide_sglang.control.metrics import ControlMetrics
@@ -120,6 +120,15 @@ class SpeculationController:
         self._window.add(accepted_tokens, steps, g)
         if self._window.steps >= self.settings.control_window_steps:
             self._close_window()
+
+    def credit(self, version: int, accept_length: float | None, parent_accept_length: float | None) -> None:
+        """A version about to be served, with its manifest's held-out accept lengths (its own and the served
+        parent's, on the same rows, at `train_ttt_steps` draft tokens): the trigger takes their difference, per
+        token, as the version's rise instead of the served one (which a shift arriving with it confounds)."""
+        if accept_length is None or parent_accept_length is None:
+            return  # the imported version, or an older manifest: the trigger falls back to the served rise
+        g = self.settings.train_ttt_steps
+        self.trigger.credit(version, per_token(accept_length, g) - per_token(parent_accept_length, g))
 
     def observe_step_time(self, batch_size: int, draft_steps: int, seconds: float) -> None:
         """A decode step of `batch_size` requests at `draft_steps` took `seconds` (for SGLang: the interval between

@@ -5,18 +5,28 @@ from one draft version). Our reading of Algorithm 1, as a three-state machine ov
 acceptance, with the movement of acceptance split by its cause:
 
     warmup --(n_init windows)--> active            collect only, then adapt the draft to this traffic
-    active --(traffic not falling and versions no longer moving it, n_threshold windows)--> idle   "plateau"
+    active --(traffic not falling, versions not moving it, drift answered; n_threshold windows)--> idle  "plateau"
     idle   --(traffic falling: short < long - eps for n_threshold windows)--> active              "drift"
     any    --(force(): change point)--> active                                                    abrupt drop
 
-- Traffic: `gap = short - long` over windows with each new version's jump taken out (at a version's first window
-  both averages move by its rise over the old version's level), so the gap moves only with what is served. A fall
-  is drift; a rise (a domain the served draft already knows) is no reason to train, in any state. A version
-  explains a rise only: the trainer publishes only a version that beats the served one.
-- Training: `gain` is the sum of the recent versions' jumps, forgotten at the long EWMA's rate (as Algorithm 1's
-  own gap forgets a version's jump). The trainer publishes only a version that beats the served one, so while it
-  improves the draft, versions keep coming and `gain` stays up; once its candidates stop winning, none come,
-  `gain` decays and training stops: convergence, read from the loaded version alone.
+- Traffic: `gap = short - long` over windows with each new version's rise taken out (at a version's first window
+  both averages move by its rise), so the gap moves only with what is served. A fall is drift; a rise (a domain the
+  served draft already knows) is no reason to train, in any state. A version's rise is the trainer's own held-out
+  gain recorded in its manifest (`credit`), which the traffic cannot confound; without one (the imported version,
+  an engine that does not pass manifests), its first window's rise over the old level, which a shift arriving with
+  the version does confound. A version explains a rise only: the trainer publishes only a version that beats the
+  served one.
+- Training: `gain` is the latest version's rise, forgotten at the long EWMA's rate (as Algorithm 1's own gap
+  forgets a version's jump). The trainer publishes the first candidate that beats the served draft by its margin,
+  so while it learns fast each version's rise is large; as it converges the rises shrink towards the margin, and
+  once its candidates stop winning none come and `gain` decays: a small latest rise, or none lately, is
+  convergence, read from the versions served alone. Its known limit (docs/controller.md): a trainer that improves
+  in many steps just past its margin is stopped at the first small one, since `eps` is sized for the windows'
+  noise, not for the held-out measurement's.
+- A drift is answered by a version: after "drift" or "changepoint" there is no plateau until a version has been
+  served, or until the traffic has stayed settled for as many windows as it spent falling (`gap < -eps`) since
+  the trigger fired. A trainer slower than the long EWMA's memory still gets its first version out; one that
+  cannot beat the served draft on the new traffic does not train for ever.
 - `eps` is sized from the windows' own spread: the larger of the configured floor and `Z` standard deviations of
   `gap` under noise alone, from the variance of one window (half the mean squared difference of consecutive
   windows of one version, where a change of level enters as one difference) and the two EWMAs' weights.
@@ -60,8 +70,12 @@ class TrainingTrigger:
         self.state = TriggerState.WARMUP
         self.reason = "warmup"
         self.windows = 0
-        self.gain = 0.0  # recent versions' jumps in acceptance, decaying at the long EWMA's rate
+        self.gain = 0.0  # the latest version's rise in acceptance, decaying at the long EWMA's rate
         self.version: int | None = None
+        self._credits: dict[int, float] = {}  # version -> its held-out gain, until its first window
+        # Since the last drift or change point with no version served yet: windows seen, and those with the traffic
+        # still falling (None: no drift waits for an answer).
+        self._unanswered: tuple[int, int] | None = None
         self._last: float | None = None  # the previous window of the same version
         self._count = 0  # consecutive windows meeting the current state's exit condition
 
@@ -105,27 +119,46 @@ class TrainingTrigger:
             if self.windows >= self.n_init:
                 self._enter(TriggerState.ACTIVE, "initial adaptation")
         elif self.state is TriggerState.ACTIVE:
-            self._count_until(self.gap >= -eps and abs(self.gain) <= eps, TriggerState.IDLE, "plateau")
+            self._wait(eps)
+            self._count_until(self.gap >= -eps and abs(self.gain) <= eps and self._unanswered is None,
+                              TriggerState.IDLE, "plateau")
         else:
             self._count_until(self.gap < -eps, TriggerState.ACTIVE, "drift")
         return self.state
 
+    def credit(self, version: int, gain: float) -> None:
+        """`version`'s held-out gain: per-token acceptance over the version served when the trainer evaluated it,
+        on the same held-out rows (its manifest's metrics). Taken as the version's rise at its first window."""
+        self._credits[version] = gain
+
     def _observe(self, acceptance: float, version: int) -> None:
         self.gain *= 1 - self.long.alpha
         if self.version is not None and version != self.version and self.short.value is not None:
-            # The new version's first window against the old version's level: a rise is the version's, not the
-            # traffic's, so both averages move by it and the gap keeps measuring traffic alone. A fall is not: the
-            # trainer publishes only a version that beats the served one, so a fall at a swap is the traffic's (a
-            # phase that changed with it, or traffic the trainer's held-out rows do not represent).
-            jump = max(acceptance - self.short.value, 0.0)
-            self.short.shift(jump)
-            self.long.shift(jump)
-            self.gain += jump
+            # The new version's first window: its rise is the version's, not the traffic's, so both averages move
+            # by it and the gap keeps measuring traffic alone. Measured on held-out rows when the manifest says;
+            # else the first window's rise over the old level (a fall is never the version's: the trainer publishes
+            # only a version that beats the served one, so a fall at a swap is the traffic's).
+            held_out = self._credits.get(version)
+            rise = max(acceptance - self.short.value if held_out is None else held_out, 0.0)
+            self.short.shift(rise)
+            self.long.shift(rise)
+            self.gain = rise  # the latest step's size: convergence shows as steps that shrink (see above)
+            self._unanswered = None
         elif self._last is not None:
             self.spread.update((acceptance - self._last) ** 2 / 2)
+        self._credits = {v: g for v, g in self._credits.items() if v > version}  # older ones will not be served
         self.version, self._last = version, acceptance
         self.short.update(acceptance)
         self.long.update(acceptance)
+
+    def _wait(self, eps: float) -> None:
+        """Count a window of an unanswered drift; give up waiting once the traffic has been settled for as long as
+        it took to settle (the bound scales with the drop and the EWMAs' weights: no extra knob)."""
+        if self._unanswered is None:
+            return
+        seen, falling = self._unanswered[0] + 1, self._unanswered[1] + (self.gap < -eps)
+        # at least n_threshold windows: a change point fires before the EWMAs have seen the drop
+        self._unanswered = None if seen >= max(2 * falling, self.n_threshold) else (seen, falling)
 
     def force(self, reason: str = "changepoint") -> None:
         """Start collection and training now, whatever the state (an abrupt drop was detected)."""
@@ -138,3 +171,5 @@ class TrainingTrigger:
 
     def _enter(self, state: TriggerState, reason: str) -> None:
         self.state, self.reason, self._count = state, reason, 0
+        if reason in ("drift", "changepoint"):
+            self._unanswered = (0, 0)

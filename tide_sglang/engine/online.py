@@ -134,7 +134,8 @@ def online_engine(target: Target, settings: TideSettings, registry: Path | str, 
     reporter = StatsReporter(client, settings.namespace, settings.deployment)
     follower = DraftFollower(client, open_registry(registry), settings.namespace, settings.deployment,
                              settings.pod_name, heads.embed, device=param.device, dtype=param.dtype,
-                             reporter=reporter, trigger=controller.trigger.report)
+                             reporter=reporter, trigger=controller.trigger.report,
+                             on_swap=controller.credit)
     follower.start_heartbeats(settings.heartbeat_s)
     engine = SpecEngine(target, controller=controller, writer=writer)
     return OnlineParts(engine=engine, writer=writer, reporter=reporter, follower=follower, controller=controller)

@@ -86,10 +86,11 @@ def run_pod(options: PodOptions, settings: TideSettings) -> int:
     prometheus = CollectorRegistry()
     metrics = PluginMetrics(settings.deployment, registry=prometheus)
     controller = _controller(options, settings, prometheus)
-    trigger = controller.trigger.report if isinstance(controller, SpeculationController) else None
+    trigger, on_swap = ((controller.trigger.report, controller.credit) if isinstance(controller, SpeculationController)
+                        else (None, None))
     follower = DraftFollower(client, registry, settings.namespace, settings.deployment, settings.pod_name, heads.embed,
                              dtype=dtype, reporter=reporter, poll_s=settings.swap_poll_s, version=options.version,
-                             trigger=trigger, metrics=metrics)
+                             trigger=trigger, metrics=metrics, on_swap=on_swap)
     draft = None if options.version is None else registry.load(options.version, heads.embed).to(dtype).eval()
     engine = SpecEngine(target, draft=draft, draft_version=options.version or 0, controller=controller, writer=writer,
                         metrics=metrics)

@@ -33,17 +33,20 @@ class SwapTo(BaseModel):
 
 class DraftFollower:
     """`version`: the draft the engine starts with (None: none yet, a cold start). `trigger`: the training
-    trigger's report for the heartbeat. `metrics`: swaps in the plugin's tide_draft_* series (`tide engine`)."""
+    trigger's report for the heartbeat. `metrics`: swaps in the plugin's tide_draft_* series (`tide engine`).
+    `on_swap`: told each version loaded, with its manifest's held-out accept lengths, its own and its parent's
+    (`SpeculationController.credit`)."""
 
     def __init__(self, client: Client, registry: DraftRegistry, namespace: str, deployment: str, pod: str,
                  embed: torch.Tensor, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                  reporter: rollout.StatsReporter | None = None, poll_s: float = 0.5, version: int | None = None,
                  trigger: Callable[[], dict[str, float | bool | str]] | None = None,
-                 metrics: PluginMetrics | None = None) -> None:
+                 metrics: PluginMetrics | None = None,
+                 on_swap: Callable[[int, float | None, float | None], None] | None = None) -> None:
         self.client, self.registry, self.pod = client, registry, pod
         self.namespace, self.deployment = namespace, deployment
         self.embed, self.device, self.dtype, self.reporter, self.poll_s = embed, device, dtype, reporter, poll_s
-        self.version, self.trigger, self.metrics = version, trigger, metrics
+        self.version, self.trigger, self.metrics, self.on_swap = version, trigger, metrics, on_swap
         if metrics is not None and version is not None:
             metrics.version.labels(deployment=deployment).set(version)
         self.role: rollout.Role = "stable"
@@ -84,6 +87,7 @@ class DraftFollower:
         t0 = time.perf_counter()
         try:
             draft = self.registry.load(version, self.embed, device=str(self.device)).to(self.dtype).eval()
+            manifest = self.registry.get(version)
         except Exception as e:  # an untrusted version: any failure (parse, I/O, format, shape) refuses it
             self.refused[version] = str(e)
             self.swap_failures += 1
@@ -97,6 +101,8 @@ class DraftFollower:
         seconds = time.perf_counter() - t0  # the serving loop waits for the load: the swap's pause
         log.info("swapped to draft v%d in %.3f s", version, seconds)
         self.version = version
+        if self.on_swap is not None:
+            self.on_swap(version, manifest.metrics.accept_length, manifest.metrics.parent_accept_length)
         if self.metrics is not None:
             labels = self.metrics.labels(version)
             self.metrics.swaps.labels(**labels).inc()
