@@ -23,7 +23,7 @@ from tide_sglang import keys
 from tide_sglang.bench.faults import tamper
 from tide_sglang.draft import DirectoryRegistry, DraftVocab, Eagle3Draft
 from tide_sglang.draft.importer import import_draft
-from tide_sglang.draft.registry import WEIGHTS
+from tide_sglang.draft.registry import WEIGHTS, DraftMetrics
 from tide_sglang.plugin import hooks
 from tide_sglang.plugin.cli import adaptive_config
 from tide_sglang.plugin.metrics import PluginMetrics
@@ -143,6 +143,19 @@ def test_the_imported_version_0_is_swapped_to_like_any_other_and_heartbeats_say_
         assert beats["pod-a"].version == version and beats["pod-a"].role == "stable"
     params = dict(model.named_parameters())
     assert torch.equal(params["model.fc.weight"], load_file(str(v0.weights_path))["fc.weight"])
+
+
+def test_the_controller_is_credited_with_the_versions_held_out_gain_once_it_is_copied(setup) -> None:
+    """The trigger takes a version's rise from the trainer's held-out figures in its manifest (a shift arriving
+    with the version cannot confound them): staged with the weights, credited on every rank after the copy."""
+    registry, _, swapper, settings, metrics, _ = setup
+    registry.publish(draft(5), parent=1, metrics=DraftMetrics(accept_length=2.1, parent_accept_length=1.8))
+    credited: list[tuple] = []
+    rt = Runtime(settings, metrics, None, swapper, None, lambda t: None)
+    rt.controller = types.SimpleNamespace(credit=lambda *a: credited.append(a))
+    assert swapper.stage(5) is not None and credited == []  # staged, not yet agreed on nor copied
+    rt.sync(None)
+    assert swapper.current == 5 and credited == [(5, 2.1, 1.8)]
 
 
 def test_the_stager_never_dies_and_counts_every_failure_in_the_heartbeat(setup) -> None:

@@ -61,8 +61,11 @@ class Runtime:
         self.all_reduce_min(vector)
         if self.swapper is not None:
             agreed = agreed_version(vector[:2])
-            if self.swapper.apply_agreed(agreed) and self.capturer is not None:
-                self.capturer.version = agreed  # rows captured from now on come from the new draft
+            if self.swapper.apply_agreed(agreed):
+                if self.capturer is not None:
+                    self.capturer.version = agreed  # rows captured from now on come from the new draft
+                if self.controller is not None:  # the trainer's held-out gain, not the served rise
+                    self.controller.credit(agreed, *self.swapper.held_out)
         if proposals:
             table = self.steps.agree(slots, vector[2:].tolist())
             version = self.version()

@@ -43,6 +43,8 @@ class SwapPlan(BaseModel):
     version: int
     weights: dict[str, torch.Tensor]  # checkpoint names, without maps and embed_tokens
     hot_token_id: torch.Tensor | None  # new d2t + arange, when the vocabulary changes in place
+    # the manifest's held-out accept lengths, the version's and its parent's (None: not recorded), for the trigger
+    held_out: tuple[float | None, float | None] = (None, None)
 
 
 def never_loaded(name: str) -> bool:

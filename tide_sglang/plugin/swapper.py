@@ -46,6 +46,8 @@ class Swapper:
         self.metrics, self.stats = metrics, stats
         self.allow_vocab_change = allow_vocab_change
         self.staged: SwapPlan | None = None
+        # the manifest's held-out accept lengths of the version copied in place last (not its plan: its weights)
+        self.held_out: tuple[float | None, float | None] = (None, None)
         self.failed: dict[int, str] = {}  # refused versions, never retried (a new version gets a new number)
         self.bad_control: set[str] = set()  # malformed control states seen (each counted once)
         self._stop = threading.Event()
@@ -118,6 +120,8 @@ class Swapper:
         try:
             verified, tensors = self.registry.load_tensors(version)
             plan = plan_swap(version, tensors, self.baseline, allow_vocab_change=self.allow_vocab_change)
+            m = verified.manifest.metrics
+            plan = plan.model_copy(update={"held_out": (m.accept_length, m.parent_accept_length)})
             if missing := uncovered(self.handle.param_names, tensors, self.handle.shared):
                 raise SwapRefused(f"draft v{version} leaves draft parameters without weights: {missing}")
             if self.handle.pin:
@@ -153,7 +157,7 @@ class Swapper:
         apply_swap(staged, self.handle.load_weights, self.handle.hot_token_ids)
         seconds = time.perf_counter() - start
         log.info("draft v%d -> v%d copied in place in %.1f ms", self.current, agreed, seconds * 1e3)
-        self.current, self.staged = agreed, None
+        self.current, self.staged, self.held_out = agreed, None, staged.held_out
         labels = self.metrics.labels(agreed)
         self.metrics.swaps.labels(**labels).inc()
         self.metrics.swap_seconds.labels(**labels).observe(seconds)
