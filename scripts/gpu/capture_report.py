@@ -43,6 +43,7 @@ def per_batch(runs: list[list[dict]]) -> dict[int, dict[str, Any]]:
                     b["captured_tokens"] = b.get("captured_tokens", 0) + (row.get("captured_tokens") or 0)
                 if s["server"] == "rate0":
                     b.setdefault("tide_us_per_batch_rate0_runs", []).append(row.get("tide_us_per_batch"))
+    calls = range(1, len(runs) + 1)
     for bs, b in out.items():
         rate = b["tokens_per_s"]
 
@@ -51,19 +52,21 @@ def per_batch(runs: list[list[dict]]) -> dict[int, dict[str, Any]]:
             return [v for key, v in rate.items() if v and key.split("@")[0].rstrip("0123456789") == name
                     and (len(runs) == 1 or key.endswith(f"@{k}"))]
 
+        def ratios(name: str, base: str) -> list[float]:
+            """`name` over `base` in each call that ran both (the mean of each's servers)."""
+            return [statistics.mean(named(name, k)) / statistics.mean(named(base, k))
+                    for k in calls if named(name, k) and named(base, k)]
+
         # the spread between the no-plugin servers of one call (across calls it would also hold the machine's)
-        spreads = [(max(off) - min(off)) / statistics.mean(off)
-                   for off in (named("off", k) for k in range(1, len(runs) + 1)) if len(off) > 1]
+        spreads = [(max(off) - min(off)) / statistics.mean(off) for off in (named("off", k) for k in calls)
+                   if len(off) > 1]
         b["no_plugin_spread"] = max(spreads) if spreads else None
         for name in ("on", "rate0"):
-            ratios = [statistics.mean(named(name, k)) / statistics.mean(named("off", k))
-                      for k in range(1, len(runs) + 1) if named(name, k) and named("off", k)]
-            b[f"ratio_{name}_runs"] = ratios
-            b[f"ratio_{name}"] = statistics.median(ratios) if ratios else None
+            b[f"ratio_{name}_runs"] = ratios(name, "off")
+            b[f"ratio_{name}"] = statistics.median(b[f"ratio_{name}_runs"]) if b[f"ratio_{name}_runs"] else None
         for name in ("zero", "zeroskip"):  # issue 15: what 0 steps costs inside a speculative server
-            ratios = [statistics.mean(named(name, k)) / statistics.mean(named("nospec", k))
-                      for k in range(1, len(runs) + 1) if named(name, k) and named("nospec", k)]
-            b[f"ratio_{name}_over_nospec"] = statistics.median(ratios) if ratios else None
+            over = ratios(name, "nospec")
+            b[f"ratio_{name}_over_nospec"] = statistics.median(over) if over else None
         us = [u for u in b.get("tide_us_per_batch_runs", []) if u is not None]
         b["tide_us_per_batch"] = statistics.median(us) if us else None
         on = [v for key, v in rate.items() if v and key.split("@")[0] == "on"]
