@@ -2,6 +2,7 @@
 prompts none of them trained on. Figures only; no timing is asserted (speed is what the bench reports)."""
 
 import io
+import itertools
 
 import pytest
 from click.testing import CliRunner
@@ -66,3 +67,32 @@ def test_a_trainer_reads_everything_a_serving_engine_left_in_its_stream(redis_se
     # A count the stream cannot reach is an error, not a hang (the group has read every entry already).
     with pytest.raises(RuntimeError, match=f"holds 0 of the {rows + 1} rows"):
         read_into_trainer(settings, tmp_path / "reg2", target, rows=rows + 1, idle_s=0.5)
+
+
+def test_a_static_draft_samples_every_collected_request_alike() -> None:
+    """bench.static keeps every request of a large collection (the serving trainer's window + reservoir would keep
+    2,560 of 4,096 and draw half its batches from the newest 512) and draws them uniformly."""
+    import torch
+
+    from tide_sglang.bench.static import StaticPlan, _settings
+    from tide_sglang.trainer.replay import Chunk, ReplayBuffer
+
+    s = _settings("redis://localhost:1", "static", StaticPlan(requests=4096), "cpu", 1000)
+    replay = ReplayBuffer(s.train_recent_chunks, s.train_reservoir_chunks)
+    for i in range(4096):
+        replay.add(Chunk(hidden=torch.zeros(1, 2), tokens=torch.zeros(1, dtype=torch.int64),
+                         positions=torch.zeros(1, dtype=torch.int64), is_prompt=torch.zeros(1, dtype=torch.bool),
+                         rid=str(i)))
+    assert len(replay) == 4096
+    drawn = [int(c.rid) for c in replay.sample(20_000)]
+    newest = sum(r >= 4096 - 512 for r in drawn) / len(drawn)
+    assert 0.10 < newest < 0.15, f"the newest 512 of 4,096 drawn {newest:.0%} of the time, not ~12.5 %"
+
+
+def test_a_static_draft_warms_up_then_decays_its_learning_rate() -> None:
+    from tide_sglang.bench.static import LR_FLOOR, WARMUP, cosine_lr
+
+    assert cosine_lr(1e-3, 0.0) < 1e-4 and cosine_lr(1e-3, WARMUP) == pytest.approx(1e-3)
+    rates = [cosine_lr(1e-3, WARMUP + k * (1 - WARMUP) / 10) for k in range(11)]
+    assert all(a > b for a, b in itertools.pairwise(rates)), "falls after the warm-up"
+    assert rates[-1] == pytest.approx(LR_FLOOR * 1e-3) and cosine_lr(1e-3, 3.0) == rates[-1]

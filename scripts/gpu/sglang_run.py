@@ -74,6 +74,7 @@ class OutOfTime(RuntimeError):
 
 DEADLINE = float("inf")  # time.monotonic() by which the run must have saved and exited (--budget-s)
 SERVER_START_S = 150.0  # a server's start on the H200 (60-145 s seen) before it serves anything
+COLLECT_CONCURRENCY = 256  # the collect phase's requests in flight: 128 served 2,048 prompts in 111 s
 
 
 def need(seconds: float, what: str) -> None:
@@ -515,12 +516,12 @@ def phase_static(out: Path, args: list[str], env: dict[str, str], tok: Any, draf
 
 
 def phase_collect(out: Path, args: list[str], env: dict[str, str], tok: Any, redis_url: str, requests: int,
-                  steps: int, seconds: float) -> dict:
+                  steps: int, seconds: float, static_after: bool) -> dict:
     """A static draft from SGLang's own captures (`bench.static train --stream-url`): a server with the plugin
-    capturing is sent bench.static's "train" prompts (natural ends or 256 new tokens, 128 at a time), stops (its
-    capture helper flushes), and the trainer reads the stream, trains, scores on the "eval" prompts and publishes
-    into $GPU_RUN_HOME/static-reg, writing $GPU_RUN_HOME/static (what the static phase serves). SGLang generates
-    in seconds what transformers' `generate` needs minutes for."""
+    capturing is sent bench.static's "train" prompts (natural ends or 256 new tokens, COLLECT_CONCURRENCY at a
+    time), stops (its capture helper flushes), and the trainer reads the stream, trains, scores on the "eval"
+    prompts and publishes into $GPU_RUN_HOME/static-reg, writing $GPU_RUN_HOME/static (what the static phase
+    serves). SGLang generates in seconds what transformers' `generate` needs minutes for."""
     from tide_sglang.bench import static
 
     texts = [p.text for p in static.train_prompts(requests)]
@@ -529,7 +530,8 @@ def phase_collect(out: Path, args: list[str], env: dict[str, str], tok: Any, red
     server = Server("collect", out, args, collect_env, plugin=True)
     try:
         startup = server.wait_ready()
-        results, wall = run_many(server, [chat_ids(tok, t) for t in texts], 256, 128, ignore_eos=False)
+        results, wall = run_many(server, [chat_ids(tok, t) for t in texts], 256, COLLECT_CONCURRENCY,
+                                 ignore_eos=False)
         m = server.metrics()
         # The dashboards' sglang:* expressions are checked against this snapshot (tests/test_dashboards_e2e.py).
         (out / "sglang-metrics.prom").write_text(server.metrics_text())
@@ -541,8 +543,10 @@ def phase_collect(out: Path, args: list[str], env: dict[str, str], tok: Any, red
               "captured_tokens": metric(m, "tide_captured_tokens_total"),
               "capture_drops": metric(m, "tide_capture_drops_total")}
     log(f"collect: {json.dumps(served)}")
-    # Leave the static phase a server start and its serving; never less than a minute of training.
-    seconds = max(60.0, min(seconds, DEADLINE - time.monotonic() - SERVER_START_S - 120))
+    # Leave the static phase (when it runs in this call) a server start and its serving, and the draft's scoring
+    # and publishing a minute; never less than a minute of training.
+    left = DEADLINE - time.monotonic() - 45 - ((SERVER_START_S + 60) if static_after else 0)
+    seconds = max(60.0, min(seconds, left))
     plan = static.StaticPlan(requests=requests, steps=steps, seconds=seconds)
     trained = static.train_static(HOME / "static-reg", HOME / "static", "cuda", plan, DEFAULT_TARGET,
                                   stream=(redis_url, DEPLOYMENT))
@@ -565,7 +569,7 @@ def main() -> None:
                          "nospec: no speculation, zero: 0 pinned steps, zeroskip: 0 steps skipping the draft extend)")
     ap.add_argument("--capture-batches", default="1,8,32,64,128")
     ap.add_argument("--capture-seconds", type=float, default=22.0, help="steady decode per batch size")
-    ap.add_argument("--collect-requests", type=int, default=2048, help="collect phase: train prompts served")
+    ap.add_argument("--collect-requests", type=int, default=4000, help="collect phase: train prompts served")
     ap.add_argument("--collect-steps", type=int, default=6000, help="collect phase: optimizer steps at most")
     ap.add_argument("--collect-seconds", type=float, default=150.0, help="collect phase: training time at most")
     ap.add_argument("--static-dir", type=Path, default=None,
@@ -676,7 +680,7 @@ def main() -> None:
     if "collect" in phases:
         rollout.delete_control(client, NAMESPACE, DEPLOYMENT)
         run_phase("collect", lambda: phase_collect(a.out, args, env, tok, redis.url, a.collect_requests,
-                                                   a.collect_steps, a.collect_seconds))
+                                                   a.collect_steps, a.collect_seconds, "static" in phases))
         a.static_dir = a.static_dir or HOME / "static"
     if "static" in phases:
         if a.static_dir is None:

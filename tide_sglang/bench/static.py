@@ -18,6 +18,7 @@ engine captured into that Redis (SGLang with the plugin, sent the same "train" p
 """
 
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +39,7 @@ from tide_sglang.workloads.registry import snapshot_workload
 TRAIN_SEED, EVAL_SEED = 1000, 0
 CHAT_SNAPSHOT = 8192  # ShareGPT prompts snapshotted for the GPU machine: enough for 2,000 English "train" ones
 STREAM_WARMUP_ROWS = 50_000  # captured rows counted before the draft vocabulary is chosen (stream source)
+WARMUP, LR_FLOOR = 0.02, 0.05  # share of the run at a rising learning rate; the last rate, as a share of the peak
 
 
 class StaticPlan(BaseModel):
@@ -46,8 +48,8 @@ class StaticPlan(BaseModel):
     steps: int = 3000
     seconds: float | None = None  # stop training earlier, after this long (a GPU call has a time limit)
     batch_sequences: int = 16
-    vocab: int = 8192
-    lr: float = 1e-3
+    vocab: int = 16384  # 8,192 rows left ~11 % of the evaluation's tokens out of reach (draftable by no step)
+    lr: float = 1e-3  # the peak: a short warm-up, then cosine down to LR_FLOOR of it (cosine_lr)
     ttt_steps: int = 3  # the draft steps SGLang serves it at
     generate_batch: int = 256  # HF generate took ~105 ms a token step at 64 on the H200 (host-paced): go wider
 
@@ -83,18 +85,39 @@ def _chunks(target: Target, texts: list[str], plan: StaticPlan, domain: str) -> 
 
 
 def _settings(url: str, deployment: str, plan: StaticPlan, device: str, warmup_rows: int) -> TideSettings:
+    # Every request's chunk stays in the recent window and none goes to the reservoir, so sampling is uniform over
+    # all of them: the serving trainer's window + reservoir would keep a subset of a large collection and draw
+    # half its batches from the newest 512 requests. A request longer than one chunk gives two, hence the 2x.
     return TideSettings(redis_url=url, deployment=deployment, train_device=device,
                         train_chunk_len=plan.max_new + 512, train_batch_chunks=plan.batch_sequences,
                         train_ttt_steps=plan.ttt_steps, train_lr=plan.lr, train_draft_vocab_size=plan.vocab,
-                        train_vocab_warmup_rows=warmup_rows, train_heldout_fraction=0.01)
+                        train_vocab_warmup_rows=warmup_rows, train_heldout_fraction=0.01,
+                        train_recent_chunks=2 * plan.requests, train_reservoir_chunks=0)
+
+
+def cosine_lr(peak: float, progress: float) -> float:
+    """The learning rate at `progress` (0..1) of a fixed run: linear warm-up over WARMUP, then a cosine from the
+    peak down to LR_FLOOR x peak. An offline run knows its end, which the serving trainer's constant rate does
+    not; the decay is what turns the last epochs into a finer draft instead of noise around one."""
+    progress = min(max(progress, 0.0), 1.0)
+    if progress < WARMUP:
+        return peak * max(progress / WARMUP, 0.01)
+    cos = 0.5 * (1 + math.cos(math.pi * (progress - WARMUP) / (1 - WARMUP)))
+    return peak * (LR_FLOOR + (1 - LR_FLOOR) * cos)
 
 
 def _fit(trainer: DraftTrainer, plan: StaticPlan) -> dict:
-    """`plan.steps` optimizer steps (fewer when `plan.seconds` runs out); their count and seconds."""
-    assert trainer.draft is not None, "the stream held too few rows to choose a draft vocabulary"
+    """`plan.steps` optimizer steps (fewer when `plan.seconds` runs out); their count and seconds. The learning
+    rate follows `cosine_lr` over whichever of the two ends comes first."""
+    assert trainer.draft is not None and trainer.learner is not None, \
+        "the stream held too few rows to choose a draft vocabulary"
+    groups = trainer.learner.optimizer.param_groups
     start = time.perf_counter()
     step = 0
     while step < plan.steps:
+        elapsed = (time.perf_counter() - start) / plan.seconds if plan.seconds else 0.0
+        for group in groups:
+            group["lr"] = cosine_lr(plan.lr, max(step / plan.steps, elapsed))
         step += 1
         stats = trainer.train_step()
         if step % 250 == 0:  # the report waits for the device: the time below is the device's too
