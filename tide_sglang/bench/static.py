@@ -37,8 +37,9 @@ from tide_sglang.workloads import Prompt, load_workload, split_of
 from tide_sglang.workloads.registry import snapshot_workload
 
 TRAIN_SEED, EVAL_SEED = 1000, 0
-CHAT_SNAPSHOT = 8192  # ShareGPT prompts snapshotted for the GPU machine: enough for 2,000 English "train" ones
-STREAM_WARMUP_ROWS = 50_000  # captured rows counted before the draft vocabulary is chosen (stream source)
+CHAT_SNAPSHOT = 8192  # ShareGPT prompts snapshotted for the GPU machine: 4,022 English "train" ones
+# Rows counted before the draft vocabulary is chosen (stream source): 16,384 entries need their tail counted.
+STREAM_WARMUP_ROWS = 200_000
 WARMUP, LR_FLOOR = 0.02, 0.05  # share of the run at a rising learning rate; the last rate, as a share of the peak
 
 
