@@ -96,3 +96,47 @@ def test_a_static_draft_warms_up_then_decays_its_learning_rate() -> None:
     rates = [cosine_lr(1e-3, WARMUP + k * (1 - WARMUP) / 10) for k in range(11)]
     assert all(a > b for a, b in itertools.pairwise(rates)), "falls after the warm-up"
     assert rates[-1] == pytest.approx(LR_FLOOR * 1e-3) and cosine_lr(1e-3, 3.0) == rates[-1]
+
+
+def test_a_static_draft_keeps_its_best_held_out_weights(redis_server, tmp_path, monkeypatch) -> None:
+    """bench.static scores the draft on the trainer's own held-out requests as it trains and keeps the weights that
+    scored best: what it publishes scores the curve's maximum (a rate high enough to move the draft every step)."""
+    import torch
+
+    from tide_sglang import keys
+    from tide_sglang.bench import static
+    from tide_sglang.bench.traffic import capture, generate, prompt_lengths, prompts, read_into_trainer
+    from tide_sglang.draft.target import load_target
+    from tide_sglang.settings import TideSettings
+    from tide_sglang.stream import StreamWriter, connect
+    from tide_sglang.trainer import acceptance
+
+    target = load_target(device="cpu", dtype=torch.float32)
+    texts = prompts(8)
+    rids = [f"r{i}" for i in range(len(texts))]
+    batches = capture(target, generate(target, texts, 12), rids, prompt_lengths(target, texts))
+    settings = TideSettings(redis_url=redis_server.url, deployment="best", train_device="cpu",
+                            train_vocab_warmup_rows=10, train_draft_vocab_size=256, train_chunk_len=64,
+                            train_heldout_fraction=0.4, train_lr=0.05, train_batch_chunks=4)
+    with StreamWriter(lambda: connect(settings), keys.hidden_states(settings.namespace, "best"),
+                      budget_bytes=1 << 30) as writer:
+        for b in batches:
+            assert writer.submit(b)
+        writer.flush(30)
+    trainer, _ = read_into_trainer(settings, tmp_path / "reg", target, idle_s=0.5)
+    assert trainer.heldout and len(trainer.replay), "some requests held out, some trained on"
+    monkeypatch.setattr(static, "SCORE_EVERY", 2)
+    fitted = static._fit(trainer, static.StaticPlan(requests=8, steps=7, lr=0.05, ttt_steps=2))
+    assert [p[0] for p in fitted["heldout_curve"]] == [2, 4, 6, 7]
+    scores = [p[2] for p in fitted["heldout_curve"]]
+    assert fitted["best_step"] == fitted["heldout_curve"][scores.index(max(scores))][0] and max(scores) > 1.0
+    kept = acceptance(trainer.draft.eval(), list(trainer.heldout), 2).accept_length
+    assert kept == pytest.approx(max(scores))
+    # a later, worse score does not replace the best weights: a draft whose head says nothing scores 1.0
+    best = static._Best(trainer, static.StaticPlan(ttt_steps=2))
+    best.score(1, 0.0)
+    with torch.no_grad():
+        trainer.draft.lm_head.weight.zero_()
+    best.score(2, 0.0)
+    assert [p[2] for p in best.curve] == [pytest.approx(kept), 1.0] and best.restore()["best_step"] == 1
+    assert acceptance(trainer.draft.eval(), list(trainer.heldout), 2).accept_length == pytest.approx(kept)

@@ -9,7 +9,8 @@ humanities).
     python -m tide_sglang.bench.static train --registry DIR --out DIR [--device cuda] [...]
 
 `train` generates greedy completions of the training prompts with the target (transformers, batched), captures
-them as serving would (bench/traffic), trains with the trainer's own step on the device, scores the draft on
+them as serving would (bench/traffic), trains with the trainer's own step on the device (keeping the weights that
+scored best on the trainer's own held-out requests, scored every SCORE_EVERY steps), scores the draft on
 the evaluation prompts' completions (generated rows only, as served acceptance), publishes it as the next
 version of DIR (what `tide serve --registry` loads) and writes OUT/static-draft.json and OUT/eval-prompts.json
 (the texts to serve it on). With `--stream-url URL [--stream-deployment NAME]` it trains instead on what a serving
@@ -29,6 +30,7 @@ from pydantic import BaseModel
 
 from tide_sglang.bench.traffic import capture, drain_into_trainer, generate, prompt_lengths, read_into_trainer
 from tide_sglang.draft import DirectoryRegistry, DraftMetrics
+from tide_sglang.draft.model import NOT_SAVED
 from tide_sglang.draft.target import DEFAULT_TARGET, Target, load_target
 from tide_sglang.settings import TideSettings
 from tide_sglang.stream.server import LocalRedis
@@ -40,6 +42,7 @@ TRAIN_SEED, EVAL_SEED = 1000, 0
 CHAT_SNAPSHOT = 8192  # ShareGPT prompts snapshotted for the GPU machine: 4,022 English "train" ones
 # Rows counted before the draft vocabulary is chosen (stream source): 16,384 entries need their tail counted.
 STREAM_WARMUP_ROWS = 200_000
+SCORE_EVERY = 500  # optimizer steps between scores on the trainer's own held-out requests (not the eval prompts)
 WARMUP, LR_FLOOR = 0.02, 0.05  # share of the run at a rising learning rate; the last rate, as a share of the peak
 
 
@@ -107,27 +110,67 @@ def cosine_lr(peak: float, progress: float) -> float:
     return peak * (LR_FLOOR + (1 - LR_FLOOR) * cos)
 
 
+class _Best:
+    """The draft's held-out curve over training, and its best weights so far: with a few thousand requests the draft
+    memorises them (its training loss goes to ~0.01), and the curve says whether the last steps still helped."""
+
+    def __init__(self, trainer: DraftTrainer, plan: StaticPlan) -> None:
+        assert trainer.draft is not None and trainer.learner is not None
+        self.draft, self.device, self.steps = trainer.draft, trainer.learner.device, plan.ttt_steps
+        self.heldout = list(trainer.heldout)  # whole requests of the training stream that it never trains on
+        self.curve: list[list[float]] = []  # [step, seconds, held-out accept length]
+        self.best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+        self.seconds = 0.0  # spent scoring
+
+    def score(self, step: int, elapsed: float) -> None:
+        if not self.heldout:
+            return
+        t0 = time.perf_counter()
+        self.draft.eval()
+        value = acceptance(self.draft, self.heldout, self.steps, device=self.device).accept_length
+        self.draft.train()
+        self.curve.append([step, round(elapsed, 1), value])
+        if self.best is None or value > self.best[0]:
+            weights = {k: v.detach().clone() for k, v in self.draft.state_dict().items() if k not in NOT_SAVED}
+            self.best = (value, step, weights)
+        self.seconds += time.perf_counter() - t0
+
+    def restore(self) -> dict:
+        """Load the best weights scored; what was scored, and where the best was."""
+        if self.best is not None:
+            self.draft.load_state_dict(self.best[2], strict=False)
+        return {"heldout_curve": self.curve, "best_step": None if self.best is None else self.best[1],
+                "train_heldout_rows": sum(c.length for c in self.heldout), "score_s": self.seconds}
+
+
 def _fit(trainer: DraftTrainer, plan: StaticPlan) -> dict:
     """`plan.steps` optimizer steps (fewer when `plan.seconds` runs out); their count and seconds. The learning
-    rate follows `cosine_lr` over whichever of the two ends comes first."""
+    rate follows `cosine_lr` over whichever of the two ends comes first. Every SCORE_EVERY steps and at the end
+    the draft is scored on the trainer's held-out requests, and the best-scoring weights are the ones kept."""
     assert trainer.draft is not None and trainer.learner is not None, \
         "the stream held too few rows to choose a draft vocabulary"
     groups = trainer.learner.optimizer.param_groups
+    best = _Best(trainer, plan)
     start = time.perf_counter()
     step = 0
     while step < plan.steps:
-        elapsed = (time.perf_counter() - start) / plan.seconds if plan.seconds else 0.0
+        elapsed = (time.perf_counter() - start - best.seconds) / plan.seconds if plan.seconds else 0.0
         for group in groups:
             group["lr"] = cosine_lr(plan.lr, max(step / plan.steps, elapsed))
         step += 1
         stats = trainer.train_step()
+        if step % SCORE_EVERY == 0:
+            best.score(step, time.perf_counter() - start)
         if step % 250 == 0:  # the report waits for the device: the time below is the device's too
             click.echo(f"step {step}: loss {stats.report().loss:.3f}, "
-                       f"{1000 * (time.perf_counter() - start) / step:.1f} ms/step")
-            if plan.seconds is not None and time.perf_counter() - start > plan.seconds:
+                       f"{1000 * (time.perf_counter() - start - best.seconds) / step:.1f} ms/step")
+            if plan.seconds is not None and time.perf_counter() - start - best.seconds > plan.seconds:
                 break
     stats.report()
-    return {"steps": step, "steps_s": time.perf_counter() - start}
+    steps_s = time.perf_counter() - start - best.seconds
+    if not best.curve or best.curve[-1][0] != step:
+        best.score(step, time.perf_counter() - start)
+    return {"steps": step, "steps_s": steps_s, **best.restore()}
 
 
 def _trained(target: Target, train: list[Prompt], plan: StaticPlan, device: str, work: Path,
