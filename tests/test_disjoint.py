@@ -76,7 +76,9 @@ def test_demo_serves_no_prompt_its_static_draft_trained_on(schedule: str) -> Non
     assert trained and served and not trained & served
 
 
-def test_gpu_static_draft_is_evaluated_on_prompts_it_never_trained_on() -> None:
-    trained, evaluated = static.train_prompts(256), static.eval_prompts()
-    assert len(trained) == 256 and evaluated and not _texts(trained) & _texts(evaluated)
+@pytest.mark.parametrize("requests", [256, 6000])  # 6,000: past the opening turns, into the follow-ups
+def test_gpu_static_draft_is_evaluated_on_prompts_it_never_trained_on(requests: int) -> None:
+    trained, evaluated = static.train_prompts(requests), static.eval_prompts()
+    assert len(trained) == requests == len(_texts(trained)) and evaluated
+    assert not _texts(trained) & _texts(evaluated)
     assert {p.domain for p in evaluated} == {"writing"} and all(static.english(p) for p in trained)

@@ -27,10 +27,13 @@ def test_snapshots_stand_in_for_missing_workload_packages(tmp_path: Path, monkey
     monkeypatch.setattr(workloads, "SNAPSHOTS", tmp_path)
     monkeypatch.setattr(payload, "WORKLOADS", ("writing", "code"))
     paths = payload.snapshots()
-    # writing and code at every seed, plus the ShareGPT snapshot bench.static trains from, at its own size
-    expected = {f"{n}-{s}.json" for n in ("writing", "code") for s in payload.SEEDS} | {"chat-1000.json"}
+    # writing and code at every seed, plus the ShareGPT snapshots bench.static trains from, at their own sizes
+    expected = {f"{n}-{s}.json" for n in ("writing", "code") for s in payload.SEEDS} | {
+        "chat-1000.json", "chat-followups-1000.json"}
     assert {p.name for p in paths} == expected and all(p.parent == tmp_path for p in paths)
     assert len(json.loads((tmp_path / "chat-1000.json").read_text())["prompts"]) == static.CHAT_SNAPSHOT
+    follow_ups = json.loads((tmp_path / "chat-followups-1000.json").read_text())["prompts"]
+    assert len(follow_ups) == static.FOLLOW_UP_SNAPSHOT
     first = json.loads((tmp_path / "writing-0.json").read_text())["prompts"][0]["text"]
 
     def missing(name: str):

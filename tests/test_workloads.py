@@ -39,6 +39,7 @@ DOMAINS = {
     "code": {"code"},
     "math": {"math"},
     "chat": {"chat"},
+    "chat-followups": {"chat"},
     "french": {"french"},
     "german": {"german"},
 }
@@ -150,6 +151,16 @@ def test_json_array_reader_rejects_a_non_array_and_reports_an_empty_stream() -> 
         list(iter_json_array(io.StringIO('{"a": 1}')))
     with pytest.raises(TruncatedJSON, match="before"):
         list(iter_json_array(io.StringIO("   "), strict=True))
+
+
+def test_sharegpt_follow_ups_are_the_user_turns_after_the_opening_one() -> None:
+    record = {"id": "e_0", "conversations": [
+        {"from": "human", "value": "Write a poem about the sea, please"}, {"from": "gpt", "value": "Waves..."},
+        {"from": "human", "value": "ok"}, {"from": "gpt", "value": "..."},
+        {"from": "human", "value": "Now make it rhyme in every line"}]}
+    assert sharegpt.follow_up_turns(record) == ["Now make it rhyme in every line"]  # "ok" is no chat turn
+    assert sharegpt.follow_up_turns(RECORDS[2]) == ["continue please, with more detail"]  # a later part: all
+    assert sharegpt.follow_up_turns(RECORDS[0]) == [] and sharegpt.follow_up_turns("x") == []
 
 
 def test_sharegpt_keeps_opening_turns_of_chat_size() -> None:
@@ -274,7 +285,8 @@ def test_missing_data_file_and_debian_package(tmp_path: Path) -> None:
 
 
 def test_unknown_workload_lists_known_ones() -> None:
-    with pytest.raises(UnknownWorkload, match="known: writing, mtbench, code, math, chat, french, german"):
+    known = "writing, mtbench, code, math, chat, chat-followups, french, german"
+    with pytest.raises(UnknownWorkload, match=f"known: {known}"):
         load_workload("poetry", 3)
 
 

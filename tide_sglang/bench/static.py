@@ -39,7 +39,8 @@ from tide_sglang.workloads import Prompt, load_workload, split_of
 from tide_sglang.workloads.registry import snapshot_workload
 
 TRAIN_SEED, EVAL_SEED = 1000, 0
-CHAT_SNAPSHOT = 8192  # ShareGPT prompts snapshotted for the GPU machine: 4,022 English "train" ones
+CHAT_SNAPSHOT = 8192  # ShareGPT opening turns snapshotted for the GPU machine: 4,022 English "train" ones
+FOLLOW_UP_SNAPSHOT = 16384  # and later user turns, asked alone: 7,987 more (12,024 "train" prompts in all)
 # Rows counted before the draft vocabulary is chosen (stream source): 16,384 entries need their tail counted.
 STREAM_WARMUP_ROWS = 200_000
 SCORE_EVERY = 500  # optimizer steps between scores on the trainer's own held-out requests (not the eval prompts)
@@ -64,14 +65,23 @@ def english(prompt: Prompt) -> bool:
 
 
 def train_prompts(requests: int) -> list[Prompt]:
+    """The 15 "train" writing prompts, then English "train" ShareGPT opening turns, then its later user turns
+    (asked alone) once the opening turns run out; each text once."""
     writing = load_workload("writing", requests, TRAIN_SEED, split="train")
     need = max(requests - len(writing), 0)
-    # From the CHAT_SNAPSHOT prompts the GPU machine carries (about 4,000 English "train" ones), not from a pool
-    # that grows until it holds `need`: that one could outgrow the snapshot.
-    pool = load_workload("chat", CHAT_SNAPSHOT, TRAIN_SEED)
-    chat = [p for p in pool if split_of(p) == "train" and english(p)]
+    seen = {p.text for p in writing}
+    chat: list[Prompt] = []
+    # From the snapshots the GPU machine carries, not from pools that grow until they hold `need`: those could
+    # outgrow the snapshots.
+    for name, size in (("chat", CHAT_SNAPSHOT), ("chat-followups", FOLLOW_UP_SNAPSHOT)):
+        if len(chat) >= need:
+            break
+        for p in load_workload(name, size, TRAIN_SEED):
+            if split_of(p) == "train" and english(p) and p.text not in seen:
+                seen.add(p.text)
+                chat.append(p)
     if len(chat) < need:
-        raise ValueError(f"{requests} train prompts asked; the chat workload holds {len(chat) + len(writing)}")
+        raise ValueError(f"{requests} train prompts asked; the chat workloads hold {len(chat) + len(writing)}")
     return writing + chat[:need]
 
 
@@ -228,7 +238,8 @@ def main() -> None:
     """A static draft for the GPU comparisons (docs/sglang.md)."""
 
 
-SNAPSHOTS = (("writing", 64, TRAIN_SEED), ("writing", 64, EVAL_SEED), ("chat", CHAT_SNAPSHOT, TRAIN_SEED))
+SNAPSHOTS = (("writing", 64, TRAIN_SEED), ("writing", 64, EVAL_SEED), ("chat", CHAT_SNAPSHOT, TRAIN_SEED),
+             ("chat-followups", FOLLOW_UP_SNAPSHOT, TRAIN_SEED))
 
 
 @main.command()

