@@ -39,16 +39,26 @@ def test_a_cuda_device_without_cuda_is_a_usage_error() -> None:
     assert result.exit_code == 2 and "this machine has no CUDA device" in result.output
 
 
+def _served_into(settings, batches) -> None:
+    """Write capture batches into the deployment's stream, as a serving engine's writer does."""
+    from tide_sglang import keys
+    from tide_sglang.stream import StreamWriter, connect
+
+    with StreamWriter(lambda: connect(settings), keys.hidden_states(settings.namespace, settings.deployment),
+                      budget_bytes=1 << 30) as writer:
+        for b in batches:
+            assert writer.submit(b)
+        writer.flush(30)
+
+
 def test_a_trainer_reads_everything_a_serving_engine_left_in_its_stream(redis_server, tmp_path) -> None:
     """bench.static's stream source (`--stream-url`): captures an engine wrote are read to the end, however many
     rows they hold, and a draft vocabulary is chosen from them; the generated source reads an exact count."""
     import torch
 
-    from tide_sglang import keys
     from tide_sglang.bench.traffic import capture, generate, prompt_lengths, prompts, read_into_trainer
     from tide_sglang.draft.target import load_target
     from tide_sglang.settings import TideSettings
-    from tide_sglang.stream import StreamWriter, connect
 
     target = load_target(device="cpu", dtype=torch.float32)
     texts = prompts(3)
@@ -56,11 +66,7 @@ def test_a_trainer_reads_everything_a_serving_engine_left_in_its_stream(redis_se
     rows = sum(b.num_tokens for b in batches)
     settings = TideSettings(redis_url=redis_server.url, deployment="served", train_device="cpu",
                             train_vocab_warmup_rows=rows // 2, train_draft_vocab_size=64, train_chunk_len=64)
-    with StreamWriter(lambda: connect(settings), keys.hidden_states(settings.namespace, "served"),
-                      budget_bytes=1 << 30) as writer:
-        for b in batches:
-            assert writer.submit(b)
-        writer.flush(30)
+    _served_into(settings, batches)
     trainer, seconds = read_into_trainer(settings, tmp_path / "reg", target, idle_s=0.5)
     assert trainer.ingested_rows == rows and trainer.draft is not None and seconds > 0
     assert sum(c.length for c in [*trainer.replay.chunks(), *trainer.heldout]) == rows
@@ -103,12 +109,10 @@ def test_a_static_draft_keeps_its_best_held_out_weights(redis_server, tmp_path, 
     scored best: what it publishes scores the curve's maximum (a rate high enough to move the draft every step)."""
     import torch
 
-    from tide_sglang import keys
     from tide_sglang.bench import static
     from tide_sglang.bench.traffic import capture, generate, prompt_lengths, prompts, read_into_trainer
     from tide_sglang.draft.target import load_target
     from tide_sglang.settings import TideSettings
-    from tide_sglang.stream import StreamWriter, connect
     from tide_sglang.trainer import acceptance
 
     target = load_target(device="cpu", dtype=torch.float32)
@@ -118,11 +122,7 @@ def test_a_static_draft_keeps_its_best_held_out_weights(redis_server, tmp_path, 
     settings = TideSettings(redis_url=redis_server.url, deployment="best", train_device="cpu",
                             train_vocab_warmup_rows=10, train_draft_vocab_size=256, train_chunk_len=64,
                             train_heldout_fraction=0.4, train_lr=0.05, train_batch_chunks=4)
-    with StreamWriter(lambda: connect(settings), keys.hidden_states(settings.namespace, "best"),
-                      budget_bytes=1 << 30) as writer:
-        for b in batches:
-            assert writer.submit(b)
-        writer.flush(30)
+    _served_into(settings, batches)
     trainer, _ = read_into_trainer(settings, tmp_path / "reg", target, idle_s=0.5)
     assert trainer.heldout and len(trainer.replay), "some requests held out, some trained on"
     monkeypatch.setattr(static, "SCORE_EVERY", 2)

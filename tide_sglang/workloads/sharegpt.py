@@ -6,6 +6,7 @@ stops inside a string), so `json.load` fails on it. `iter_json_array` decodes on
 only the first few thousand records never reads the whole 125 MB.
 """
 
+import itertools
 import json
 import logging
 from collections.abc import Iterator
@@ -89,11 +90,14 @@ def _truncated(where: str, strict: bool) -> None:
     log.info("JSON array truncated %s: stopped at the last complete element", where)
 
 
+def user_turns(record: dict[str, Any]) -> list[str]:
+    return [(t.get("value") or "").strip() for t in record.get("conversations") or []
+            if t.get("from") in ("human", "user")]
+
+
 def first_user_turn(record: dict[str, Any]) -> str | None:
-    for turn in record.get("conversations") or []:
-        if turn.get("from") in ("human", "user"):
-            return (turn.get("value") or "").strip()
-    return None
+    users = user_turns(record)
+    return users[0] if users else None
 
 
 def standalone_turn(record: Any) -> str | None:
@@ -108,14 +112,20 @@ def standalone_turn(record: Any) -> str | None:
     return text if text and MIN_CHARS <= len(text) <= MAX_CHARS else None
 
 
+def _records(pool: int | None) -> Iterator[Any]:
+    """The packaged file's records, the first `pool` of them (all with None)."""
+    source = package_file(SHAREGPT_MODULE, SHAREGPT_FILE, SHAREGPT_PACKAGE, SHAREGPT_INSTALL)
+    with source.open("r", encoding="utf-8") as stream:
+        yield from itertools.islice(iter_json_array(stream), pool)
+
+
 def follow_up_turns(record: Any) -> list[str]:
     """The user turns after a conversation's opening one (every user turn of a later part), of chat size. Asked
     alone, without the conversation before them, some read oddly ("now in Python"); what the target answers is
     still its own text, which is what a draft learns from: a source of more prompts, not of better ones."""
     if not isinstance(record, dict):
         return []
-    users = [(t.get("value") or "").strip() for t in record.get("conversations") or []
-             if t.get("from") in ("human", "user")]
+    users = user_turns(record)
     later = users[1:] if str(record.get("id", "")).endswith("_0") else users
     return [u for u in later if MIN_CHARS <= len(u) <= MAX_CHARS]
 
@@ -123,29 +133,21 @@ def follow_up_turns(record: Any) -> list[str]:
 def load_sharegpt_follow_ups(limit: int = 64, seed: int = 0, *, pool: int | None = SHAREGPT_POOL) -> list[Prompt]:
     """`follow_up_turns` of ShareGPT conversations, each text once (follow-ups such as "continue writing" recur).
     Domain "chat"; ids "sharegpt:<record id>:<k>", k counting the record's follow-ups."""
-    source = package_file(SHAREGPT_MODULE, SHAREGPT_FILE, SHAREGPT_PACKAGE, SHAREGPT_INSTALL)
     prompts: list[Prompt] = []
     seen: set[str] = set()
-    with source.open("r", encoding="utf-8") as stream:
-        for index, record in enumerate(iter_json_array(stream)):
-            if pool is not None and index >= pool:
-                break
-            for k, text in enumerate(follow_up_turns(record)):
-                if text not in seen:
-                    seen.add(text)
-                    prompts.append(Prompt(domain="chat", text=text, id=f"sharegpt:{record['id']}:{k}"))
+    for record in _records(pool):
+        for k, text in enumerate(follow_up_turns(record)):
+            if text not in seen:
+                seen.add(text)
+                prompts.append(Prompt(domain="chat", text=text, id=f"sharegpt:{record['id']}:{k}"))
     return seeded_sample(prompts, limit, seed)
 
 
 def load_sharegpt(limit: int = 64, seed: int = 0, *, pool: int | None = SHAREGPT_POOL) -> list[Prompt]:
     """Opening user turns of ShareGPT conversations (mostly English, some other languages). Domain "chat"."""
-    source = package_file(SHAREGPT_MODULE, SHAREGPT_FILE, SHAREGPT_PACKAGE, SHAREGPT_INSTALL)
     prompts: list[Prompt] = []
-    with source.open("r", encoding="utf-8") as stream:
-        for index, record in enumerate(iter_json_array(stream)):
-            if pool is not None and index >= pool:
-                break
-            text = standalone_turn(record)
-            if text:
-                prompts.append(Prompt(domain="chat", text=text, id=f"sharegpt:{record['id']}"))
+    for record in _records(pool):
+        text = standalone_turn(record)
+        if text:
+            prompts.append(Prompt(domain="chat", text=text, id=f"sharegpt:{record['id']}"))
     return seeded_sample(prompts, limit, seed)
